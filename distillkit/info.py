@@ -1,0 +1,34 @@
+"""`python -m distillkit.info`: the backend table with versions."""
+from __future__ import annotations
+
+import platform
+import sys
+
+
+def info_text() -> str:
+    import torch
+
+    import distillkit
+    from distillkit._backend import _triton_import, backends
+
+    triton_mod, _ = _triton_import()
+    lines = [
+        f"distillkit {distillkit.__version__}",
+        f"python     {platform.python_version()} ({sys.platform}, {platform.machine()})",
+        f"torch      {torch.__version__} (cuda {torch.version.cuda})",
+        f"triton     {triton_mod.__version__ if triton_mod else 'not installed'}",
+        "",
+        f"{'backend':<10} {'available':<10} reason",
+    ]
+    for name, (ok, why) in backends().items():
+        lines.append(f"{name:<10} {'yes' if ok else 'no':<10} {why}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    print(info_text())
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

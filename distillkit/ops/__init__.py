@@ -1,0 +1,1 @@
+"""Ops: autograd Functions and backend dispatch (cuda ext > triton > cpu ext > reference)."""

@@ -1,0 +1,1 @@
+"""Triton kernels (one file per op), shipped as distillkit.kernels. Launchers only; no dispatch here."""

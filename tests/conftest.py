@@ -1,0 +1,24 @@
+"""Test-suite set-up: on a machine without a GPU the Triton backend runs under the CPU interpreter.
+
+TRITON_INTERPRET must be set before triton decorates any kernel, hence here, before collection.
+"""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from distillkit._backend import backends  # noqa: E402
+
+# Tests iterate over distillkit._backend.runnable_backends(device): every backend that can run here.
+
+
+def pytest_report_header(config):
+    return ["distillkit backends: " + ", ".join(f"{k}={'yes' if ok else 'no'}" for k, (ok, _) in backends().items())]
+
+
+@pytest.fixture(params=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def device(request):
+    return torch.device(request.param)
