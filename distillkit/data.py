@@ -1,0 +1,116 @@
+"""Datasets shared by the training methods: JSONL reasoning traces and their tokenisation.
+
+Two record formats are read:
+  - CoRD output records: {id, question, answer, prompt, trajectory, correct, ...}
+  - plain JSONL: {id, question, answer, response}
+Each becomes an ``Example(id, prompt, response, answer, correct)``: the student learns ``response``
+given ``prompt``; the loss covers response tokens only.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+DEFAULT_PROMPT = "{question}\n<think> ### Step"
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    prompt: str
+    response: str
+    answer: str
+    correct: bool | None = None  # None when the record does not say
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """Reads a JSONL file; a trailing partial line (from a crash mid-write) is ignored."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:  # unterminated last line: a write that did not finish
+                break
+            raise ValueError(f"{path}:{i + 1}: not valid JSON") from None
+    return rows
+
+
+def to_example(rec: dict, *, prompt_template: str = DEFAULT_PROMPT, where: str = "record") -> Example:
+    for key in ("question", "answer"):
+        if key not in rec:
+            raise ValueError(f"{where}: missing field {key!r}")
+    if "trajectory" in rec:
+        response = rec["trajectory"]
+        prompt = rec.get("prompt") or prompt_template.format(question=rec["question"])
+    elif "response" in rec:
+        response = rec["response"]
+        prompt = prompt_template.format(question=rec["question"])
+    else:
+        raise ValueError(f"{where}: needs 'response' (plain JSONL) or 'trajectory' (CoRD records)")
+    if not response:
+        raise ValueError(f"{where}: empty response")
+    return Example(str(rec.get("id", where)), prompt, response, str(rec["answer"]), rec.get("correct"))
+
+
+def load_examples(path: str, *, prompt_template: str = DEFAULT_PROMPT, only_correct: bool = False,
+                  is_correct=None) -> list[Example]:
+    """Examples from a JSONL file. only_correct keeps records whose final answer is right: the record's
+    'correct' field when present, else ``is_correct(response, answer)``."""
+    out = []
+    for i, rec in enumerate(read_jsonl(path)):
+        ex = to_example(rec, prompt_template=prompt_template, where=f"{path}:{i + 1}")
+        if only_correct:
+            ok = ex.correct if ex.correct is not None else (is_correct(ex.response, ex.answer) if is_correct else True)
+            if not ok:
+                continue
+        out.append(ex)
+    return out
+
+
+def tokenize_example(tokenizer, ex: Example, max_length: int | None = None) -> dict[str, list[int]]:
+    """input_ids of prompt + response (+ eos) and labels with the prompt masked (-100)."""
+    p = tokenizer(ex.prompt, add_special_tokens=False)["input_ids"]
+    r = tokenizer(ex.response, add_special_tokens=False)["input_ids"]
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    ids = bos + p + r + eos
+    labels = [-100] * (len(bos) + len(p)) + r + eos
+    if max_length is not None:
+        ids, labels = ids[:max_length], labels[:max_length]
+    return {"input_ids": ids, "labels": labels}
+
+
+class SFTCollator:
+    """Right-pads tokenised examples into a batch: input_ids, attention_mask, labels ([B, T] int64)."""
+
+    def __init__(self, tokenizer, max_length: int | None = None):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
+        rows = [tokenize_example(self.tokenizer, ex, self.max_length) for ex in examples]
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            n = len(r["input_ids"])
+            ids[i, :n] = torch.tensor(r["input_ids"])
+            labels[i, :n] = torch.tensor(r["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def sft_loss(model, batch: dict[str, Any]):
+    """Next-token cross-entropy on response tokens; returns (loss, metrics)."""
+    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
+    return out.loss, {"loss": float(out.loss.detach())}

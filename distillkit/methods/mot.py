@@ -1,0 +1,293 @@
+"""MoT: Merge-of-Thought distillation.
+
+Rounds of teacher-specific branch SFT followed by weight-space merging: in each of T rounds, K
+branches start from the current merged student and train S steps on their own teacher's traces
+(only traces whose final answer is correct); the branches are merged (average, or TIES / DARE) into
+the next round's start, and the merged student is evaluated after every round.
+
+One process (default): branches train one after another, holding one branch plus the running
+average in memory (TIES / DARE stream the saved branches from disk instead). Under torchrun, rank k
+trains branch k and the merge is ``all_reduce_average_``.
+
+    distillkit mot --config configs/mot.yaml
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import asdict, dataclass
+from typing import Sequence
+
+import torch
+
+from distillkit.config import config_field as _help
+from distillkit.config import parse_config
+
+log = logging.getLogger(__name__)
+MERGES = ("average", "ties", "dare", "dare_ties")
+
+
+@dataclass
+class MotConfig:
+    student: str = _help("student checkpoint to start from (HF directory)", default="")
+    teacher_data: list[str] = _help("one JSONL of traces per teacher ({question, answer, response} or CoRD records)",
+                                    default_factory=list)
+    output_dir: str = _help("run directory: branches, merged rounds, metrics, plot, final model", default="mot-run")
+    rounds: int = _help("T: merge rounds", default=3)
+    steps_per_round: int = _help("S: optimizer steps per branch per round", default=50)
+    merge: str = _help("average | ties | dare | dare_ties", default="average")
+    weights: list[float] | None = _help("merge weight per teacher branch (default equal)", default=None)
+    density: float = _help("ties/dare: fraction of each task vector kept", default=0.5)
+    lam: float = _help("ties/dare: scale of the merged task vector", default=1.0)
+    eval_data: str | None = _help("JSONL {id, question, answer} evaluated after every round", default=None)
+    eval_limit: int = _help("at most this many eval questions", default=64)
+    max_new_tokens: int = _help("generation budget per eval answer", default=64)
+    prompt_template: str = _help("prompt with {question}", default="{question}\n<think> ### Step")
+    batch_size: int = _help("examples per micro-batch", default=8)
+    grad_accum: int = _help("micro-batches per step", default=1)
+    lr: float = _help("peak learning rate", default=1e-4)
+    warmup_steps: int = _help("warmup steps per branch", default=0)
+    max_grad_norm: float = _help("clipping norm (0 disables)", default=1.0)
+    max_length: int = _help("truncate examples to this many tokens", default=512)
+    bf16: str = _help("auto | on | off", default="auto")
+    seed: int = _help("branch k of round r trains with seed + 1000 r + k", default=0)
+    device: str = _help("auto | cpu | cuda", default="auto")
+    progress: bool = _help("progress bars", default=True)
+
+    def __post_init__(self):
+        if not self.student:
+            raise ValueError("student: a checkpoint directory is required")
+        if len(self.teacher_data) < 1:
+            raise ValueError("teacher_data: at least one teacher's JSONL is required")
+        for name in ("rounds", "steps_per_round", "batch_size", "grad_accum", "eval_limit", "max_new_tokens",
+                     "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.merge not in MERGES:
+            raise ValueError(f"merge={self.merge!r}: expected one of {MERGES}")
+        if self.weights is not None and len(self.weights) != len(self.teacher_data):
+            raise ValueError(f"weights has {len(self.weights)} entries for {len(self.teacher_data)} teachers")
+        if not 0 < self.density <= 1:
+            raise ValueError(f"density={self.density} must lie in (0, 1]")
+        if "{question}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain {question}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device={self.device!r}: expected auto, cpu or cuda")
+
+
+def _device(cfg: MotConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(cfg.device)
+
+
+def load_teacher_datasets(cfg: MotConfig):
+    """Teacher-specific datasets, keeping only traces whose final answer is correct."""
+    from distillkit.data import load_examples
+    from distillkit.methods.cord import answers_match, extract_answer
+
+    datasets = []
+    for k, path in enumerate(cfg.teacher_data):
+        exs = load_examples(path, prompt_template=cfg.prompt_template, only_correct=True,
+                            is_correct=lambda resp, ans: answers_match(extract_answer(resp), ans))
+        if not exs:
+            raise ValueError(f"teacher_data[{k}]={path!r} has no trace with a correct final answer")
+        datasets.append(exs)
+    return datasets
+
+
+def train_branch(model, tokenizer, examples, cfg: MotConfig, round_idx: int, k: int):
+    """Trains ``model`` in place for S steps on one teacher's data (resumable in its own directory)."""
+    from distillkit.data import SFTCollator, sft_loss
+    from distillkit.train import TrainConfig, Trainer
+
+    tcfg = TrainConfig(output_dir=branch_dir(cfg, round_idx, k), max_steps=cfg.steps_per_round,
+                       batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
+                       max_grad_norm=cfg.max_grad_norm, bf16=cfg.bf16, seed=cfg.seed + 1000 * round_idx + k,
+                       save_every=max(1, cfg.steps_per_round // 4), log_every=max(1, cfg.steps_per_round // 10),
+                       progress=cfg.progress)
+    return Trainer(model, tcfg, examples, SFTCollator(tokenizer, cfg.max_length), sft_loss).train()
+
+
+def branch_dir(cfg: MotConfig, round_idx: int, k: int) -> str:
+    return os.path.join(cfg.output_dir, f"round{round_idx}", f"branch{k}")
+
+
+def round_dir(cfg: MotConfig, round_idx: int) -> str:
+    """The merged student after round ``round_idx`` (-1: the starting student)."""
+    return cfg.student if round_idx < 0 else os.path.join(cfg.output_dir, f"round{round_idx}", "merged")
+
+
+def _load(path: str, device):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+
+
+def _save_atomic(model, tokenizer, path: str) -> None:
+    tmp = path + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def merge_round_local(cfg: MotConfig, tokenizer, datasets, round_idx: int, device) -> None:
+    """K branches one after another from the previous merge; writes round_dir(round_idx)."""
+    from distillkit.merge import average_, merge_checkpoints
+
+    start = round_dir(cfg, round_idx - 1)
+    K = len(datasets)
+    weights = cfg.weights or [1.0] * K
+    running, running_w = None, 0.0
+    for k, examples in enumerate(datasets):
+        branch = _load(start, device)
+        train_branch(branch, tokenizer, examples, cfg, round_idx, k)
+        if cfg.merge != "average":  # TIES / DARE need every branch: stream them from disk
+            _save_atomic(branch, tokenizer, os.path.join(branch_dir(cfg, round_idx, k), "model"))
+        elif running is None:
+            running, running_w = branch, weights[k]
+        else:  # running average: avg <- (W avg + w_k branch) / (W + w_k); one branch + the average in memory
+            average_(running, [running, branch], [running_w, weights[k]])
+            running_w += weights[k]
+        del branch
+    out = round_dir(cfg, round_idx)
+    if cfg.merge == "average":
+        _save_atomic(running, tokenizer, out)
+    else:
+        method = {"ties": "ties", "dare": "dare", "dare_ties": "dare_ties"}[cfg.merge]
+        merge_checkpoints([os.path.join(branch_dir(cfg, round_idx, k), "model") for k in range(K)], out,
+                          method=method, base=start, weights=weights, density=cfg.density, lam=cfg.lam,
+                          seed=cfg.seed + round_idx, overwrite=True, progress=cfg.progress)
+        tokenizer.save_pretrained(out)
+
+
+def merge_round_distributed(cfg: MotConfig, tokenizer, datasets, round_idx: int, device) -> None:
+    """Rank k trains branch k; ``all_reduce_average_`` merges; rank 0 writes round_dir(round_idx)."""
+    import torch.distributed as dist
+
+    from distillkit.merge import all_reduce_average_
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if cfg.merge != "average":
+        raise ValueError(f"merge={cfg.merge!r} under torchrun: only 'average' merges with all_reduce_average_")
+    if world != len(datasets):
+        raise ValueError(f"torchrun world size {world} != number of teachers {len(datasets)}: one branch per rank")
+    branch = _load(round_dir(cfg, round_idx - 1), device)
+    train_branch(branch, tokenizer, datasets[rank], cfg, round_idx, rank)
+    all_reduce_average_(branch, weight=None if cfg.weights is None else cfg.weights[rank])
+    if rank == 0:
+        _save_atomic(branch, tokenizer, round_dir(cfg, round_idx))
+    dist.barrier()
+
+
+def evaluate_round(cfg: MotConfig, tokenizer, round_idx: int, device, datasets) -> dict:
+    from distillkit.data import SFTCollator, read_jsonl
+    from distillkit.evaluate import answer_accuracy, mean_loss
+
+    model = _load(round_dir(cfg, round_idx), device)
+    metrics: dict = {"round": round_idx + 1}
+    collate = SFTCollator(tokenizer, cfg.max_length)
+    for k, exs in enumerate(datasets):  # how well the merge keeps each teacher's skill
+        metrics[f"train_loss_teacher{k}"] = mean_loss(model, collate, exs[:64])
+    if cfg.eval_data:
+        questions = read_jsonl(cfg.eval_data)[: cfg.eval_limit]
+        acc = answer_accuracy(model, tokenizer, questions, prompt_template=cfg.prompt_template,
+                              max_new_tokens=cfg.max_new_tokens)
+        metrics["accuracy"] = acc["accuracy"]
+    return metrics
+
+
+def run(cfg: MotConfig) -> list[dict]:
+    """Runs every round (skipping rounds already merged on disk); returns per-round metrics."""
+    import torch.distributed as dist
+
+    from distillkit.teachers.hf import load_tokenizer
+
+    device = _device(cfg)
+    distributed = dist.is_available() and dist.is_initialized()
+    is_main = not distributed or dist.get_rank() == 0
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    tokenizer = load_tokenizer(cfg.student)
+    datasets = load_teacher_datasets(cfg)
+    metrics_path = os.path.join(cfg.output_dir, "mot_metrics.json")
+    history: list[dict] = []
+    if os.path.exists(metrics_path):
+        history = json.loads(open(metrics_path).read())["rounds"]
+    for r in range(cfg.rounds):
+        if os.path.isdir(round_dir(cfg, r)) and len(history) > r:
+            log.info("round %d already merged: %s", r + 1, round_dir(cfg, r))
+            continue
+        (merge_round_distributed if distributed else merge_round_local)(cfg, tokenizer, datasets, r, device)
+        if is_main:
+            history = history[:r] + [evaluate_round(cfg, tokenizer, r, device, datasets)]
+            log.info("round %d: %s", r + 1, history[-1])
+            _write_json(metrics_path, {"config": asdict(cfg), "rounds": history})
+            plot_rounds(history, os.path.join(cfg.output_dir, "mot_rounds.png"))
+        if distributed:
+            dist.barrier()
+    if is_main:
+        final = os.path.join(cfg.output_dir, "final")
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        shutil.copytree(round_dir(cfg, cfg.rounds - 1), final)
+    return history
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def plot_rounds(history: Sequence[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = [h["round"] for h in history]
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    for key in sorted(k for k in history[0] if k.startswith("train_loss")):
+        ax.plot(rounds, [h[key] for h in history], marker="o", label=key.replace("train_loss_", "loss: "))
+    ax.set_xlabel("MoT round")
+    ax.set_ylabel("cross-entropy")
+    if "accuracy" in history[0]:
+        ax2 = ax.twinx()
+        ax2.plot(rounds, [h["accuracy"] for h in history], marker="s", color="black", label="accuracy")
+        ax2.set_ylabel("answer accuracy")
+        ax2.set_ylim(0, 1)
+        ax2.legend(loc="upper right")
+    ax.legend(loc="upper left", fontsize=8)
+    ax.set_title("Merge-of-Thought: merged student after each round")
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_config(MotConfig, argv, "distillkit mot", "MoT: rounds of teacher-specific branch SFT and merging.")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            cfg.device = "cuda"
+    try:
+        history = run(cfg)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        for h in history:
+            print(json.dumps(h))
+        print(f"final model: {os.path.join(cfg.output_dir, 'final')}")
+    return 0
