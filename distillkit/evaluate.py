@@ -37,7 +37,7 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, b
 def answer_accuracy(model, tokenizer, questions: Sequence[dict], *, prompt_template: str = DEFAULT_PROMPT,
                     max_new_tokens: int = 64, batch_size: int = 16) -> dict:
     """Fraction of {question, answer} records whose generated final answer matches (and the outputs)."""
-    from distillkit.methods.cord import answers_match, extract_answer
+    from distillkit.answers import answers_match, extract_answer
 
     prompts = [prompt_template.format(question=q["question"]) for q in questions]
     outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)

@@ -86,7 +86,7 @@ def _device(cfg: MotConfig) -> torch.device:
 def load_teacher_datasets(cfg: MotConfig):
     """Teacher-specific datasets, keeping only traces whose final answer is correct."""
     from distillkit.data import load_examples
-    from distillkit.methods.cord import answers_match, extract_answer
+    from distillkit.answers import answers_match, extract_answer
 
     datasets = []
     for k, path in enumerate(cfg.teacher_data):

@@ -1,0 +1,357 @@
+"""CoRD decoder: beam mechanics with fake deterministic teachers and scorers, baselines, the answer
+extractor, the config, an end-to-end run on tiny Hugging Face models, and kill/resume."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from distillkit.methods import cord
+from distillkit.methods.cord import (
+    Beam, CordConfig, answers_match, decode_curation, decode_one, decode_random, extract_answer,
+    load_done, normalize_answer, run, select_beams,
+)
+from distillkit.teachers.base import Proposal, Teacher, as_boundary
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models gain nothing from a second thread, and OpenMP spin-waits stall when other jobs
+    # share the two cores.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fakes
+# ----------------------------------------------------------------------------------------------
+class FakeTeacher(Teacher):
+    """Step d (0-based, counted by '|' in the prefix) of teacher X is "X<d>|"; from ``finish_at``
+    on it writes "X<d></think>". Each step costs ``cost`` tokens. The answer (prefix ending in
+    '</think>') is "The final answer is X." Records every call."""
+
+    def __init__(self, name: str, *, cost: int = 3, finish_at: int | None = None):
+        self.name, self.cost, self.finish_at = name, cost, finish_at
+        self.calls: list[dict] = []
+
+    def propose(self, prefixes, *, n=1, max_new_tokens=128, stop=None, temperature=0.0, seed=None):
+        self.calls.append(dict(prefixes=list(prefixes), n=n, max_new_tokens=max_new_tokens, stop=stop))
+        out = []
+        for p in prefixes:
+            if p.endswith("</think>"):
+                out.append([Proposal(f" The final answer is {self.name}.", 5, True, "eos")] * n)
+                continue
+            if as_boundary(stop).stop_strings() == ["</think>"]:  # a complete trace (curation)
+                text = f"{self.name}0|{self.name}1</think>"
+                out.append([Proposal(text, min(2 * self.cost, max_new_tokens), True, "stop")] * n)
+                continue
+            d = p.count("|") + p.count("</think>")
+            done = self.finish_at is not None and d >= self.finish_at
+            text = f"{self.name}{d}" + ("</think>" if done else "|")
+            cost = min(self.cost, max_new_tokens)
+            out.append([Proposal(text, cost, done, "end" if done else "boundary")] * n)
+        return out
+
+
+class FakeScorer:
+    """Score = sum of the per-step values in ``table`` for each step "X<d>" of the context (unknown
+    steps score 0), so a test fixes which candidate wins. Counts one token per context character."""
+
+    def __init__(self, table: dict[str, float]):
+        self.table = table
+        self.tokens_processed = 0
+        self.calls: list[tuple[list, list]] = []
+
+    def score(self, pairs, *, prefixes=None):
+        self.calls.append((list(pairs), list(prefixes or [])))
+        out = []
+        for ctx, answer in pairs:
+            assert not ctx.endswith("</think>")  # the template adds it
+            self.tokens_processed += len(ctx)
+            body = ctx.split("<think>\n", 1)[-1]
+            steps = [s for s in body.replace("</think>", "|").split("|") if s]
+            out.append(sum(self.table.get(s, 0.0) for s in steps))
+        return torch.tensor(out)
+
+
+def config(**kw) -> CordConfig:
+    base = dict(teachers=["A", "B", "C"], meta_prover="M", input_path="in.jsonl", output_path="out.jsonl",
+                segmentation="line-break", beam_size=2, max_steps=6, token_budget=100, max_step_tokens=10,
+                progress=False)
+    base.update(kw)
+    return CordConfig(**base)
+
+
+# ----------------------------------------------------------------------------------------------
+# Beam mechanics
+# ----------------------------------------------------------------------------------------------
+def test_select_beams_orders_keeps_top_b_and_dedupes():
+    pool = [Beam(text=t, score=s) for t, s in [("a", 0.1), ("b", 0.5), ("c", 0.5), ("b", 0.4), ("d", float("nan")),
+                                                ("e", 0.9)]]
+    assert [b.text for b in select_beams(pool, 3)] == ["e", "b", "c"]  # ties: pool order
+    assert [b.text for b in select_beams(pool, 10)] == ["e", "b", "c", "a", "d"]  # NaN last, "b" once
+
+
+def test_decode_one_follows_the_scores_and_ends_at_think():
+    teachers = [FakeTeacher("A", finish_at=3), FakeTeacher("B", finish_at=3), FakeTeacher("C", finish_at=3)]
+    # Best path: B0 then A1 then C2, then the finishing step; C3 > A3 > B3.
+    table = {"B0": 1.0, "A0": 0.9, "A1": 1.0, "C2": 1.0, "B2": 0.5, "C3": 0.3, "A3": 0.2}
+    scorer = FakeScorer(table)
+    res = decode_one("Q?", "7", teachers, scorer, config(beam_size=2), seed=0)
+    assert [s["text"] for s in res.beam.steps] == ["B0|", "A1|", "C2|", "C3</think>"]
+    assert [s["teacher"] for s in res.beam.steps] == ["B", "A", "C", "C"]
+    assert res.beam.text == "Q?\n<think>\nB0|A1|C2|C3</think>" and res.beam.finished
+    assert res.beam.score == pytest.approx(3.3)
+    assert [s["score"] for s in res.beam.steps] == pytest.approx([1.0, 2.0, 3.0, 3.3])
+    # Step 1 has one beam (K candidates), then B beams x K teachers, beam-major.
+    sizes = [len(pairs) for pairs, _ in scorer.calls]
+    assert sizes == [3, 6, 6, 6]
+    pairs, prefixes = scorer.calls[1]
+    assert [p[0][len("Q?\n<think>\n"):] for p in pairs] == ["B0|A1|", "B0|B1|", "B0|C1|", "A0|A1|", "A0|B1|", "A0|C1|"]
+    assert prefixes == ["Q?\n<think>\nB0|"] * 3 + ["Q?\n<think>\nA0|"] * 3  # KV-reuse prefixes = parent beams
+    assert all(a == "7" for p, _ in scorer.calls for _, a in p)
+    # The last step's teacher (C) wrote the answer, after the end marker.
+    assert res.answer_text == " The final answer is C."
+    assert teachers[2].calls[-1]["prefixes"] == ["Q?\n<think>\nB0|A1|C2|C3</think>"]
+    assert res.tokens_generated == 3 * 3 + 3 * (3 * 6) + 5
+    assert res.meta_prover_tokens == scorer.tokens_processed
+
+
+def test_finished_beam_competes_and_search_stops_when_top_b_are_finished():
+    teachers = [FakeTeacher("A", finish_at=1), FakeTeacher("B")]
+    scorer = FakeScorer({"A1": 5.0, "B0": 1.0, "A0": 0.5})
+    res = decode_one("Q?", "7", teachers, scorer, config(teachers=["A", "B"], beam_size=1), seed=0)
+    # B0 wins step 1; then A finishes (A1</think>, score 6) and beats B1 (1.0): decoding stops there.
+    assert res.beam.text.endswith("B0|A1</think>") and res.answer_text.endswith("A.")
+    assert len(scorer.calls) == 2
+
+
+def test_token_budget_ends_with_think_appended():
+    teachers = [FakeTeacher("A", cost=4), FakeTeacher("B", cost=4)]
+    scorer = FakeScorer({"A0": 1, "A1": 1, "A2": 1})
+    res = decode_one("Q?", "7", teachers, scorer, config(teachers=["A", "B"], beam_size=1, token_budget=10,
+                                                          max_step_tokens=6), seed=0)
+    # 4 + 4 tokens, then only 2 remain: the third step may generate 2 tokens, then the budget is spent.
+    assert [c["max_new_tokens"] for c in teachers[0].calls[:3]] == [6, 6, 2]
+    assert res.beam.tokens == 10 and res.beam.finished
+    assert res.beam.text == "Q?\n<think>\nA0|A1|A2|</think>"
+    assert [s["text"] for s in res.beam.steps] == ["A0|", "A1|", "A2|"]
+    assert res.answer_text.endswith("A.")
+
+
+def test_max_steps_closes_the_beam():
+    teachers = [FakeTeacher("A")]
+    res = decode_one("Q?", "7", teachers, FakeScorer({}), config(teachers=["A"], max_steps=2), seed=0)
+    assert res.beam.text == "Q?\n<think>\nA0|A1|</think>" and len(res.beam.steps) == 2
+
+
+def test_greedy_is_beam_one_and_random_and_curation_baselines():
+    assert config(method="greedy", beam_size=8).beam_size == 1
+    teachers = [FakeTeacher("A", finish_at=2), FakeTeacher("B", finish_at=2)]
+    cfg = config(teachers=["A", "B"], method="random")
+    a = decode_random("Q?", "7", teachers, FakeScorer({}), cfg, seed=5)
+    b = decode_random("Q?", "7", teachers, FakeScorer({}), cfg, seed=5)
+    assert a.beam.text == b.beam.text and a.beam.finished and len(a.beam.steps) == 3
+    picks = {tuple(s["teacher"] for s in decode_random("Q?", "7", teachers, FakeScorer({}), cfg, seed=s).beam.steps)
+             for s in range(12)}
+    assert len(picks) > 1  # the seed changes the random choices
+    assert a.tokens_generated == 3 * 2 * 3 + 5  # all K propose each step: the same cost as greedy CoRD
+    scorer = FakeScorer({"B0": 1.0, "A0": 0.2})
+    teachers = [FakeTeacher("A", finish_at=2), FakeTeacher("B", finish_at=2)]
+    c = decode_curation("Q?", "7", teachers, scorer, config(teachers=["A", "B"], method="curation",
+                                                            temperature=0.8, n_curation=3), seed=0)
+    assert c.beam.text == "Q?\n<think>\nB0|B1</think>" and c.answer_text.endswith("B.")
+    assert [s["text"] for s in c.beam.steps] == ["B0|B1</think>"]  # one line-break step
+    assert len(scorer.calls[0][0]) == 6 and scorer.calls[0][1] == ["Q?\n<think>\n"] * 6
+    assert teachers[0].calls[0]["n"] == 3 and c.tokens_generated == 2 * 3 * 6 + 5
+
+
+# ----------------------------------------------------------------------------------------------
+# Answers and config
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text,want", [
+    (" The final answer is 42.", "42"),
+    ("so... The final answer is: \\boxed{3/4}. Done", "3/4"),
+    ("**Final Answer**\n\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("it is 12, no 13", "13"),
+    ("no number", None),
+    ("The final answer is $-1,000$\n", "-1,000"),
+])
+def test_extract_answer(text, want):
+    assert extract_answer(text) == want
+
+
+def test_normalize_and_match():
+    assert normalize_answer(" 7.0 ") == "7" and normalize_answer("$1,000.$") == "1000"
+    assert answers_match("-1,000", -1000) and answers_match("7", "7.") and not answers_match(None, "7")
+    assert not answers_match("7", "8")
+
+
+def test_config_checks(tmp_path):
+    for bad, match in [(dict(teachers=[]), "teachers"), (dict(method="beam"), "method"),
+                       (dict(beam_size=0), "beam_size"), (dict(segmentation="x"), "segmentation"),
+                       (dict(temperature=-1.0), "temperature"), (dict(template="{context}"), "template"),
+                       (dict(teacher_names=["a"]), "teacher_names"), (dict(scoring_backend="gpu"), "scoring_backend"),
+                       (dict(prefix_phrases=["wait"]), "prefix_phrases"), (dict(max_steps=True), "max_steps"),
+                       (dict(meta_prover=""), "meta_prover"), (dict(prompt_template="no q"), "prompt_template")]:
+        with pytest.raises(ValueError, match=match):
+            config(**bad)
+    path = tmp_path / "c.yaml"
+    path.write_text("teachers: [a, b]\nmeta_prover: m\ninput_path: i\noutput_path: o\nbeam_szie: 3\n")
+    with pytest.raises(ValueError, match="beam_szie"):
+        CordConfig.from_yaml(str(path))
+    assert cord.cli(["--config", str(path)]) == 2
+    help_ = cord._parser().format_help()
+    assert "--beam-size" in help_ and "beams B kept per step" in help_
+    # The shipped example config parses.
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    shipped = CordConfig.from_yaml(os.path.join(root, "configs", "cord.yaml"))
+    assert shipped.method == "cord" and len(shipped.teachers) >= 2
+
+
+# ----------------------------------------------------------------------------------------------
+# Resumable output
+# ----------------------------------------------------------------------------------------------
+def _write_questions(path, n: int) -> None:
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"q{i}", "question": f"What is {i} + {i + 1}?", "answer": str(2 * i + 1)}) + "\n")
+
+
+class CrashingTeacher(FakeTeacher):
+    def __init__(self, name, crash_on: str, **kw):
+        super().__init__(name, **kw)
+        self.crash_on = crash_on
+
+    def propose(self, prefixes, **kw):
+        if any(self.crash_on in p for p in prefixes):
+            raise RuntimeError("injected crash")
+        return super().propose(prefixes, **kw)
+
+
+def test_crash_and_resume_gives_the_same_records(tmp_path):
+    _write_questions(tmp_path / "in.jsonl", 5)
+    kw = dict(teachers=["A", "B"], input_path=str(tmp_path / "in.jsonl"))
+    table = {"A0": 1, "B1": 1, "A2": 1}
+    mk = lambda: [FakeTeacher("A", finish_at=3), FakeTeacher("B", finish_at=3)]  # noqa: E731
+    ref_cfg = config(output_path=str(tmp_path / "ref.jsonl"), **kw)
+    run(ref_cfg, teachers=mk(), meta_prover=FakeScorer(table))
+    out = tmp_path / "out.jsonl"
+    cfg = config(output_path=str(out), **kw)
+    with pytest.raises(RuntimeError, match="injected"):
+        run(cfg, teachers=[CrashingTeacher("A", "3 + 4", finish_at=3), FakeTeacher("B", finish_at=3)],
+            meta_prover=FakeScorer(table))
+    assert len(out.read_text().splitlines()) == 3
+    with open(out, "a") as f:
+        f.write('{"id": "q3", "question": "half a rec')  # a torn write from a crash
+    summary = run(cfg, teachers=mk(), meta_prover=FakeScorer(table))
+    assert out.read_text() == (tmp_path / "ref.jsonl").read_text()
+    assert summary["records"] == 5 and summary["teacher_share"] == {"A": 0.75, "B": 0.25}  # A0 B1 A2 A3 (tie: first teacher)
+    # Rerunning does nothing new (and needs no models).
+    run(cfg, teachers=[], meta_prover=None)
+    assert out.read_text() == (tmp_path / "ref.jsonl").read_text()
+    assert [r["id"] for r in load_done(str(out))] == [f"q{i}" for i in range(5)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny Hugging Face models, end to end
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    from distillkit.world.tiny import build_tokenizer, save_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("cord_world")
+    tok = build_tokenizer()
+    paths = [save_tiny_checkpoint(root / name, arch=arch, seed=seed, tokenizer=tok, hidden_size=32)
+             for name, arch, seed in [("t0", "llama", 0), ("t1", "qwen2", 1), ("meta", "llama", 2)]]
+    _write_questions(root / "in.jsonl", 6)
+    return root, paths
+
+
+def _tiny_config(root, paths, out, **kw) -> dict:
+    base = dict(teachers=paths[:2], teacher_names=["t0", "t1"], meta_prover=paths[2],
+                input_path=str(root / "in.jsonl"), output_path=str(out), beam_size=2, segmentation="line-break",
+                max_steps=4, token_budget=20, max_step_tokens=6, max_answer_tokens=6, progress=False)
+    base.update(kw)
+    return base
+
+
+@pytest.mark.parametrize("method", ["cord", "greedy", "curation", "random"])
+def test_end_to_end_tiny_models(tiny_world, tmp_path, method):
+    from distillkit.methods.meta_prover import MetaProver
+    from distillkit.teachers.hf import load_causal_lm
+
+    root, paths = tiny_world
+    out = tmp_path / f"{method}.jsonl"
+    cfg = CordConfig(**_tiny_config(root, paths, out, method=method, limit=3,
+                                    temperature=0.7 if method == "curation" else 0.0, n_curation=2))
+    summary = run(cfg)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in records] == ["q0", "q1", "q2"]
+    model, tok = load_causal_lm(paths[2])
+    prover = MetaProver(model, tok, reuse_prefix_cache=False)
+    for r in records:
+        assert set(r) >= {"id", "question", "answer", "trajectory", "steps", "final_answer", "correct",
+                          "predictive_perplexity", "tokens_generated", "meta_prover_tokens"}
+        assert r["trajectory"].startswith("".join(s["text"] for s in r["steps"])) and "</think>" in r["trajectory"]
+        assert all(s["teacher"] in ("t0", "t1") for s in r["steps"]) and r["steps"]
+        assert r["tokens_generated"] > 0 and r["meta_prover_tokens"] > 0
+        assert r["correct"] == answers_match(r["final_answer"], r["answer"])
+        # The recorded score is the meta-prover's score of the chosen reasoning.
+        reasoning = r["prompt"] + r["trajectory"][:r["trajectory"].index("</think>")]
+        want = float(prover.score([(reasoning, r["answer"])])[0])
+        assert r["predictive_perplexity"] == pytest.approx(want, rel=1e-4)
+        if method in ("greedy", "random"):
+            assert len(r["steps"]) <= cfg.max_steps
+    assert summary["records"] == 3 and 0 <= summary["accuracy"] <= 1
+    assert set(summary["hit_rates"]) == {"t0", "t1"} and len(summary["hit_rates"]["t0"]) == cord.HIT_RATE_BINS
+    saved = json.loads((tmp_path / f"{method}.jsonl.summary.json").read_text())
+    assert saved["records"] == 3
+    png = (tmp_path / f"{method}.jsonl.hit_rates.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _cli_env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return env
+
+
+def _write_yaml(path, cfg: dict) -> None:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg))
+
+
+def test_sigkill_midway_then_resume_matches_uninterrupted(tiny_world, tmp_path):
+    root, paths = tiny_world
+    ref, out = tmp_path / "ref.jsonl", tmp_path / "out.jsonl"
+    _write_yaml(tmp_path / "out.yaml", _tiny_config(root, paths, out))
+    cmd = [sys.executable, "-m", "distillkit.cli", "cord", "--config"]
+    proc = subprocess.Popen(cmd + [str(tmp_path / "out.yaml")], env=_cli_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and len(out.read_bytes().splitlines()) >= 2:
+            break
+        time.sleep(0.01)
+    killed = proc.poll() is None
+    if killed:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    partial = len(out.read_bytes().splitlines()) if out.exists() else 0
+    assert killed and 2 <= partial < 6, f"the run was not caught midway ({partial} records)"
+    subprocess.run(cmd + [str(tmp_path / "out.yaml")], env=_cli_env(), check=True, capture_output=True)
+    # The uninterrupted reference runs in this process (one thread, as the subprocesses).
+    run(CordConfig(**_tiny_config(root, paths, ref)))
+    got = [json.loads(line) for line in out.read_text().splitlines()]
+    want = [json.loads(line) for line in ref.read_text().splitlines()]
+    assert [r["id"] for r in got] == [f"q{i}" for i in range(6)]  # none lost, none duplicated
+    assert got == want
