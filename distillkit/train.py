@@ -70,6 +70,20 @@ def cosine_with_warmup(step: int, *, warmup: int, total: int, min_ratio: float) 
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _param_groups(model: nn.Module, params) -> list[dict]:
+    """AdamW groups of trainable parameters from parameters or from param-group dicts."""
+    if params is None:
+        params = model.parameters()
+    params = list(params)
+    groups = [dict(g) for g in params] if params and isinstance(params[0], dict) else [{"params": params}]
+    for g in groups:
+        g["params"] = [p for p in g["params"] if p.requires_grad]
+    groups = [g for g in groups if g["params"]]
+    if not groups:
+        raise ValueError("params: nothing to optimise (no parameter requires grad)")
+    return groups
+
+
 def atomic_save(obj, path: str) -> None:
     tmp = f"{path}.tmp-{os.getpid()}"
     torch.save(obj, tmp)
@@ -80,7 +94,9 @@ class Trainer:
     """Trains ``model`` on ``examples`` with ``loss_fn(model, batch) -> (loss, metrics)``.
 
     examples: any indexable sequence; ``collate(list_of_examples) -> batch`` (tensors are moved to
-    the model's device). params: what to optimise (default: every parameter requiring grad).
+    the model's device). params: what to optimise (default: every parameter requiring grad), either
+    parameters or AdamW param groups (dicts with "params" and per-group options such as "lr"; every
+    group follows the same warmup + cosine schedule, scaled to its own rate).
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, examples: Sequence, collate: Callable,
@@ -90,8 +106,8 @@ class Trainer:
         self.model, self.cfg, self.examples, self.collate, self.loss_fn = model, config, examples, collate, loss_fn
         self.on_step = on_step
         self.device = next(model.parameters()).device
-        params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(_param_groups(model, params), lr=config.lr,
+                                           weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: cosine_with_warmup(
             s, warmup=config.warmup_steps, total=config.max_steps, min_ratio=config.min_lr_ratio))
         self.step = 0

@@ -112,3 +112,20 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
         assert torch.equal(a[k], b[k]), k
     steps = [json.loads(x)["step"] for x in open(os.path.join(killed, "metrics.jsonl"))]
     assert steps == list(range(5, 61, 5))  # no step lost or duplicated in the metrics
+
+
+def test_param_groups_keep_their_own_rate(tmp_path):
+    tok = build_tokenizer()
+    model = _model(tok)
+    head = list(model.lm_head.parameters())
+    head_ids = {id(p) for p in head}
+    frozen_before = [p.detach().clone() for p in head]
+    body = [p for p in model.parameters() if id(p) not in head_ids]
+    body_before = [p.detach().clone() for p in body]
+    groups = [{"params": body}, {"params": head, "lr": 0.0}]
+    cfg = TrainConfig(output_dir=str(tmp_path / "g"), max_steps=3, batch_size=4, lr=1e-3, progress=False)
+    Trainer(model, cfg, _examples(8), SFTCollator(tok), sft_loss, params=groups).train()
+    assert all(torch.equal(a, b) for a, b in zip(frozen_before, head))
+    assert any(not torch.equal(a, b) for a, b in zip(body_before, body))
+    with pytest.raises(ValueError, match="nothing to optimise"):
+        Trainer(model, cfg, _examples(8), SFTCollator(tok), sft_loss, params=[])
