@@ -1,0 +1,165 @@
+"""Predictive-perplexity scoring for CoRD's meta-prover.
+
+CoRD keeps the candidate reasoning steps under which a meta-prover finds the ground-truth answer
+most likely: S = exp((1/M) sum_m log p(a_m | context, a_<m)). Only M answer tokens are scored, yet an
+eager lm_head computes [M, V] logits; these functions apply the lm_head chunk by chunk over the
+vocabulary with an online log-sum-exp, so no [M, V] float32 tensor is ever made (except by the
+``reference`` backend, kept for tests).
+
+    answer_logprobs(hidden [M, H], weight [V, H], answer_ids [M]) -> float32 [M]
+    predictive_perplexity(hidden, weight, answer_ids, cu_seqlens [C+1]) -> float32 [C]
+
+Both are inference-only: they run under ``torch.no_grad()`` and return detached tensors (no
+gradient flows to hidden, weight or bias). Backends: see distillkit.ops.scoring.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from distillkit.ops import scoring as _ops
+from distillkit.reference.scoring import segment_mean_exp
+
+__all__ = ["answer_logprobs", "predictive_perplexity"]
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+def _check_tensor(name: str, x) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+
+
+def _validate(hidden, weight, answer_ids, bias) -> None:
+    for name, x in (("hidden", hidden), ("weight", weight), ("answer_ids", answer_ids)):
+        _check_tensor(name, x)
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden: expected shape [M, H], got {tuple(hidden.shape)}")
+    if weight.dim() != 2:
+        raise ValueError(f"weight: expected shape [V, H], got {tuple(weight.shape)}")
+    m, h = hidden.shape
+    v = weight.shape[0]
+    if weight.shape[1] != h:
+        raise ValueError(f"weight: hidden size {weight.shape[1]} does not match hidden's H={h} "
+                         f"(hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)})")
+    if v == 0:
+        raise ValueError("weight: the vocabulary is empty (V=0)")
+    if hidden.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"hidden: expected a floating dtype {_FLOAT_DTYPES}, got {hidden.dtype}")
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight: dtype {weight.dtype} does not match hidden's dtype {hidden.dtype}")
+    if weight.device != hidden.device:
+        raise ValueError(f"weight: on {weight.device} but hidden is on {hidden.device}")
+    if answer_ids.dim() != 1 or answer_ids.shape[0] != m:
+        raise ValueError(f"answer_ids: expected shape [M]=[{m}], got {tuple(answer_ids.shape)}")
+    if answer_ids.dtype.is_floating_point or answer_ids.dtype.is_complex or answer_ids.dtype == torch.bool:
+        raise ValueError(f"answer_ids: expected an integer dtype (int64), got {answer_ids.dtype}")
+    if answer_ids.device != hidden.device:
+        raise ValueError(f"answer_ids: on {answer_ids.device} but hidden is on {hidden.device}")
+    if bias is not None:
+        _check_tensor("bias", bias)
+        if bias.dim() != 1 or bias.shape[0] != v:
+            raise ValueError(f"bias: expected shape [V]=[{v}], got {tuple(bias.shape)}")
+        if not bias.dtype.is_floating_point:
+            raise ValueError(f"bias: expected a floating dtype, got {bias.dtype}")
+        if bias.device != hidden.device:
+            raise ValueError(f"bias: on {bias.device} but hidden is on {hidden.device}")
+    if m == 0:
+        return
+    # One reduction each over [M] / [M, H]: tiny next to reading the [V, H] weight.
+    bad = (answer_ids < 0) | (answer_ids >= v)
+    if bool(bad.any()):
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(f"answer_ids: id {int(answer_ids[i])} at position {i} is outside the vocabulary [0, {v})")
+    if bool(torch.isnan(hidden).any()):
+        raise ValueError("hidden: contains NaN")
+
+
+def _validate_cu_seqlens(cu_seqlens, m: int) -> torch.Tensor:
+    if isinstance(cu_seqlens, torch.Tensor):
+        if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex or cu_seqlens.dtype == torch.bool:
+            raise ValueError(f"cu_seqlens: expected an integer dtype, got {cu_seqlens.dtype}")
+        if cu_seqlens.dim() != 1:
+            raise ValueError(f"cu_seqlens: expected shape [C+1], got {tuple(cu_seqlens.shape)}")
+        cu = cu_seqlens.detach().to("cpu", torch.int64)
+    else:
+        try:
+            cu = torch.tensor(list(cu_seqlens), dtype=torch.int64)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"cu_seqlens: expected a 1-D integer tensor or a sequence of ints ({exc})") from exc
+        if cu.dim() != 1:
+            raise ValueError(f"cu_seqlens: expected shape [C+1], got {tuple(cu.shape)}")
+    if cu.numel() == 0:
+        raise ValueError("cu_seqlens: expected at least one entry ([0] for no segments)")
+    if int(cu[0]) != 0:
+        raise ValueError(f"cu_seqlens: must start at 0, got {int(cu[0])}")
+    lengths = cu[1:] - cu[:-1]
+    if bool((lengths < 0).any()):
+        c = int((lengths < 0).nonzero()[0, 0])
+        raise ValueError(f"cu_seqlens: must be non-decreasing; cu_seqlens[{c + 1}]={int(cu[c + 1])} < "
+                         f"cu_seqlens[{c}]={int(cu[c])}")
+    if bool((lengths == 0).any()):
+        c = int((lengths == 0).nonzero()[0, 0])
+        raise ValueError(f"cu_seqlens: segment {c} is empty (cu_seqlens[{c}] == cu_seqlens[{c + 1}] == "
+                         f"{int(cu[c])}); every candidate needs at least one answer token")
+    if int(cu[-1]) != m:
+        raise ValueError(f"cu_seqlens: last entry must equal M={m} (rows of hidden), got {int(cu[-1])}")
+    return cu
+
+
+@torch.no_grad()
+def answer_logprobs(hidden: torch.Tensor, weight: torch.Tensor, answer_ids: torch.Tensor, *,
+                    bias: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+    """Log-probability of each answer token under the lm_head: log softmax(hidden @ weight.T + bias)[m, answer_ids[m]].
+
+    Args:
+        hidden: [M, H] float32/bfloat16/float16 (float64 is accepted and computed in float32), the
+            final hidden states at the positions that predict the answer tokens (position t predicts
+            token t+1).
+        weight: [V, H], same dtype and device as hidden (the lm_head / tied embedding).
+        answer_ids: [M] integer (int64) token ids in [0, V).
+        bias: optional [V] floating lm_head bias (used in float32).
+        backend: None (automatic: cuda > triton for CUDA tensors, cpu > reference for CPU tensors),
+            or "cuda", "triton", "cpu", "reference".
+
+    Returns:
+        float32 [M], detached (no gradient; runs under no_grad). Products accumulate in float32; the
+        vocabulary is processed in chunks with an online log-sum-exp, so memory stays O(M + chunk).
+
+    Raises:
+        ValueError naming the argument: shape/dtype/device mismatch, ids outside [0, V), NaN in hidden.
+        TypeError: an argument is not a tensor. BackendUnavailable: the named backend cannot run here.
+    """
+    _validate(hidden, weight, answer_ids, bias)
+    return _ops.answer_logprobs(hidden, weight, answer_ids, bias=bias, backend=backend)
+
+
+@torch.no_grad()
+def predictive_perplexity(hidden: torch.Tensor, weight: torch.Tensor, answer_ids: torch.Tensor,
+                          cu_seqlens: torch.Tensor | Sequence[int], *, bias: torch.Tensor | None = None,
+                          backend: str | None = None) -> torch.Tensor:
+    """CoRD's score per candidate: S_c = exp(mean of log p(answer_ids[m]) over m in segment c).
+
+    Segment c is rows [cu_seqlens[c], cu_seqlens[c+1]) of hidden/answer_ids (all candidates' answer
+    positions packed together, as in varlen attention). S is the seed paper's definition: the
+    geometric-mean answer probability in (0, 1], higher is better (1 / the usual perplexity).
+
+    Args:
+        hidden, weight, answer_ids, bias, backend: as in answer_logprobs.
+        cu_seqlens: [C+1] integer tensor (any device) or sequence of ints; starts at 0, strictly
+            increasing (no empty segment), last entry == M.
+
+    Returns:
+        float32 [C] on hidden's device, detached (runs under no_grad).
+
+    Raises:
+        ValueError naming the argument, as answer_logprobs, plus bad cu_seqlens (not starting at 0,
+        decreasing, an empty segment, last entry != M).
+    """
+    _check_tensor("hidden", hidden)
+    if hidden.dim() != 2:
+        raise ValueError(f"hidden: expected shape [M, H], got {tuple(hidden.shape)}")
+    cu = _validate_cu_seqlens(cu_seqlens, hidden.shape[0])
+    lp = answer_logprobs(hidden, weight, answer_ids, bias=bias, backend=backend)
+    return segment_mean_exp(lp, cu).to(torch.float32)
