@@ -1,0 +1,98 @@
+"""Logits-level skew KL / skew reverse KL: eager reference vs the fused backends.
+
+    pytest bench/bench_skew_kl.py -q -s
+
+Shapes: bench/shapes.py (CPU: llama-tiny's N x V in float32; GPU: llama3-8b's in bfloat16). Modes:
+"forward" (no gradient kept) and "full" (forward + backward of the mean loss). Each row names the
+backend that ran, its time relative to eager measured in this run, and a roofline fraction: the
+fused minimum of bytes (read both logits; in "full" also write the gradient) over the measured copy
+bandwidth. On CPU the exp/log math, not memory, is the floor (see csrc/cpu/skew_kl.cpp).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import _util
+import shapes
+import distillkit
+from distillkit.reference import skew_kl as reference
+
+DEV = _util.device()
+if DEV.type == "cuda":
+    CASE_NAME = "llama3-8b"
+    N, _, V = shapes.GPU_LOSS[CASE_NAME]
+    DTYPE, ROUNDS = torch.bfloat16, 10
+    PROVIDERS = ["eager", "auto", "triton", "cuda"]
+else:
+    CASE_NAME = "llama-tiny"
+    N, _, V = shapes.CPU_LOSS[CASE_NAME]
+    DTYPE, ROUNDS = torch.float32, 3
+    PROVIDERS = ["eager", "auto", "cpu"]
+LOSSES = {"skew_kl": (distillkit.skew_kl, reference.skew_kl),
+          "skew_reverse_kl": (distillkit.skew_reverse_kl, reference.skew_reverse_kl)}
+_ROWS: dict[tuple[str, str], list[_util.Row]] = {}
+_COPY_GBS: list[float] = []
+
+
+def _backend_of(provider: str) -> str | None:
+    return {"eager": "reference", "auto": None}.get(provider, provider)
+
+
+def _chosen_backend(provider: str) -> str:
+    from distillkit._backend import select_backend
+
+    return select_backend("skew_kl", DEV, _backend_of(provider))
+
+
+@pytest.fixture(scope="module")
+def inputs():
+    g = torch.Generator(device=DEV).manual_seed(0)
+    student = (3 * torch.randn(N, V, generator=g, device=DEV)).to(DTYPE)
+    teacher = (3 * torch.randn(N, V, generator=g, device=DEV)).to(DTYPE)
+    labels = torch.randint(0, V, (N,), generator=g, device=DEV)
+    labels[::8] = -100
+    _COPY_GBS.append(_util.copy_bandwidth_gbs(dev=DEV))
+    yield student, teacher, labels
+    for (loss_name, mode), rows in _ROWS.items():
+        eager = next((r.time_s for r in rows if r.provider == "eager"), None)
+        for r in rows:
+            r.ratio_to_eager = r.time_s / eager if eager else None
+        _util.report(rows, f"skew_kl-{loss_name}-{mode}")
+    print(f"copy bandwidth {_COPY_GBS[0]:.1f} GB/s; N={N} V={V} {DTYPE}")
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("mode", ["forward", "full"])
+@pytest.mark.parametrize("loss_name", list(LOSSES))
+def test_skew_kl(benchmark, inputs, loss_name, mode, provider):
+    from distillkit._backend import BackendUnavailable
+
+    student, teacher, labels = inputs
+    fused, eager = LOSSES[loss_name]
+    try:
+        backend = _chosen_backend(provider)
+    except BackendUnavailable as exc:
+        pytest.skip(str(exc))
+
+    def run():
+        if mode == "forward":
+            with torch.no_grad():
+                return (eager if provider == "eager" else fused)(student, teacher, labels, **kwargs)
+        s = student.detach().requires_grad_(True)
+        (eager if provider == "eager" else fused)(s, teacher, labels, **kwargs).backward()
+        return s.grad
+
+    kwargs = {} if provider == "eager" else {"backend": _backend_of(provider)}
+    try:
+        peak, _ = _util.peak_extra_bytes(run, DEV)
+    except torch.cuda.OutOfMemoryError:
+        pytest.skip(f"{provider} runs out of memory at N={N} V={V}")
+    benchmark.pedantic(lambda: (run(), _util.sync(DEV)), rounds=ROUNDS, warmup_rounds=1, iterations=1)
+    time_s = benchmark.stats.stats.median
+    elt = torch.finfo(DTYPE).bits // 8
+    min_bytes = (2 if mode == "forward" else 3) * N * V * elt
+    roofline = min_bytes / time_s / 1e9 / _COPY_GBS[0]
+    _ROWS.setdefault((loss_name, mode), []).append(_util.Row(
+        suite="skew_kl", case=f"{loss_name} {mode} {N}x{V}", provider=provider, backend=backend, time_s=time_s,
+        peak_bytes=peak, roofline_fraction=roofline, extra={"dtype": str(DTYPE)}))

@@ -1,0 +1,282 @@
+// Skew KL / skew reverse KL at the logits level (DistiLLM), CUDA kernels and a raw-pointer launcher.
+// Formulas and gradient: csrc/cpu/skew_kl.cpp's header. No torch headers here (nvcc time); the
+// at::Tensor wrapper is csrc/cuda/skew_kl_host.cpp.
+//
+// One 512-thread block per token row, three sweeps over the row (a 128k-entry row does not fit in
+// shared memory twice):
+//   1. per-thread online max / sum of exp for student and teacher, then block reductions
+//   2. loss and the gradient's row sum (S for skew KL, A for skew reverse KL)
+//   3. the gradient, written once in the logits' dtype (only when asked)
+// Loads are 16-byte vectors when the row length allows it (every row then starts 16-byte aligned).
+// Bytes per element: reads 2 x 3 (the re-reads of sweeps 2 and 3 mostly hit L2: a block's rows are
+// 2 x V x sizeof(T), e.g. 0.5 MiB for V=128256 bf16) + 1 write. DRAM floor 2 reads + 1 write:
+// N=8192, V=128256 bf16 -> 6.3 GB -> ~2.1 ms at 3 TB/s (H100). Math: 2 exp + 1 log + 1 div per
+// element per sweep, with --use_fast_math far below the memory time.
+//
+// History:
+//   v1  as above (not yet timed on a GPU: the project's CI has none).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace distillkit {
+namespace {
+
+constexpr int kThreads = 512;
+constexpr int kWarps = kThreads / 32;
+
+template <typename T>
+struct AccOf {
+  using type = float;
+};
+template <>
+struct AccOf<double> {
+  using type = double;
+};
+
+__device__ __forceinline__ float to_acc(float x) { return x; }
+__device__ __forceinline__ double to_acc(double x) { return x; }
+__device__ __forceinline__ float to_acc(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_acc(float x);
+template <>
+__device__ __forceinline__ float from_acc<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __half from_acc<__half>(float x) { return __float2half_rn(x); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <typename T>
+__device__ __forceinline__ T from_acc(double x) { return x; }
+
+__device__ __forceinline__ float fast_exp(float x) { return __expf(x); }
+__device__ __forceinline__ double fast_exp(double x) { return exp(x); }
+__device__ __forceinline__ float fast_log(float x) { return __logf(x); }
+__device__ __forceinline__ double fast_log(double x) { return log(x); }
+
+// probabilities below this count as 0: alpha * p must not be flushed to a zero mixture while p > 0
+// (p * log(p / 0) = inf for a term worth < 1e-28); same constant as the CPU and Triton kernels
+template <typename acc_t>
+__device__ __forceinline__ acc_t tiny_prob() { return sizeof(acc_t) == 8 ? acc_t(1e-290) : acc_t(1e-30); }
+
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Pack {
+  T v[VEC];
+};
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_max(acc_t v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+// Sum (MAX=false) or max (MAX=true) over the block, returned to every thread. scratch: kWarps entries.
+template <bool MAX, typename acc_t>
+__device__ acc_t block_reduce(acc_t v, acc_t* scratch) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  v = MAX ? warp_max(v) : warp_sum(v);
+  __syncthreads();  // scratch may still be read by a previous reduction
+  if (lane == 0) scratch[warp] = v;
+  __syncthreads();
+  v = lane < kWarps ? scratch[lane] : (MAX ? -INFINITY : acc_t(0));
+  return MAX ? warp_max(v) : warp_sum(v);
+}
+
+// (row max of x / T, log sum exp(x / T - max)) over one row, for every thread of the block.
+template <typename scalar_t, int VEC, typename acc_t>
+__device__ void row_log_sum_exp(const scalar_t* __restrict__ row, int64_t V, acc_t inv_t, acc_t* scratch,
+                                acc_t& row_max, acc_t& log_sum) {
+  acc_t run_max = -INFINITY, run_sum = 0;
+  const int64_t packs = V / VEC;
+  const Pack<scalar_t, VEC>* vrow = reinterpret_cast<const Pack<scalar_t, VEC>*>(row);
+  for (int64_t i = threadIdx.x; i < packs; i += kThreads) {
+    const Pack<scalar_t, VEC> pk = vrow[i];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const acc_t x = to_acc(pk.v[k]) * inv_t;
+      const acc_t new_max = fmax(run_max, x);
+      // a thread that has seen only -inf keeps sum 0 (exp(-inf - -inf) would be NaN); a NaN x is
+      // dropped by fmax but poisons run_sum, so the row's loss is NaN
+      run_sum = new_max == -INFINITY ? acc_t(0)
+                                     : run_sum * fast_exp(run_max - new_max) + fast_exp(x - new_max);
+      run_max = new_max;
+    }
+  }
+  row_max = block_reduce<true>(run_max, scratch);
+  const acc_t scaled = run_max == -INFINITY ? acc_t(0) : run_sum * fast_exp(run_max - row_max);
+  log_sum = fast_log(block_reduce<false>(scaled, scratch));
+}
+
+template <typename scalar_t, int VEC, bool REVERSE, bool WITH_GRAD>
+__global__ void __launch_bounds__(kThreads)
+    skew_kl_fwd_kernel(const scalar_t* __restrict__ student,  // [N, V]
+                       const scalar_t* __restrict__ teacher,  // [N, V]
+                       const typename AccOf<scalar_t>::type* __restrict__ scale,  // [N]; 0 skips the row
+                       typename AccOf<scalar_t>::type* __restrict__ loss,         // [N]
+                       scalar_t* __restrict__ grad,  // [N, V]: scale_i dloss_i/ds_i, or nullptr
+                       int64_t V, typename AccOf<scalar_t>::type alpha, typename AccOf<scalar_t>::type inv_t,
+                       typename AccOf<scalar_t>::type alpha_in_grad) {  // alpha, or 0: detached mixture
+  using acc_t = typename AccOf<scalar_t>::type;
+  __shared__ acc_t scratch[kWarps];
+  const int64_t row = blockIdx.x;
+  const int64_t packs = V / VEC;
+  using P = Pack<scalar_t, VEC>;
+  const P* s_row = reinterpret_cast<const P*>(student + row * V);
+  const P* t_row = reinterpret_cast<const P*>(teacher + row * V);
+  P* g_row = WITH_GRAD ? reinterpret_cast<P*>(grad + row * V) : nullptr;
+
+  const acc_t row_scale = scale[row];
+  if (row_scale == acc_t(0)) {  // uniform across the block
+    if (threadIdx.x == 0) loss[row] = 0;
+    if (WITH_GRAD) {
+      P zero;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) zero.v[k] = from_acc<scalar_t>(acc_t(0));
+      for (int64_t i = threadIdx.x; i < packs; i += kThreads) g_row[i] = zero;
+    }
+    return;
+  }
+
+  acc_t max_s, log_sum_s, max_t, log_sum_t;
+  row_log_sum_exp<scalar_t, VEC>(student + row * V, V, inv_t, scratch, max_s, log_sum_s);
+  row_log_sum_exp<scalar_t, VEC>(teacher + row * V, V, inv_t, scratch, max_t, log_sum_t);
+  const acc_t beta = acc_t(1) - alpha, tiny = tiny_prob<acc_t>();
+
+  acc_t part_loss = 0, part_sum = 0;
+  for (int64_t i = threadIdx.x; i < packs; i += kThreads) {
+    const P sp = s_row[i], tp = t_row[i];
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      // (x / T - max) - log_sum: the max is subtracted first so that large logits keep their low bits
+      const acc_t log_q = (to_acc(sp.v[k]) * inv_t - max_s) - log_sum_s;
+      const acc_t log_p = (to_acc(tp.v[k]) * inv_t - max_t) - log_sum_t;
+      const acc_t q = fast_exp(log_q), p = fast_exp(log_p);
+      if (REVERSE) {
+        const acc_t m = beta * p + alpha * q;
+        if (q > tiny) {
+          part_loss += q * (log_q - fast_log(m));
+          part_sum += q * (q / m);
+        }
+      } else {
+        const acc_t m = alpha * p + beta * q;
+        if (p > tiny) {
+          part_loss += p * (log_p - fast_log(m));
+          part_sum += q * (p / m);
+        }
+      }
+    }
+  }
+  const acc_t row_loss = block_reduce<false>(part_loss, scratch);
+  if (threadIdx.x == 0) loss[row] = row_loss;
+  if (!WITH_GRAD) return;
+  const acc_t row_sum = block_reduce<false>(part_sum, scratch);
+  const acc_t k_rev = row_loss - alpha_in_grad * row_sum;  // skew reverse KL: sum_j q_j h_j
+  for (int64_t i = threadIdx.x; i < packs; i += kThreads) {
+    const P sp = s_row[i], tp = t_row[i];
+    P out;
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) {
+      const acc_t log_q = (to_acc(sp.v[k]) * inv_t - max_s) - log_sum_s;
+      const acc_t log_p = (to_acc(tp.v[k]) * inv_t - max_t) - log_sum_t;
+      const acc_t q = fast_exp(log_q), p = fast_exp(log_p);
+      acc_t g;
+      if (REVERSE) {
+        const acc_t m = beta * p + alpha * q;
+        const acc_t h = q > tiny ? q * (log_q - fast_log(m)) - alpha_in_grad * q * (q / m) : acc_t(0);
+        g = row_scale * inv_t * (h - q * k_rev);
+      } else {
+        const acc_t m = alpha * p + beta * q;
+        const acc_t qr = p > tiny ? q * (p / m) : acc_t(0);
+        g = row_scale * beta * inv_t * (q * row_sum - qr);
+      }
+      out.v[k] = from_acc<scalar_t>(g);
+    }
+    g_row[i] = out;
+  }
+}
+
+template <typename scalar_t, int VEC>
+cudaError_t launch_typed(const void* student, const void* teacher, const void* scale, void* loss, void* grad,
+                         int64_t rows, int64_t vocab, double alpha, double inv_temperature, bool detach_mixture,
+                         bool reverse, bool with_grad, cudaStream_t stream) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  const auto* s = static_cast<const scalar_t*>(student);
+  const auto* t = static_cast<const scalar_t*>(teacher);
+  const auto* sc = static_cast<const acc_t*>(scale);
+  auto* l = static_cast<acc_t*>(loss);
+  auto* g = static_cast<scalar_t*>(grad);
+  const dim3 grid(static_cast<unsigned>(rows)), block(kThreads);
+  const acc_t a = static_cast<acc_t>(alpha), it = static_cast<acc_t>(inv_temperature);
+  const acc_t ag = detach_mixture ? acc_t(0) : a;
+  if (reverse) {
+    if (with_grad)
+      skew_kl_fwd_kernel<scalar_t, VEC, true, true><<<grid, block, 0, stream>>>(s, t, sc, l, g, vocab, a, it,
+                                                                                 ag);
+    else
+      skew_kl_fwd_kernel<scalar_t, VEC, true, false><<<grid, block, 0, stream>>>(s, t, sc, l, g, vocab, a, it,
+                                                                                  ag);
+  } else {
+    if (with_grad)
+      skew_kl_fwd_kernel<scalar_t, VEC, false, true><<<grid, block, 0, stream>>>(s, t, sc, l, g, vocab, a, it,
+                                                                                  ag);
+    else
+      skew_kl_fwd_kernel<scalar_t, VEC, false, false><<<grid, block, 0, stream>>>(s, t, sc, l, g, vocab, a, it,
+                                                                                   ag);
+  }
+  return cudaGetLastError();
+}
+
+template <typename scalar_t>
+cudaError_t launch_vec(const void* student, const void* teacher, const void* scale, void* loss, void* grad,
+                       int64_t rows, int64_t vocab, double alpha, double inv_temperature, bool detach_mixture,
+                       bool reverse, bool with_grad, cudaStream_t stream) {
+  constexpr int kVec = 16 / sizeof(scalar_t);
+  const auto aligned = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  // 16-byte packs need every row to start on a 16-byte boundary: aligned bases and V % kVec == 0
+  if (vocab % kVec == 0 && aligned(student) && aligned(teacher) && (grad == nullptr || aligned(grad)))
+    return launch_typed<scalar_t, kVec>(student, teacher, scale, loss, grad, rows, vocab, alpha, inv_temperature,
+                                        detach_mixture, reverse, with_grad, stream);
+  return launch_typed<scalar_t, 1>(student, teacher, scale, loss, grad, rows, vocab, alpha, inv_temperature,
+                                   detach_mixture, reverse, with_grad, stream);
+}
+
+}  // namespace
+
+// dtype_code: 0 float32, 1 float16, 2 bfloat16, 3 float64. scale and loss are float32 (float64 for
+// float64); grad (nullptr unless with_grad) has the logits' dtype.
+cudaError_t launch_skew_kl_forward(int dtype_code, const void* student, const void* teacher, const void* scale,
+                                   void* loss, void* grad, int64_t rows, int64_t vocab, double alpha,
+                                   double inv_temperature, bool detach_mixture, bool reverse, bool with_grad,
+                                   cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  switch (dtype_code) {
+    case 0:
+      return launch_vec<float>(student, teacher, scale, loss, grad, rows, vocab, alpha, inv_temperature,
+                               detach_mixture, reverse, with_grad, stream);
+    case 1:
+      return launch_vec<__half>(student, teacher, scale, loss, grad, rows, vocab, alpha, inv_temperature,
+                                detach_mixture, reverse, with_grad, stream);
+    case 2:
+      return launch_vec<__nv_bfloat16>(student, teacher, scale, loss, grad, rows, vocab, alpha, inv_temperature,
+                                       detach_mixture, reverse, with_grad, stream);
+    case 3:
+      return launch_vec<double>(student, teacher, scale, loss, grad, rows, vocab, alpha, inv_temperature,
+                                detach_mixture, reverse, with_grad, stream);
+    default:
+      return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace distillkit

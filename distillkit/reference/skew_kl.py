@@ -1,0 +1,97 @@
+"""Skew KL and skew reverse KL, eager, written from DistiLLM (Ko et al., ICML 2024, eqs. 4-5).
+
+With teacher p = softmax(teacher_logits / T) and student q = softmax(student_logits / T), per token:
+
+    skew_kl          SKL(p, q)  = KL(p || alpha * p + (1 - alpha) * q)
+    skew_reverse_kl  SRKL(p, q) = KL(q || (1 - alpha) * p + alpha * q)
+
+alpha = 0 gives the plain forward KL(p || q) and reverse KL(q || p); identical distributions give 0.
+``detach_mixture`` (skew reverse KL, DistiLLM-2) stops the gradient through the mixture. Per-token
+``weights`` multiply the per-token losses; "mean" divides by the number of kept tokens.
+Terms with a zero probability in the first argument contribute 0 (0 * log 0 = 0), so -inf logits
+(masked vocabulary entries) are allowed. Tokens whose label equals ``ignore_index`` are excluded.
+
+These functions have the signatures of ``distillkit.ops.skew_kl`` (plus ``upcast``) and are what every
+backend is tested against in float64. They differentiate through both logits tensors.
+"""
+from __future__ import annotations
+
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _log_probs(logits: torch.Tensor, temperature: float, upcast: bool) -> torch.Tensor:
+    if upcast and logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return torch.log_softmax(logits / temperature, dim=-1)
+
+
+def _xlogy_mix(weight: torch.Tensor, log_weight: torch.Tensor, log_mix: torch.Tensor) -> torch.Tensor:
+    """weight * (log_weight - log_mix) with 0 where weight == 0, NaN-free in both directions of autograd."""
+    present = weight > 0
+    zero = torch.zeros_like(weight)
+    return torch.where(present, weight * (torch.where(present, log_weight, zero) - log_mix), zero)
+
+
+def _log_mix(a: float, log_a: torch.Tensor, b: float, log_b: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """log(a exp(log_a) + b exp(log_b)) in log space, so that a * tiny probability never underflows to a
+    zero mixture; absent entries are fed 0 so that the backward of logaddexp(-inf, -inf) stays NaN-free."""
+    zero = torch.zeros_like(log_a)
+    with_a = torch.where(present, log_a + torch.log(torch.tensor(a, dtype=log_a.dtype)), zero)
+    with_b = torch.where(present, log_b + torch.log(torch.tensor(b, dtype=log_b.dtype)), zero)
+    return torch.logaddexp(with_a, with_b)
+
+
+def _reduce(per_token: torch.Tensor, labels: torch.Tensor | None, weights: torch.Tensor | None,
+            ignore_index: int, reduction: str) -> torch.Tensor:
+    if weights is not None:
+        per_token = per_token * weights.to(per_token.dtype)
+    if labels is not None:
+        keep = labels != ignore_index
+        per_token = torch.where(keep, per_token, torch.zeros_like(per_token))
+        count = keep.sum()
+    else:
+        count = per_token.numel()
+    if reduction == "none":
+        return per_token
+    total = per_token.sum()
+    if reduction == "sum":
+        return total
+    # mean over kept tokens; no kept token gives 0 (not NaN), so an all-padding batch is harmless
+    return total / torch.clamp(torch.as_tensor(count, device=total.device), min=1).to(total.dtype)
+
+
+def _per_token(student_logits, teacher_logits, alpha, temperature, upcast, reverse, detach_mixture=False):
+    log_q = _log_probs(student_logits, temperature, upcast)
+    log_p = _log_probs(teacher_logits, temperature, upcast).to(log_q.dtype)
+    q, p = log_q.exp(), log_p.exp()
+    if reverse:
+        log_mix = _log_mix(1.0 - alpha, log_p, alpha, log_q, q > 0)
+        return _xlogy_mix(q, log_q, log_mix.detach() if detach_mixture else log_mix).sum(-1)
+    return _xlogy_mix(p, log_p, _log_mix(alpha, log_p, 1.0 - alpha, log_q, p > 0)).sum(-1)
+
+
+def skew_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,
+            weights: torch.Tensor | None = None, *, alpha: float = 0.1, temperature: float = 1.0,
+            ignore_index: int = -100, reduction: str = "mean", upcast: bool = True) -> torch.Tensor:
+    """KL(p || alpha p + (1 - alpha) q), eager.
+
+    student_logits, teacher_logits: [..., V] floating; labels: [...] integer or None; weights: [...]
+    floating or None.
+    upcast: compute half-precision inputs in float32 (False gives plain PyTorch in the input dtype,
+    the baseline of the tests' error budget). Returns a scalar, or [...] for reduction="none".
+    """
+    per_token = _per_token(student_logits, teacher_logits, alpha, temperature, upcast, reverse=False)
+    return _reduce(per_token, labels, weights, ignore_index, reduction)
+
+
+def skew_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,
+                    weights: torch.Tensor | None = None, *, alpha: float = 0.1, temperature: float = 1.0,
+                    ignore_index: int = -100, reduction: str = "mean", detach_mixture: bool = False,
+                    upcast: bool = True) -> torch.Tensor:
+    """KL(q || (1 - alpha) p + alpha q), eager. Arguments as in :func:`skew_kl`; detach_mixture stops the
+    gradient through (1 - alpha) p + alpha q."""
+    per_token = _per_token(student_logits, teacher_logits, alpha, temperature, upcast, reverse=True,
+                           detach_mixture=detach_mixture)
+    return _reduce(per_token, labels, weights, ignore_index, reduction)
