@@ -1,0 +1,404 @@
+"""Fused-linear skew KL / skew reverse KL: the loss from hidden states and lm_head weights, chunk by chunk.
+
+For each chunk of rows (tokens):
+    z_S = h_S W_S^T + b_S,  z_T = h_T W_T^T + b_T                  [c, V], the only [*, V] tensors alive
+    D, dz = skew_kl_rows(z_S, z_T, scale)                            loss rows and d(sum scale D)/dz_S, one pass
+    grad_h_S[chunk] = dz W_S;  grad_W_S += dz^T h_S;  grad_b_S += sum_rows dz   (float32 accumulators)
+all inside the forward, so the backward only multiplies the saved gradients by the incoming scalar (the
+approach of Liger's fused-linear cross entropy). [N, V] logits never exist: peak extra memory is a few
+chunks of logits plus the float32 weight-gradient accumulator. ``reduction="none"`` cannot fold a per-row
+incoming gradient into a saved weight gradient, so there the forward computes the loss only and the
+backward recomputes the chunks with scale = grad_output * weight.
+
+The matmuls are torch's (cuBLAS / MKL); ``backend`` picks the backend of the row primitive
+:func:`distillkit.ops.skew_kl.skew_kl_rows` (cuda, triton, cpu). ``backend="reference"`` runs the whole
+loss eagerly with the float formulas of :mod:`distillkit.reference.fused_linear` (it builds [N, V] logits).
+
+Registered with torch.library (``distillkit::fused_linear_skew``, custom_op + fake + autograd) so a
+torch.compile'd training step traces through it as one opaque op.
+
+FLOPs per call (N tokens, hidden H, vocabulary V; H_s = H_t = H): student and teacher logits 2 x 2NHV,
+grad_hidden 2NHV, grad_weight 2NHV: 8NHV in all, i.e. 6NHV for the student head (fwd + bwd) and 2NHV for
+the teacher head (fwd only). Everything else is O(NV) and bandwidth-bound.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+from distillkit._backend import BACKENDS, select_backend
+from distillkit._errors import InputError
+
+__all__ = ["fused_linear_skew_kl", "fused_linear_skew_reverse_kl", "default_chunk_size"]
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+# logits elements per chunk (each of z_S, z_T, dz): 64 MB fp32 on CPU (~512 rows at V = 32000: three
+# such buffers + the [V, H] float32 accumulator stay under 10% of the eager loss's peak, while the
+# per-chunk costs, re-reading both weights and the accumulator, stay small next to the GEMMs);
+# on GPU 2^27 elements (256 MiB in bf16) keeps the GEMMs large enough that re-reading the two weight
+# matrices per chunk stays well under the GEMM time, and the whole op under ~4 GB at V = 128k, H = 4096.
+_CHUNK_ELEMENTS = {"cpu": 1 << 24, "cuda": 1 << 27}
+_GRAD_HIDDEN, _GRAD_WEIGHT, _GRAD_BIAS = 1, 2, 4
+
+
+def default_chunk_size(n_rows: int, vocab: int, device: torch.device) -> int:
+    """Rows per chunk so that one chunk's [rows, V] logits hold about a fixed number of elements."""
+    budget = _CHUNK_ELEMENTS.get(device.type, _CHUNK_ELEMENTS["cpu"])
+    rows = max(1, budget // max(vocab, 1))
+    if device.type == "cuda" and rows >= 128:
+        rows = rows // 128 * 128  # tensor-core friendly GEMM M
+    return max(1, min(n_rows, rows))
+
+
+# ---- the chunked kernel ----------------------------------------------------------------------------
+
+def _linear(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    if bias is None:
+        return hidden @ weight.T
+    return torch.addmm(bias.to(hidden.dtype), hidden, weight.T)
+
+
+_MIXED_ADDMM_OK: dict[str, bool] = {}
+
+
+def _accumulate_grad_weight(acc: torch.Tensor, dlogits: torch.Tensor, hidden: torch.Tensor) -> None:
+    """acc [V, H] float32 += dlogits^T [V, c] @ hidden [c, H], accumulating in float32 for half inputs."""
+    if dlogits.dtype == acc.dtype:
+        acc.addmm_(dlogits.T, hidden)
+        return
+    dev = acc.device.type
+    if _MIXED_ADDMM_OK.get(dev, dev == "cuda"):
+        try:  # cuBLAS: half inputs, float32 C accumulated in place (beta = 1), no [V, H] temporary
+            torch.addmm(acc, dlogits.T, hidden, out_dtype=torch.float32, out=acc)
+            _MIXED_ADDMM_OK[dev] = True
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MIXED_ADDMM_OK[dev] = False
+    # upcasting the chunk costs two [c, *] float32 copies, not a [V, H] one
+    acc.addmm_(dlogits.T.float(), hidden.float())
+
+
+def _row_divergence(z_s, z_t, scale, alpha, temperature, reverse, detach_mixture, need_grad, backend):
+    from distillkit.ops.skew_kl import skew_kl_rows
+
+    return skew_kl_rows(z_s, z_t, scale, alpha=alpha, temperature=temperature, reverse=reverse,
+                        detach_mixture=detach_mixture, need_grad=need_grad, backend=backend)
+
+
+def _chunked(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, scale,
+             alpha, temperature, reverse, detach_mixture, chunk_size, backend, grad_flags):
+    n = student_hidden.shape[0]
+    vocab, dev = student_weight.shape[0], student_hidden.device
+    acc_dtype = scale.dtype  # float32, float64 for float64 inputs
+    need_grad = grad_flags != 0
+    loss_rows = torch.empty(n, dtype=acc_dtype, device=dev)
+    grad_hidden = torch.empty_like(student_hidden) if grad_flags & _GRAD_HIDDEN else None
+    grad_weight = (torch.zeros(student_weight.shape, dtype=acc_dtype, device=dev)
+                   if grad_flags & _GRAD_WEIGHT else None)
+    grad_bias = torch.zeros(vocab, dtype=acc_dtype, device=dev) if grad_flags & _GRAD_BIAS else None
+    for start in range(0, n, chunk_size):
+        stop = min(n, start + chunk_size)
+        h_s = student_hidden[start:stop]
+        z_s = _linear(h_s, student_weight, student_bias)
+        z_t = _linear(teacher_hidden[start:stop], teacher_weight, teacher_bias)
+        if z_t.dtype != z_s.dtype:
+            z_t = z_t.to(z_s.dtype)
+        d, dz = _row_divergence(z_s, z_t, scale[start:stop], alpha, temperature, reverse, detach_mixture,
+                                need_grad, backend)
+        del z_s, z_t  # the logits of this chunk are dead before the gradient GEMMs allocate
+        loss_rows[start:stop] = d
+        if not need_grad:
+            continue
+        if grad_hidden is not None:
+            torch.mm(dz, student_weight, out=grad_hidden[start:stop])
+        if grad_weight is not None:
+            _accumulate_grad_weight(grad_weight, dz, h_s)
+        if grad_bias is not None:
+            grad_bias += dz.sum(0, dtype=acc_dtype)
+        del dz
+    # unrequested gradients are distinct empty tensors (custom-op outputs may not alias each other)
+    grad_hidden = student_hidden.new_empty((0,)) if grad_hidden is None else grad_hidden
+    grad_weight = student_hidden.new_empty((0,)) if grad_weight is None else grad_weight.to(student_weight.dtype)
+    grad_bias = student_hidden.new_empty((0,)) if grad_bias is None else grad_bias.to(student_bias.dtype)
+    return loss_rows, grad_hidden, grad_weight, grad_bias
+
+
+def _scaled_loss(loss_rows: torch.Tensor, scale: torch.Tensor, reduce: bool) -> torch.Tensor:
+    # rows with scale 0 (ignored, or weight 0) may hold anything, even inf logits: they give exactly 0
+    per_row = torch.where(scale != 0, loss_rows * scale, torch.zeros_like(loss_rows))
+    return per_row.sum() if reduce else per_row
+
+
+# ---- registered op ---------------------------------------------------------------------------------
+
+@torch.library.custom_op("distillkit::fused_linear_skew", mutates_args=())
+def fused_linear_skew_op(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                         student_bias: Optional[torch.Tensor], teacher_hidden: torch.Tensor,
+                         teacher_weight: torch.Tensor, teacher_bias: Optional[torch.Tensor], scale: torch.Tensor,
+                         alpha: float, temperature: float, reverse: bool, detach_mixture: bool, chunk_size: int,
+                         backend: str, reduce: bool, grad_flags: int
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Chunked fused-linear skew (reverse) KL.
+
+    student_hidden [N, H_s], student_weight [V, H_s], student_bias [V] or None, teacher_* likewise with H_t,
+    scale [N] float32 (float64 for float64 inputs; weight x kept / denominator). reduce=True:
+    loss = sum_t scale_t D_t (scalar) and, per grad_flags (1 hidden, 2 weight, 4 bias), its gradients; reduce=False: loss = scale_t D_t [N], no
+    gradients. Returns (loss, D_t [N] float32, grad_hidden, grad_weight, grad_bias); unrequested gradients
+    are empty tensors.
+    """
+    flags = grad_flags if reduce else 0
+    loss_rows, g_h, g_w, g_b = _chunked(student_hidden, student_weight, student_bias, teacher_hidden,
+                                        teacher_weight, teacher_bias, scale, alpha, temperature, reverse,
+                                        detach_mixture, chunk_size, backend, flags)
+    return _scaled_loss(loss_rows, scale, reduce), loss_rows, g_h, g_w, g_b
+
+
+@fused_linear_skew_op.register_fake
+def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, scale, alpha,
+      temperature, reverse, detach_mixture, chunk_size, backend, reduce, grad_flags):
+    n = student_hidden.shape[0]
+    flags = grad_flags if reduce else 0
+    loss = scale.new_empty(()) if reduce else scale.new_empty((n,))
+    return (loss, scale.new_empty((n,)),
+            torch.empty_like(student_hidden) if flags & _GRAD_HIDDEN else student_hidden.new_empty((0,)),
+            torch.empty_like(student_weight) if flags & _GRAD_WEIGHT else student_hidden.new_empty((0,)),
+            torch.empty_like(student_bias) if flags & _GRAD_BIAS and student_bias is not None
+            else student_hidden.new_empty((0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, scale, alpha,
+     temperature, reverse, detach_mixture, chunk_size, backend, reduce, grad_flags) = inputs
+    ctx.reduce = reduce
+    ctx.grad_flags = grad_flags
+    ctx.has_student_bias = student_bias is not None
+    if reduce:  # gradients were computed in the forward: keep them, not the inputs
+        ctx.save_for_backward(output[2], output[3], output[4])
+    else:  # "none": recompute with the incoming per-row gradient folded into the scale
+        ctx.options = (alpha, temperature, reverse, detach_mixture, chunk_size, backend)
+        ctx.save_for_backward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
+                              teacher_bias, scale)
+
+
+def _scale_saved(saved: torch.Tensor, grad: torch.Tensor, needed: bool) -> Optional[torch.Tensor]:
+    if not needed:
+        return None
+    # a 0-dim factor keeps the saved gradient's dtype; the product is formed in float32 and rounded once
+    return torch.mul(saved, grad)
+
+
+def _backward(ctx, grad_loss, _grad_rows, _g1, _g2, _g3):
+    flags = ctx.grad_flags
+    if ctx.reduce:
+        g_h, g_w, g_b = ctx.saved_tensors
+    else:
+        sh, sw, sb, th, tw, tb, scale = ctx.saved_tensors
+        alpha, temperature, reverse, detach_mixture, chunk_size, backend = ctx.options
+        _, _, g_h, g_w, g_b = fused_linear_skew_op(sh, sw, sb, th, tw, tb, scale * grad_loss.to(scale.dtype),
+                                                   alpha, temperature, reverse, detach_mixture, chunk_size,
+                                                   backend, True, flags)
+        grad_loss = torch.ones((), dtype=scale.dtype, device=scale.device)
+    return (_scale_saved(g_h, grad_loss, bool(flags & _GRAD_HIDDEN)),
+            _scale_saved(g_w, grad_loss, bool(flags & _GRAD_WEIGHT)),
+            _scale_saved(g_b, grad_loss, bool(flags & _GRAD_BIAS) and ctx.has_student_bias),
+            None, None, None, None, None, None, None, None, None, None, None, None)
+
+
+fused_linear_skew_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public API ------------------------------------------------------------------------------------
+
+def _check_tensor(name, x, dims):
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise InputError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
+    if x.dim() not in dims:
+        raise ValueError(f"{name} must have {' or '.join(str(d) for d in dims)} dimensions, got {tuple(x.shape)}")
+
+
+def _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, weights, student_bias,
+              teacher_bias, alpha, temperature, ignore_index, reduction, chunk_size):
+    _check_tensor("student_hidden", student_hidden, (2, 3))
+    _check_tensor("teacher_hidden", teacher_hidden, (2, 3))
+    _check_tensor("student_weight", student_weight, (2,))
+    _check_tensor("teacher_weight", teacher_weight, (2,))
+    for h_name, h, w_name, w in (("student_hidden", student_hidden, "student_weight", student_weight),
+                                 ("teacher_hidden", teacher_hidden, "teacher_weight", teacher_weight)):
+        if h.dtype != w.dtype:
+            raise InputError(f"{w_name} ({w.dtype}) must have the dtype of {h_name} ({h.dtype})")
+    lead = student_hidden.shape[:-1]
+    if teacher_hidden.shape[:-1] != lead:
+        raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} must have the tokens of student_hidden "
+                         f"{tuple(student_hidden.shape)} (same leading shape)")
+    if student_weight.shape[1] != student_hidden.shape[-1]:
+        raise ValueError(f"student_weight {tuple(student_weight.shape)} must be [V, H_s] with H_s = "
+                         f"student_hidden.shape[-1] = {student_hidden.shape[-1]}")
+    if teacher_weight.shape[1] != teacher_hidden.shape[-1]:
+        raise ValueError(f"teacher_weight {tuple(teacher_weight.shape)} must be [V, H_t] with H_t = "
+                         f"teacher_hidden.shape[-1] = {teacher_hidden.shape[-1]}")
+    vocab = student_weight.shape[0]
+    if teacher_weight.shape[0] != vocab:
+        raise ValueError(f"vocabulary mismatch: student_weight has V={vocab}, teacher_weight has "
+                         f"V={teacher_weight.shape[0]}")
+    if vocab < 1:
+        raise ValueError("student_weight must have V >= 1 rows")
+    for name, b in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
+        if b is not None:
+            _check_tensor(name, b, (1,))
+            if b.shape[0] != vocab:
+                raise ValueError(f"{name} must be [V={vocab}], got {tuple(b.shape)}")
+    tensors = [("student_weight", student_weight), ("teacher_hidden", teacher_hidden),
+               ("teacher_weight", teacher_weight), ("student_bias", student_bias), ("teacher_bias", teacher_bias)]
+    if labels is not None:
+        if not isinstance(labels, torch.Tensor):
+            raise InputError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
+        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+            raise InputError(f"labels must be an integer tensor, got {labels.dtype}")
+        if labels.shape != lead:
+            raise ValueError(f"labels shape {tuple(labels.shape)} must equal the tokens' shape {tuple(lead)}")
+        tensors.append(("labels", labels))
+    if weights is not None:
+        if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
+            raise InputError(f"weights must be a floating torch.Tensor or None, got "
+                            f"{getattr(weights, 'dtype', type(weights).__name__)}")
+        if weights.shape != lead:
+            raise ValueError(f"weights shape {tuple(weights.shape)} must equal the tokens' shape {tuple(lead)}")
+        tensors.append(("weights", weights))
+    for name, x in tensors:
+        if x is not None and x.device != student_hidden.device:
+            raise ValueError(f"{name} is on {x.device}, student_hidden on {student_hidden.device}")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature)
+            or temperature <= 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise InputError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def _row_scale(labels, weights, ignore_index, reduction, n, device, dtype):
+    """scale_t = w_t * kept_t (/ number of kept tokens for "mean"), [N] in ``dtype``, no host sync."""
+    scale = torch.ones(n, dtype=dtype, device=device) if weights is None else weights.reshape(-1).to(dtype)
+    if labels is not None:
+        kept = labels.reshape(-1) != ignore_index
+        scale = torch.where(kept, scale, torch.zeros_like(scale))
+        count = kept.sum()
+    else:
+        count = torch.tensor(n, device=device)
+    if reduction == "mean":
+        scale = scale / count.clamp(min=1).to(dtype)  # no kept token: loss 0, never NaN
+    return scale
+
+
+@torch.compiler.assume_constant_result
+def _select_backend(op: str, device: str, backend: Optional[str]) -> str:
+    # evaluated eagerly under torch.compile (it reads thread counts and the environment)
+    return select_backend(op, torch.device(device), backend, implemented=BACKENDS)
+
+
+def _fused_linear_skew(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, weights,
+                       student_bias, teacher_bias, alpha, temperature, ignore_index, reduction, chunk_size,
+                       backend, reverse, detach_mixture):
+    _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, weights, student_bias,
+              teacher_bias, alpha, temperature, ignore_index, reduction, chunk_size)
+    op = "fused_linear_skew_reverse_kl" if reverse else "fused_linear_skew_kl"
+    name = _select_backend(op, str(student_hidden.device), backend)
+    if name == "reference":
+        from distillkit.reference import fused_linear as ref
+
+        return ref.fused_linear_skew(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, weights,
+                                     student_bias=student_bias, teacher_bias=teacher_bias, alpha=alpha,
+                                     temperature=temperature, ignore_index=ignore_index, reduction=reduction,
+                                     reverse=reverse, detach_mixture=detach_mixture)
+    lead = student_hidden.shape[:-1]
+    h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
+    h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
+    n = h_s.shape[0]
+    if h_s.device.type == "cpu" and not torch.compiler.is_compiling():
+        # O(N H + V H) reads next to O(N H V) GEMM work; on CUDA they would cost a device sync, so not there
+        for arg, x in (("weights", weights), ("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden),
+                       ("student_weight", student_weight), ("teacher_weight", teacher_weight),
+                       ("student_bias", student_bias), ("teacher_bias", teacher_bias)):
+            if x is not None and bool(torch.isnan(x).any()):
+                raise ValueError(f"{arg} contains NaN")
+    # the teacher is a constant: its tensors never carry autograd history into the op
+    t_w = teacher_weight.detach()
+    t_b = None if teacher_bias is None else teacher_bias.detach()
+    # the GEMMs want row-major operands; a hidden slice or a transposed weight would be copied per chunk
+    s_w = student_weight if student_weight.is_contiguous() else student_weight.contiguous()
+    h_s = h_s if h_s.is_contiguous() else h_s.contiguous()
+    grad_flags = 0
+    if torch.is_grad_enabled():
+        grad_flags = ((_GRAD_HIDDEN if student_hidden.requires_grad else 0)
+                      | (_GRAD_WEIGHT if student_weight.requires_grad else 0)
+                      | (_GRAD_BIAS if student_bias is not None and student_bias.requires_grad else 0))
+    acc_dtype = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+    scale = _row_scale(labels, weights, ignore_index, reduction, n, h_s.device, acc_dtype)
+    rows = chunk_size if chunk_size is not None else default_chunk_size(n, student_weight.shape[0], h_s.device)
+    loss, loss_rows, _, _, _ = fused_linear_skew_op(
+        h_s, s_w, student_bias, h_t.contiguous(), t_w.contiguous(), t_b, scale, float(alpha),
+        float(temperature), bool(reverse), bool(detach_mixture), int(max(1, min(rows, max(n, 1)))), name,
+        reduction != "none", grad_flags)
+    if h_s.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = torch.isnan(loss_rows) & (scale != 0)
+        if bool(bad.any()):
+            row = int(bad.nonzero()[0, 0])
+            raise ValueError(f"row {row} (flattened) of the student or teacher logits holds NaN or +inf, or is "
+                             "all -inf: check student_hidden/teacher_hidden and the lm_head weights")
+    return loss.reshape(lead) if reduction == "none" else loss
+
+
+def fused_linear_skew_kl(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                         teacher_weight: torch.Tensor, labels: torch.Tensor | None = None,
+                         weights: torch.Tensor | None = None, *, student_bias: torch.Tensor | None = None,
+                         teacher_bias: torch.Tensor | None = None, alpha: float = 0.1, temperature: float = 1.0,
+                         ignore_index: int = -100, reduction: str = "mean", chunk_size: int | None = None,
+                         backend: str | None = None) -> torch.Tensor:
+    """Skew KL(p || alpha p + (1 - alpha) q) from hidden states, never materialising [N, V] logits.
+
+    p = softmax((teacher_hidden @ teacher_weight.T + teacher_bias) / temperature), q likewise for the student.
+
+    Args:
+        student_hidden: [N, H_s] or [B, T, H_s], float16/bfloat16/float32/float64; receives a gradient.
+        student_weight: [V, H_s], the student's lm_head weight; receives a gradient (float32-accumulated).
+        teacher_hidden: [N, H_t] or [B, T, H_t]; teacher_weight: [V, H_t]. Constants (no gradient).
+        labels: [N] / [B, T] integer or None; tokens whose label is ``ignore_index`` contribute nothing.
+        weights: [N] / [B, T] floating or None: per-token constants w_t (e.g. validity weights), loss_t = w_t D_t.
+        student_bias, teacher_bias: [V] or None.
+        alpha: skew in [0, 1]; temperature > 0 divides both logits.
+        reduction: "mean" (sum over kept tokens / number of kept tokens, 0 if none), "sum", "none" ([N]/[B, T]).
+        chunk_size: rows per chunk; None sizes chunks so a chunk's logits stay bounded (see default_chunk_size).
+        backend: backend of the row primitive ("cuda", "triton", "cpu"), or "reference" for the eager formula;
+            None picks automatically (cuda > triton on CUDA tensors, cpu on CPU tensors).
+
+    Returns:
+        float32 loss (float64 for float64 inputs): a scalar, or the tokens' shape for reduction="none".
+        Gradients for student_hidden, student_weight and student_bias come in their own dtypes.
+    """
+    return _fused_linear_skew(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, weights,
+                              student_bias, teacher_bias, alpha, temperature, ignore_index, reduction, chunk_size,
+                              backend, reverse=False, detach_mixture=False)
+
+
+def fused_linear_skew_reverse_kl(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                                 teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor,
+                                 labels: torch.Tensor | None = None, weights: torch.Tensor | None = None, *,
+                                 student_bias: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None,
+                                 alpha: float = 0.1, temperature: float = 1.0, ignore_index: int = -100,
+                                 reduction: str = "mean", chunk_size: int | None = None,
+                                 backend: str | None = None, detach_mixture: bool = False) -> torch.Tensor:
+    """Skew reverse KL(q || (1 - alpha) p + alpha q) from hidden states, chunked like
+    :func:`fused_linear_skew_kl` (same arguments). detach_mixture=True stops the gradient through the
+    mixture (DistiLLM-2's variant)."""
+    return _fused_linear_skew(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, weights,
+                              student_bias, teacher_bias, alpha, temperature, ignore_index, reduction, chunk_size,
+                              backend, reverse=True, detach_mixture=detach_mixture)

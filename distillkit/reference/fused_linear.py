@@ -1,0 +1,90 @@
+"""Fused-linear skew KL / skew reverse KL, eager: logits = hidden @ weight.T + bias, then the formulas.
+
+    p = softmax(z_T / tau), q = softmax(z_S / tau), mixtures formed in log space:
+    SKL  = sum_v p (log p - log(alpha p + (1 - alpha) q))
+    SRKL = sum_v q (log q - log((1 - alpha) p + alpha q))      (detach_mixture: no gradient through the mix)
+    loss_t = w_t D_t, ignored tokens (label == ignore_index) give 0; "mean" divides by the number of kept
+    tokens (0 when none is kept), "sum" adds, "none" returns [N].
+
+This is what distillkit.ops.fused_linear is tested against (in float64), and what its "reference"
+backend runs (in float32 for half inputs). It materialises [N, V] logits: tests and fallback only.
+The teacher is a constant (detached).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def _log_mixture(log_a: torch.Tensor, weight_a: float, log_b: torch.Tensor) -> torch.Tensor:
+    """log(weight_a * exp(log_a) + (1 - weight_a) * exp(log_b)), exact at weight_a in {0, 1}."""
+    if weight_a == 0.0:
+        return log_b
+    if weight_a == 1.0:
+        return log_a
+    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+
+
+def _kl_terms(prob: torch.Tensor, log_prob: torch.Tensor, log_mix: torch.Tensor) -> torch.Tensor:
+    """sum_v prob (log_prob - log_mix) with 0 log 0 = 0, NaN-free in both directions of autograd."""
+    present = prob > 0
+    diff = torch.where(present, log_prob - torch.where(present, log_mix, torch.zeros_like(log_mix)),
+                       torch.zeros_like(log_prob))
+    return (prob * diff).sum(-1)
+
+
+def skew_divergence_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, alpha: float,
+                         temperature: float, reverse: bool, detach_mixture: bool = False) -> torch.Tensor:
+    """Per-row D_t: SKL (reverse=False) or SRKL (reverse=True). Logits [N, V] in the compute dtype -> [N]."""
+    log_q = torch.log_softmax(student_logits / temperature, dim=-1)
+    log_p = torch.log_softmax(teacher_logits.detach() / temperature, dim=-1)
+    if reverse:
+        log_mix = _log_mixture(log_p, 1.0 - alpha, log_q)
+        if detach_mixture:
+            log_mix = log_mix.detach()
+        return _kl_terms(log_q.exp(), log_q, log_mix)
+    return _kl_terms(log_p.exp(), log_p, _log_mixture(log_p, alpha, log_q))
+
+
+def _logits(hidden, weight, bias, dtype):
+    z = hidden.reshape(-1, hidden.shape[-1]).to(dtype) @ weight.to(dtype).T
+    return z if bias is None else z + bias.to(dtype)
+
+
+def fused_linear_skew(student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor,
+                      teacher_weight: torch.Tensor, labels: torch.Tensor | None = None,
+                      weights: torch.Tensor | None = None, *, student_bias: torch.Tensor | None = None,
+                      teacher_bias: torch.Tensor | None = None, alpha: float = 0.1, temperature: float = 1.0,
+                      ignore_index: int = -100, reduction: str = "mean", reverse: bool = False,
+                      detach_mixture: bool = False, compute_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Eager fused-linear skew (reverse) KL, differentiable in the student's hidden, weight and bias.
+
+    student_hidden [N, H_s] or [B, T, H_s]; student_weight [V, H_s]; teacher_hidden [..., H_t] (same leading
+    shape); teacher_weight [V, H_t]; biases [V]; labels, weights [N] or [B, T]. compute_dtype: None computes
+    in the student's dtype (float32 for half inputs). Returns the loss in compute_dtype: a scalar, or the
+    leading shape for reduction="none".
+    """
+    if compute_dtype is None:
+        compute_dtype = torch.float32 if student_hidden.dtype in (torch.float16, torch.bfloat16) else student_hidden.dtype
+    lead = student_hidden.shape[:-1]
+    z_s = _logits(student_hidden, student_weight, student_bias, compute_dtype)
+    with torch.no_grad():
+        z_t = _logits(teacher_hidden, teacher_weight, teacher_bias, compute_dtype)
+    d = skew_divergence_rows(z_s, z_t, alpha=alpha, temperature=temperature, reverse=reverse,
+                             detach_mixture=detach_mixture)
+    if weights is not None:
+        d = d * weights.reshape(-1).to(compute_dtype)
+    if labels is not None:
+        keep = labels.reshape(-1) != ignore_index
+        d = torch.where(keep, d, torch.zeros_like(d))
+        count = keep.sum()
+    else:
+        count = torch.tensor(d.numel(), device=d.device)
+    if reduction == "none":
+        return d.reshape(lead)
+    if reduction == "sum":
+        return d.sum()
+    return d.sum() / count.clamp(min=1).to(compute_dtype)

@@ -1,0 +1,313 @@
+"""Fused-linear skew KL / skew reverse KL: every backend runnable here against the float64 formula
+(logits = hidden @ weight.T + bias, then the skew-KL definitions), and against the logits-level op."""
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import distillkit  # noqa: E402
+from distillkit._backend import backends  # noqa: E402
+from distillkit.losses import FusedLinearSkewKLLoss, FusedLinearSkewReverseKLLoss  # noqa: E402
+from distillkit.ops import fused_linear as fl  # noqa: E402
+from distillkit.reference import fused_linear as ref  # noqa: E402
+
+AVAILABLE = [name for name, (ok, _) in backends().items() if ok]
+BACKENDS = [b for b in ("reference", "cpu", "triton") if b in AVAILABLE]
+FAST = [b for b in ("cpu", "triton") if b in AVAILABLE]
+FUNCS = {False: distillkit.fused_linear_skew_kl, True: distillkit.fused_linear_skew_reverse_kl}
+
+
+def _case(n=41, h_s=24, h_t=32, vocab=1271, dtype=torch.float32, seed=0, bias=True, lead=None, ignore_every=5):
+    g = torch.Generator().manual_seed(seed)
+    shape = lead if lead is not None else (n,)
+    c = {
+        "student_hidden": torch.randn(*shape, h_s, generator=g),
+        "student_weight": torch.randn(vocab, h_s, generator=g) * 0.4,
+        "teacher_hidden": torch.randn(*shape, h_t, generator=g),
+        "teacher_weight": torch.randn(vocab, h_t, generator=g) * 0.4,
+        "student_bias": torch.randn(vocab, generator=g) if bias else None,
+        "teacher_bias": torch.randn(vocab, generator=g) if bias else None,
+    }
+    c = {k: (v.to(dtype) if v is not None else None) for k, v in c.items()}
+    labels = torch.randint(0, vocab, shape, generator=g)
+    if ignore_every:
+        labels.view(-1)[::ignore_every] = -100
+    weights = torch.rand(*shape, generator=g) + 0.5
+    return c, labels, weights
+
+
+STUDENT = ("student_hidden", "student_weight", "student_bias")
+
+
+def _run(fn, c, labels, weights, upstream, dtype=None, **kw):
+    """Loss and gradients of student hidden/weight/bias for sum(upstream * loss)."""
+    leaves = {k: (v.detach().to(dtype) if dtype is not None and v is not None else
+                  (v.detach().clone() if v is not None else None)) for k, v in c.items()}
+    for k in STUDENT:
+        if leaves[k] is not None:
+            leaves[k].requires_grad_(True)
+    loss = fn(leaves["student_hidden"], leaves["student_weight"], leaves["teacher_hidden"], leaves["teacher_weight"],
+              labels, weights if weights is None or dtype is None else weights.to(dtype),
+              student_bias=leaves["student_bias"], teacher_bias=leaves["teacher_bias"], **kw)
+    (loss * upstream).sum().backward()
+    grads = [leaves[k].grad for k in STUDENT if leaves[k] is not None]
+    return loss, grads
+
+
+def _upstream(reduction, shape):
+    # an incoming gradient that is not 1 (and differs per token for "none")
+    if reduction == "none":
+        return torch.linspace(0.5, 2.0, int(torch.Size(shape).numel()), dtype=torch.float64).reshape(shape)
+    return torch.tensor(2.5, dtype=torch.float64)
+
+
+def _reference64(c, labels, weights, upstream, **kw):
+    return _run(ref.fused_linear_skew, c, labels, weights, upstream, dtype=torch.float64, **kw)
+
+
+def _assert_close_to_64(got, want64, baseline, what, slack=2.0):
+    """got's error vs float64 is at most `slack` x plain PyTorch's (baseline) error in the same dtype,
+    with a floor of a few float32 ulps of the value's scale."""
+    got, base = got.double(), baseline.double()
+    err = (got - want64).abs().max().item()
+    base_err = (base - want64).abs().max().item()
+    floor = 4 * torch.finfo(torch.float32).eps * max(want64.abs().max().item(), 1e-30)
+    assert err <= slack * base_err + floor, f"{what}: error {err:.3e} vs PyTorch {base_err:.3e} (floor {floor:.1e})"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_matches_float64_formula(backend, reverse, reduction):
+    small = backend == "triton"  # the interpreter is slow
+    c, labels, weights = _case(n=13 if small else 41, h_s=8 if small else 24, h_t=12 if small else 32,
+                               vocab=97 if small else 1271)
+    up = _upstream(reduction, labels.shape)
+    kw = dict(alpha=0.1, temperature=1.3, reduction=reduction)
+    want_loss, want_grads = _reference64(c, labels, weights, up, reverse=reverse, **kw)
+    base_loss, base_grads = _run(ref.fused_linear_skew, c, labels, weights, up.float(), reverse=reverse, **kw)
+    got_loss, got_grads = _run(FUNCS[reverse], c, labels, weights, up.float(), backend=backend, chunk_size=6, **kw)
+    assert got_loss.dtype == torch.float32 and got_loss.shape == want_loss.shape
+    _assert_close_to_64(got_loss, want_loss, base_loss, "loss")
+    for name, g, w, b in zip(STUDENT, got_grads, want_grads, base_grads):
+        assert g.dtype == torch.float32
+        _assert_close_to_64(g, w, b, f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_equals_logits_level_op(backend, reverse):
+    """The fused-linear op and the logits-level op on logits built eagerly agree (values and gradients)."""
+    small = backend == "triton"
+    c, labels, weights = _case(n=9 if small else 41, h_s=8 if small else 24, vocab=97 if small else 1271, seed=2)
+    kw = dict(alpha=0.5, temperature=1.0, reduction="mean", backend=backend)
+    got_loss, got_grads = _run(FUNCS[reverse], c, labels, weights, 3.0, chunk_size=4, **kw)
+
+    def logits_level(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, weights, *,
+                     student_bias, teacher_bias, **kw):
+        z_s = student_hidden @ student_weight.T + student_bias
+        z_t = (teacher_hidden @ teacher_weight.T + teacher_bias).detach()
+        op = distillkit.skew_reverse_kl if reverse else distillkit.skew_kl
+        return op(z_s, z_t, labels, weights=weights, **kw)
+
+    want_loss, want_grads = _run(logits_level, c, labels, weights, 3.0, **kw)
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_detach_mixture(backend):
+    c, labels, weights = _case(n=11, h_s=8, vocab=97, seed=4)
+    up = torch.tensor(1.0, dtype=torch.float64)
+    for detach in (False, True):
+        kw = dict(alpha=0.3, reduction="sum", detach_mixture=detach)
+        want_loss, want_grads = _reference64(c, labels, weights, up, reverse=True, **kw)
+        got_loss, got_grads = _run(distillkit.fused_linear_skew_reverse_kl, c, labels, weights, 1.0, backend=backend,
+                                   chunk_size=5, **kw)
+        torch.testing.assert_close(got_loss.double(), want_loss, rtol=1e-5, atol=1e-6)
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", [b for b in FAST if b != "triton"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_bf16_inputs(backend, reverse):
+    c, labels, weights = _case(n=41, h_s=24, vocab=1271, dtype=torch.bfloat16, seed=6)
+    up = _upstream("mean", labels.shape)
+    want_loss, want_grads = _reference64(c, labels, weights, up, reverse=reverse)
+    # plain PyTorch in bf16 throughout: the error budget
+    base_loss, base_grads = _run(ref.fused_linear_skew, c, labels, weights, up.bfloat16(), reverse=reverse,
+                                 compute_dtype=torch.bfloat16)
+    got_loss, got_grads = _run(FUNCS[reverse], c, labels, weights, up.float(), backend=backend, chunk_size=16)
+    assert got_loss.dtype == torch.float32
+    _assert_close_to_64(got_loss, want_loss, base_loss, "loss")
+    for name, g, w, b in zip(STUDENT, got_grads, want_grads, base_grads):
+        assert g.dtype == torch.bfloat16, name
+        _assert_close_to_64(g, w, b, f"grad {name}")
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_3d_input_and_chunk_sizes(backend):
+    c, labels, weights = _case(lead=(3, 7), h_s=16, vocab=301, seed=8)
+    up = _upstream("none", labels.shape)
+    want_loss, want_grads = _reference64(c, labels, weights, up, reduction="none")
+    for chunk in (1, 4, 21, 100, None):  # one row, not dividing N, exactly N, more than N, automatic
+        got_loss, got_grads = _run(distillkit.fused_linear_skew_kl, c, labels, weights, up.float(), backend=backend,
+                                   reduction="none", chunk_size=chunk)
+        assert got_loss.shape == (3, 7)
+        torch.testing.assert_close(got_loss.double(), want_loss, rtol=1e-5, atol=1e-6)
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
+def test_all_ignored_and_no_bias(backend):
+    c, labels, weights = _case(n=10, vocab=64, bias=False, seed=9)
+    labels[:] = -100
+    for red in ("mean", "sum"):
+        loss, grads = _run(distillkit.fused_linear_skew_kl, c, labels, weights, 1.0, backend=backend, reduction=red)
+        assert loss.item() == 0.0
+        assert all(bool((g == 0).all()) for g in grads)
+    loss, _ = _run(distillkit.fused_linear_skew_reverse_kl, c, labels, None, 1.0, backend=backend, reduction="none")
+    assert bool((loss == 0).all())
+
+
+@pytest.mark.parametrize("backend", FAST)
+def test_teacher_gets_no_gradient_and_frozen_parts(backend):
+    c, labels, weights = _case(n=8, h_s=8, vocab=97, seed=10)
+    th = c["teacher_hidden"].clone().requires_grad_(True)
+    tw = c["teacher_weight"].clone().requires_grad_(True)
+    sw = c["student_weight"].clone()  # frozen lm_head: only the hidden state gets a gradient
+    sh = c["student_hidden"].clone().requires_grad_(True)
+    loss = distillkit.fused_linear_skew_kl(sh, sw, th, tw, labels, backend=backend)
+    loss.backward()
+    assert th.grad is None and tw.grad is None and sh.grad is not None
+    with torch.no_grad():  # no gradient work at all under no_grad
+        out = distillkit.fused_linear_skew_kl(sh, sw, th, tw, labels, backend=backend)
+    assert not out.requires_grad
+
+
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(11)
+    sh = torch.randn(5, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    sw = torch.randn(13, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    sb = torch.randn(13, dtype=torch.float64, generator=g, requires_grad=True)
+    th = torch.randn(5, 6, dtype=torch.float64, generator=g)
+    tw = torch.randn(13, 6, dtype=torch.float64, generator=g)
+    labels = torch.tensor([1, -100, 3, 4, 5])
+    weights = torch.rand(5, dtype=torch.float64, generator=g)
+    cases = [("cpu", False, "mean"), ("cpu", True, "none"), ("reference", True, "sum")]
+    for backend, reverse, reduction in [c for c in cases if c[0] in AVAILABLE]:
+        def f(sh, sw, sb):
+            return FUNCS[reverse](sh, sw, th, tw, labels, weights, student_bias=sb, alpha=0.2, temperature=0.7,
+                                  reduction=reduction, chunk_size=2, backend=backend)
+        assert torch.autograd.gradcheck(f, (sh, sw, sb), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+def test_torch_compile_training_step():
+    """A compiled step (student body + FusedLinearSkewKLLoss + optimizer) matches the eager step."""
+    backend = "cpu" if "cpu" in AVAILABLE else "reference"
+    torch.manual_seed(12)
+    vocab, hidden = 97, 16
+
+    def make():
+        torch.manual_seed(13)
+        body = torch.nn.Linear(hidden, hidden)
+        head = torch.nn.Linear(hidden, vocab)
+        return body, head
+
+    x = torch.randn(2, 5, hidden)
+    teacher_h = torch.randn(2, 5, 24)
+    teacher_w = torch.randn(vocab, 24) * 0.3
+    labels = torch.randint(0, vocab, (2, 5))
+    labels[0, 0] = -100
+    loss_fn = FusedLinearSkewKLLoss(alpha=0.1, backend=backend, chunk_size=4)
+
+    def forward(body, head):
+        h = torch.tanh(body(x))
+        return loss_fn(h, head.weight, teacher_h, teacher_w, labels, student_bias=head.bias)
+
+    results = []
+    for compile_it in (False, True):
+        body, head = make()
+        # fullgraph: the op must trace as one node (no graph break); backward runs AOTAutograd's graph
+        fn = torch.compile(forward, backend="aot_eager", fullgraph=True) if compile_it else forward
+        loss = fn(body, head)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in (*body.parameters(), *head.parameters())]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b)
+
+
+def test_fake_tensor_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        sh, sw = torch.empty(6, 4), torch.empty(11, 4)
+        th, tw = torch.empty(6, 5), torch.empty(11, 5)
+        scale = torch.empty(6)
+        loss, rows, gh, gw, gb = fl.fused_linear_skew_op(sh, sw, None, th, tw, None, scale, 0.1, 1.0, False, False,
+                                                         4, "cpu", True, 3)
+        assert loss.shape == () and rows.shape == (6,) and gh.shape == (6, 4) and gw.shape == (11, 4)
+
+
+def test_modules_forward_options():
+    c, labels, weights = _case(n=12, h_s=8, vocab=50, seed=14)
+    args = (c["student_hidden"], c["student_weight"], c["teacher_hidden"], c["teacher_weight"], labels, weights)
+    for module, fn, extra in [(FusedLinearSkewKLLoss, distillkit.fused_linear_skew_kl, {}),
+                              (FusedLinearSkewReverseKLLoss, distillkit.fused_linear_skew_reverse_kl,
+                               {"detach_mixture": False})]:
+        opts = dict(alpha=0.7, temperature=2.0, ignore_index=3, reduction="sum", backend="reference",
+                    chunk_size=5, **extra)
+        got = module(**opts)(*args, student_bias=c["student_bias"], teacher_bias=c["teacher_bias"])
+        want = fn(*args, student_bias=c["student_bias"], teacher_bias=c["teacher_bias"], **opts)
+        torch.testing.assert_close(got, want)
+        assert "alpha=0.7" in repr(module(**opts))
+
+
+def test_default_chunk_size_bounds_logits():
+    assert fl.default_chunk_size(4096, 32000, torch.device("cpu")) * 32000 <= 1 << 24
+    assert fl.default_chunk_size(10, 32000, torch.device("cpu")) == 10
+    assert fl.default_chunk_size(8192, 128256, torch.device("cuda")) % 128 == 0
+    assert fl.default_chunk_size(5, 10**9, torch.device("cpu")) == 1
+
+
+def test_bad_inputs_name_the_argument():
+    c, labels, weights = _case(n=6, h_s=8, vocab=20)
+    sh, sw, th, tw = c["student_hidden"], c["student_weight"], c["teacher_hidden"], c["teacher_weight"]
+    f = distillkit.fused_linear_skew_kl
+    with pytest.raises(ValueError, match="teacher_hidden"):
+        f(sh, sw, th[:5], tw)
+    with pytest.raises(ValueError, match="student_weight"):
+        f(sh, sw[:, :7], th, tw)
+    with pytest.raises(ValueError, match="vocabulary mismatch"):
+        f(sh, sw, th, tw[:19])
+    with pytest.raises(ValueError, match="student_bias"):
+        f(sh, sw, th, tw, student_bias=torch.zeros(19))
+    with pytest.raises(ValueError, match="labels"):
+        f(sh, sw, th, tw, labels[:5])
+    with pytest.raises(ValueError, match="weights"):
+        f(sh, sw, th, tw, labels, weights[:5])
+    with pytest.raises(ValueError, match="alpha"):
+        f(sh, sw, th, tw, alpha=1.5)
+    with pytest.raises(ValueError, match="temperature"):
+        f(sh, sw, th, tw, temperature=0.0)
+    with pytest.raises(ValueError, match="reduction"):
+        f(sh, sw, th, tw, reduction="avg")
+    with pytest.raises(ValueError, match="chunk_size"):
+        f(sh, sw, th, tw, chunk_size=0)
+    with pytest.raises(TypeError, match="student_hidden"):
+        f(sh.long(), sw, th, tw)
+    bad = weights.clone()
+    bad[2] = float("nan")
+    with pytest.raises(ValueError, match="weights"):
+        f(sh, sw, th, tw, labels, bad, backend="cpu" if "cpu" in AVAILABLE else None)
+    bad = th.clone()
+    bad[1, 0] = float("nan")
+    with pytest.raises(ValueError, match="teacher_hidden"):
+        f(sh, sw, bad, tw, backend="cpu" if "cpu" in AVAILABLE else None)

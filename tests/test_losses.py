@@ -1,0 +1,69 @@
+"""distillkit.losses: the nn.Module wrappers forward their options to the functional ops."""
+import pytest
+import torch
+
+import distillkit
+from distillkit._backend import backends
+from distillkit.losses import FusedLinearSkewKLLoss, FusedLinearSkewReverseKLLoss, SkewKLLoss, SkewReverseKLLoss
+from distillkit.reference import fused_linear as ref
+
+AVAILABLE = [name for name, (ok, _) in backends().items() if ok]
+BACKENDS = [b for b in ("reference", "cpu") if b in AVAILABLE]
+
+
+def _logits(n=12, vocab=67, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(n, vocab, generator=g, requires_grad=True)
+    teacher = torch.randn(n, vocab, generator=g) * 2
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    labels[::4] = 3
+    return student, teacher, labels
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skew_modules_match_functional(backend):
+    student, teacher, labels = _logits()
+    opts = dict(alpha=0.3, temperature=1.7, ignore_index=3, reduction="sum", backend=backend)
+    for module, fn, extra in [(SkewKLLoss, distillkit.skew_kl, {}),
+                              (SkewReverseKLLoss, distillkit.skew_reverse_kl, {"detach_mixture": False})]:
+        loss_fn = module(**opts, **extra)
+        got = loss_fn(student, teacher, labels)
+        (g_got,) = torch.autograd.grad(got, student)
+        want = fn(student, teacher, labels, **opts, **extra)
+        (g_want,) = torch.autograd.grad(want, student)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(g_got, g_want)
+        assert "alpha=0.3" in repr(loss_fn) and "ignore_index=3" in repr(loss_fn)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_skew_modules_against_float64_formula(backend):
+    """Options really reach the op: compare with the float64 formulas (weights, ignore_index, temperature)."""
+    student, teacher, labels = _logits(seed=1)
+    weights = torch.rand(student.shape[0], dtype=torch.float32) + 0.5
+    for reverse, module in [(False, SkewKLLoss(alpha=0.2, temperature=0.8, ignore_index=3, backend=backend)),
+                            (True, SkewReverseKLLoss(alpha=0.2, temperature=0.8, ignore_index=3, backend=backend,
+                                                     detach_mixture=True))]:
+        got = module(student, teacher, labels, weights)
+        d = ref.skew_divergence_rows(student.double(), teacher.double(), alpha=0.2, temperature=0.8, reverse=reverse,
+                                     detach_mixture=True)
+        keep = labels != 3
+        want = (d * weights.double() * keep).sum() / keep.sum()
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_linear_modules_forward_options():
+    g = torch.Generator().manual_seed(2)
+    sh, sw = torch.randn(10, 8, generator=g), torch.randn(40, 8, generator=g)
+    th, tw = torch.randn(10, 6, generator=g), torch.randn(40, 6, generator=g)
+    labels = torch.randint(0, 40, (10,), generator=g)
+    labels[1] = 7
+    backend = "cpu" if "cpu" in AVAILABLE else "reference"
+    for module, reverse in [(FusedLinearSkewKLLoss, False), (FusedLinearSkewReverseKLLoss, True)]:
+        opts = dict(alpha=0.4, temperature=1.5, ignore_index=7, reduction="none", backend=backend, chunk_size=3)
+        got = module(**opts)(sh, sw, th, tw, labels)
+        want = ref.fused_linear_skew(sh.double(), sw.double(), th.double(), tw.double(), labels, alpha=0.4,
+                                     temperature=1.5, ignore_index=7, reduction="none", reverse=reverse)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)
+        assert got[1] == 0
+    assert FusedLinearSkewReverseKLLoss(detach_mixture=True).detach_mixture
