@@ -121,3 +121,16 @@ def test_bad_config(setup):
         _cfg(root, student, data, evals, "x", weights=[1.0])
     with pytest.raises(ValueError, match="student"):
         MotConfig(teacher_data=data)
+
+
+def test_example_config_loads_and_names_unknown_fields(tmp_path):
+    from pathlib import Path
+
+    from distillkit.config import load_config
+
+    cfg = load_config(MotConfig, str(Path(__file__).resolve().parents[2] / "configs" / "mot.yaml"))
+    assert cfg.rounds == 3 and len(cfg.teacher_data) == 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("student: s\nteacher_data: [a]\nround: 2\n")
+    with pytest.raises(ValueError, match="unknown config field.*'round'"):
+        load_config(MotConfig, str(bad))
