@@ -88,7 +88,7 @@ def test_triton_interpreter_odd_sizes(backend, m, v, h):
 
 _GPU = torch.cuda.is_available()
 GPU_BACKENDS = [
-    pytest.param(name, marks=pytest.mark.skipif(not (_GPU and _AVAILABLE[name][0]), reason=_AVAILABLE[name][1]))
+    pytest.param(name, marks=pytest.mark.skipif(not (_GPU and _AVAILABLE[name][0]), reason=f"needs a CUDA device and the {name} backend ({_AVAILABLE[name][1]})"))
     for name in ("cuda", "triton")
 ]
 
