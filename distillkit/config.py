@@ -17,7 +17,8 @@ def config_field(text: str, **kw) -> Any:
 
 
 def _kind(type_str: str) -> str:
-    t = str(type_str).replace(" ", "")
+    # annotations are strings under `from __future__ import annotations`, classes otherwise
+    t = (type_str.__name__ if isinstance(type_str, type) else str(type_str)).replace(" ", "")
     if t.startswith(("list[", "tuple[")) or t.startswith(("list", "tuple")):
         return "list-float" if "float" in t else ("list-int" if "int" in t else "list")
     for kind in ("bool", "int", "float"):
@@ -26,12 +27,20 @@ def _kind(type_str: str) -> str:
     return "str"
 
 
+def field_help(f: dataclasses.Field) -> str:
+    """A field's help text for argparse, with the dataclass default (flags themselves default to None,
+    meaning "not given": the YAML value stands)."""
+    text = f.metadata.get("help", "")
+    if "default" not in text and f.default is not dataclasses.MISSING and f.default not in ("", None):
+        text = f"{text} (default: {f.default})"
+    return text.replace("%", "%%")
+
+
 def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description + " Flags override the YAML file.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog=prog, description=description + " Flags override the YAML file.")
     p.add_argument("--config", help="YAML file of the config's fields")
     for f in dataclasses.fields(cls):
-        flag, help_ = "--" + f.name.replace("_", "-"), f.metadata.get("help", "")
+        flag, help_ = "--" + f.name.replace("_", "-"), field_help(f)
         kind = _kind(f.type)
         if kind == "bool":
             p.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=help_)

@@ -218,10 +218,12 @@ class HFProcessRewardJudge:
     def _score_cached(self, prefix: torch.Tensor, tokens: torch.Tensor, positions: list[int]) -> torch.Tensor:
         from transformers import DynamicCache
 
+        from distillkit.teachers.hf import cache_kwargs
+
         dev, k = self.device, 1 + len(self.tag_ids)
         n_prefix = max(positions) + 1
         cache = DynamicCache(config=self.model.config)
-        self.model(input_ids=prefix[:n_prefix].unsqueeze(0).to(dev), past_key_values=cache, use_cache=True)
+        self.model(input_ids=prefix[:n_prefix].unsqueeze(0).to(dev), use_cache=True, **cache_kwargs(self.model, cache))
         dtype = self.model.get_input_embeddings().weight.dtype
         neg = torch.finfo(dtype).min
         out = []
@@ -240,7 +242,7 @@ class HFProcessRewardJudge:
             allowed = torch.cat([sees_prefix, own], 1)
             mask4d = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, neg)[None, None].to(dev)
             logits = self.model(input_ids=block.reshape(1, -1).to(dev), attention_mask=mask4d,
-                                position_ids=position_ids.to(dev), past_key_values=cache, use_cache=True).logits
+                                position_ids=position_ids.to(dev), use_cache=True, **cache_kwargs(self.model, cache)).logits
             cache.crop(-m * k)  # drop this block's keys (negative: remove that many) before the next block
             out.append(self._good_prob(logits[0].reshape(m, k, -1)[:, -1]))
         return torch.cat(out)

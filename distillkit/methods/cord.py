@@ -30,6 +30,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
+from distillkit.config import field_help
 from distillkit.answers import answers_match, extract_answer, normalize_answer  # noqa: F401 (re-exported)
 from distillkit.methods.meta_prover import DEFAULT_TEMPLATE
 from distillkit.methods.segmentation import (
@@ -611,14 +612,13 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="distillkit cord",
         description="CoRD: collaborative step-wise multi-teacher decoding scored by a meta-prover. "
-                    "Options given here override the YAML file.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                    "Options given here override the YAML file.")
     p.add_argument("--config", help="YAML file of CordConfig fields (see configs/cord.yaml)")
     for f in dataclasses.fields(CordConfig):
         if "dict" in str(f.type):
             continue  # mappings are set in the YAML file
         flag = "--" + f.name.replace("_", "-")
-        help_ = f.metadata.get("help", "")
+        help_ = field_help(f)
         if f.type in ("bool", bool):
             p.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=help_)
         elif f.name in ("teachers", "prefix_phrases", "teacher_names"):

@@ -22,6 +22,8 @@ from typing import Sequence
 
 import torch
 
+from distillkit.teachers.hf import cache_kwargs, output_cache
+
 log = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATE = "{context}</think> The final answer is {answer}."
@@ -235,7 +237,7 @@ class MetaProver:
             ids = self._pad([group_ids[g][:need[g]] for g in chunk], w)
             out = self._body(input_ids=ids, use_cache=True)
             self.stats.tokens_processed += sum(need[g] for g in chunk)
-            kv = [torch.nn.functional.pad(t, (0, 0, 0, width - w)) for t in _kv_tensors(out.past_key_values)]
+            kv = [torch.nn.functional.pad(t, (0, 0, 0, width - w)) for t in _kv_tensors(output_cache(out))]
             layers = [[t] for t in kv] if layers is None else [acc + [t] for acc, t in zip(layers, kv)]
         stacked = [torch.cat(ts, dim=0) for ts in layers]
         # Row r of `stacked` belongs to group used[r].
@@ -274,7 +276,7 @@ class MetaProver:
                 mask[r, :st] = 1
                 mask[r, past:past + len(x)] = 1
             pos = torch.tensor(starts).view(-1, 1) + torch.arange(width).view(1, -1)
-            kwargs = dict(past_key_values=cache, attention_mask=mask.to(self.device), position_ids=pos.to(self.device))
+            kwargs = dict(**cache_kwargs(self._body, cache), attention_mask=mask.to(self.device), position_ids=pos.to(self.device))
         hidden = self._body(input_ids=ids, use_cache=bool(kwargs), **kwargs).last_hidden_state
         self.stats.tokens_processed += sum(len(x) for x in suffixes)
         rows, pos_idx, answer_ids, cu = [], [], [], [0]

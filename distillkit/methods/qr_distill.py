@@ -693,6 +693,8 @@ def run(cfg: QRDistillConfig, *, teachers: Sequence[Teacher] | None = None, judg
     features = route_features(cfg, kept, device, encoder) if cfg.routing == "learned" else None
     students, tokenizers = load_students(cfg, device)
     model = build_model(cfg, students, features.shape[1] if features is not None else None).to(device)
+    if model.router is not None:
+        model.router.fit_feature_scale(features.to(device))
     trainer = make_trainer(model, cfg, items, QRCollator(tokenizers, cfg.max_length, features))
     last = trainer.train()
     names = cfg.student_labels()

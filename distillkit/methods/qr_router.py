@@ -7,7 +7,9 @@ Notation (one batch of B reasoning paths, S students, shared space of D dimensio
 
   Router (seed eq. 3-4; the encoder is frozen, so its features are computed once before training)
     u_b      = mean over the path's tokens of the frozen encoder's last hidden states      [B, d_enc]
-    a_b      = MLP(u_b) = W2 GELU(W1 u_b + b1) + b2                                           [B, S]
+    x_b      = (u_b - mean) / std       (per dimension, over the training paths; raw LLM features
+                                          saturate a freshly initialised MLP's softmax)
+    a_b      = MLP(x_b) = W2 GELU(W1 x_b + b1) + b2                                           [B, S]
     y_soft   = softmax((a_b + g_b) / tau),  g_b ~ Gumbel(0, 1) i.i.d.                          [B, S]
     y_hard   = 1 on the top-k entries of y_soft, else 0 (k = route_top_k, default 1)
     y        = y_hard + y_soft - sg(y_soft)          (straight-through: forward y_hard, gradient of y_soft)
@@ -122,9 +124,24 @@ class Router(nn.Module):
             raise ValueError(f"in_dim={in_dim}, num_students={num_students}, hidden={hidden}: "
                              "expected in_dim >= 1, num_students >= 2, hidden >= 1")
         self.mlp = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, num_students))
+        # per-dimension standardisation of the features (set by fit_feature_scale, saved with the router)
+        self.register_buffer("feature_mean", torch.zeros(in_dim))
+        self.register_buffer("feature_std", torch.ones(in_dim))
+
+    @torch.no_grad()
+    def fit_feature_scale(self, features: torch.Tensor) -> None:
+        """Standardise each feature dimension by its mean and std over ``features`` [B, d_in] (the training
+        paths). LLM hidden states have large, uneven magnitudes: raw, they give a freshly initialised MLP
+        saturated logits, and one student takes every path before the balance term can act."""
+        if features.dim() != 2 or features.shape[1] != self.feature_mean.numel() or features.shape[0] < 1:
+            raise ValueError(f"features: expected [B >= 1, {self.feature_mean.numel()}], got {tuple(features.shape)}")
+        x = features.to(self.feature_mean)
+        self.feature_mean.copy_(x.mean(0))
+        self.feature_std.copy_(x.std(0, unbiased=False).clamp_min(1e-6) if len(x) > 1 else torch.ones_like(x[0]))
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.mlp(features.to(self.mlp[0].weight.dtype))
+        x = (features.to(self.feature_mean) - self.feature_mean) / self.feature_std
+        return self.mlp(x.to(self.mlp[0].weight.dtype))
 
 
 def gumbel_topk_straight_through(logits: torch.Tensor, *, tau: float = 1.0, k: int = 1,

@@ -18,6 +18,24 @@ log = logging.getLogger(__name__)
 _RAW_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
+def cache_kwargs(model, cache) -> dict:
+    """The keyword that passes a KV cache to ``model.forward``: ``cache`` in recent transformers (where
+    ``past_key_values`` is deprecated), ``past_key_values`` before."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        params = {}
+    return {"cache" if "cache" in params else "past_key_values": cache}
+
+
+def output_cache(output):
+    """The KV cache a forward returned, under either name."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values
+
+
 def load_tokenizer(path: str | os.PathLike, **kwargs):
     """``AutoTokenizer.from_pretrained``, except that a checkpoint whose tokenizer_config.json names
     the raw fast tokenizer class is loaded exactly as its tokenizer.json describes it.

@@ -232,3 +232,41 @@ def check_trace(question: str, response: str) -> dict:
     well_formed = len(rows) == len(ops) and all(r["consistent"] for r in rows)
     return {"steps": rows, "well_formed": well_formed, "all_steps_ok": well_formed and all(r["ok"] for r in rows),
             "answer": answer, "answer_ok": answers_match(answer, truth)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line: question files for running the methods' CLIs on the shipped models
+# ----------------------------------------------------------------------------------------------
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m distillkit.world.problems --n 32 --seed 7 --out questions.jsonl``: {id, question,
+    answer} per line (``--flaw KIND`` adds a "response" trace with that teacher's systematic error,
+    ``--flaw none`` a correct one)."""
+    import argparse
+    import json
+    import os
+
+    p = argparse.ArgumentParser(prog="python -m distillkit.world.problems", description=main.__doc__.split("\n")[0])
+    p.add_argument("--n", type=int, required=True, help="number of distinct problems")
+    p.add_argument("--seed", type=int, default=7, help="problem draw seed (default: 7)")
+    p.add_argument("--num-ops", type=int, default=NUM_OPS, help=f"operations per problem (default: {NUM_OPS})")
+    p.add_argument("--flaw", choices=("none", *FLAWS), default=None,
+                   help="also write a 'response' trace: correct (none) or with one kind of step wrong")
+    p.add_argument("--out", required=True, help="output JSONL (written whole, then renamed into place)")
+    args = p.parse_args(argv)
+    probs = generate_problems(args.n, seed=args.seed, num_ops=args.num_ops)
+    tmp = f"{args.out}.tmp{os.getpid()}"
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i, prob in enumerate(probs):
+            if args.flaw is None:
+                row = {"id": str(i), "question": prob.question, "answer": prob.answer}
+            else:
+                row = to_record(prob, i, None if args.flaw == "none" else args.flaw)
+            f.write(json.dumps(row) + "\n")
+    os.replace(tmp, args.out)
+    print(f"{args.out}: {len(probs)} problems")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -325,14 +325,15 @@ def test_routing_moves_each_style_toward_the_student_that_fits_it(world, tmp_pat
         assert ce[mine].mean() < ce[other].mean() - 1.0  # the constructed case holds
     torch.manual_seed(0)
     model = qr.QRDistillModel(students, shared_dim=16, router_in_dim=feats.shape[1], router_hidden=32)
+    model.router.fit_feature_scale(feats)  # as run() does
     before = qr.routing_probabilities(model.router, feats)
-    router_init = {k: v.clone() for k, v in model.router.state_dict().items()}
+    router_init = {k: v.detach().clone() for k, v in model.router.named_parameters()}
     settings = qr.LossSettings(mutual=False, lambda_2=0.01)
     tcfg = TrainConfig(output_dir=str(tmp_path / "route"), max_steps=40, batch_size=6, lr=1e-2, progress=False,
                        log_every=10)
     Trainer(model, tcfg, items, QRCollator([tok, tok], 64, feats), lambda m, b: qr.qr_loss(m, b, settings)).train()
     after = qr.routing_probabilities(model.router, feats)
-    assert all(not torch.equal(router_init[k], v) for k, v in model.router.state_dict().items())
+    assert all(not torch.equal(router_init[k], v) for k, v in model.router.named_parameters())
     a, b = slice(0, 6), slice(6, 12)
     assert after[a, 0].mean() > 0.8 and after[b, 1].mean() > 0.8, (before, after)
     assert after[a, 0].mean() > before[a, 0].mean() + 0.2 and after[b, 1].mean() > before[b, 1].mean() + 0.2
@@ -600,3 +601,20 @@ def test_cli_end_to_end_on_tiny_models(world, tmp_path):
     assert main(["qr-distill", "--config", str(cfg_path), "--no-progress"]) == 0
     assert os.path.getmtime(out / "paths.jsonl") == mtime
     assert len(open(out / "metrics.jsonl").read().splitlines()) == 4
+
+
+def test_router_standardises_large_features():
+    """Hidden-state features of large magnitude (as an LLM's are) must not saturate a fresh router: after
+    fit_feature_scale its initial routing is soft, and the scale travels in the router's state dict."""
+    torch.manual_seed(0)
+    feats = torch.randn(64, 32) * 40.0 + torch.linspace(-100, 100, 32)
+    router = qr.Router(32, 2, hidden=64)
+    raw = qr.routing_probabilities(router, feats).max(1).values.mean()
+    router.fit_feature_scale(feats)
+    fitted = qr.routing_probabilities(router, feats).max(1).values.mean()
+    assert raw > 0.95 and fitted < 0.75
+    copy = qr.Router(32, 2, hidden=64)
+    copy.load_state_dict(router.state_dict())
+    torch.testing.assert_close(copy(feats), router(feats))
+    with pytest.raises(ValueError, match="features"):
+        router.fit_feature_scale(feats[:, :5])
