@@ -112,8 +112,22 @@ def matmul_flops(dtype: torch.dtype = torch.float32, n: int = 2048, dev: torch.d
     return 2 * n**3 / t
 
 
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment() -> dict:
     env = {
+        "device": None,  # filled below: the GPU's name, or the CPU's model and threads
+        "date": time.strftime("%Y-%m-%d"),
+        "cpu": _cpu_model(),
         "machine": platform.machine(),
         "cpu_threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -137,6 +151,7 @@ def environment() -> dict:
             ).stdout.strip()
         except OSError:
             env["driver"] = None
+    env["device"] = env.get("gpu") or f"CPU {env['cpu']}, {env['cpu_threads']} threads"
     return env
 
 
@@ -163,7 +178,7 @@ class Row:
 def report(rows: list[Row], suite: str) -> str:
     """Prints the table and writes it as JSON under bench/results/<suite>-<device>.json."""
     env = environment()
-    text = "\n".join([f"== {suite} on {env.get('gpu', 'CPU ' + env['machine'])} ==", *(r.line() for r in rows)])
+    text = "\n".join([f"== {suite} on {env['device']} ==", *(r.line() for r in rows)])
     print("\n" + text)
     os.makedirs(RESULTS_DIR, exist_ok=True)
     tag = env.get("gpu", "cpu").replace(" ", "_")

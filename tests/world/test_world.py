@@ -206,3 +206,35 @@ def test_student_base_reaches_recorded_accuracy(held_out):
     got = M.evaluate_traces(model, tok, held_out)
     assert abs(got["accuracy"] - rec["accuracy"]) <= TOL
     assert sum(p.numel() for p in model.parameters()) < M.manifest()["models"]["teacher-carry"]["params"]
+
+
+def test_question_files_and_cpu_configs_of_every_method(tmp_path):
+    """README's CPU recipes: `python -m distillkit.world.problems` writes the files the configs in
+    configs/world read, and every config loads and names shipped models that exist."""
+    import json
+    import os
+
+    from distillkit.config import load_config
+    from distillkit.methods.cord import CordConfig
+    from distillkit.methods.mot import MotConfig
+    from distillkit.methods.qr_distill import QRDistillConfig
+    from distillkit.methods.vcrd import VcrdConfig
+
+    out = tmp_path / "q.jsonl"
+    assert W.main(["--n", "5", "--seed", "3", "--flaw", "borrow", "--out", str(out)]) == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [str(i) for i in range(5)]
+    for r in rows:
+        assert r["answer"] == W.evaluate_question(r["question"])
+        kinds = {s["kind"] for s in W.check_trace(r["question"], r["response"])["steps"] if not s["ok"]}
+        assert kinds <= {"borrow"}
+    assert not list(tmp_path.glob("*.tmp*"))  # written whole, then renamed
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    cfgs = [CordConfig.from_yaml(os.path.join(root, "configs/world/cord.yaml"))]
+    cfgs += [load_config(cls, os.path.join(root, f"configs/world/{name}.yaml"))
+             for cls, name in ((VcrdConfig, "vcrd"), (MotConfig, "mot"), (QRDistillConfig, "qr_distill"))]
+    models = [*cfgs[0].teachers, cfgs[0].meta_prover, cfgs[1].student, cfgs[1].teacher, cfgs[2].student,
+              *cfgs[3].teachers, *cfgs[3].students, cfgs[3].router_encoder]
+    for m in models:
+        assert os.path.isfile(os.path.join(root, m, "config.json")), m
