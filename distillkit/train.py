@@ -90,6 +90,23 @@ def atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
+def save_pretrained_atomic(model, tokenizer, path: str) -> None:
+    """``save_pretrained`` of model and tokenizer into ``path`` without ever leaving a half-written
+    folder there: written beside it, then renamed into place (an older folder is moved aside first and
+    removed last, so a crash leaves either the old or the new model, plus a stray folder at worst)."""
+    import shutil
+
+    tmp, old = path + ".partial", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(path):
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 class Trainer:
     """Trains ``model`` on ``examples`` with ``loss_fn(model, batch) -> (loss, metrics)``.
 

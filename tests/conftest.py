@@ -22,3 +22,13 @@ def pytest_report_header(config):
 @pytest.fixture(params=["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
 def device(request):
     return torch.device(request.param)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module: tiny models gain nothing from a second one, OpenMP spin-waits
+    stall when other jobs share the two cores, and the world's recorded numbers were taken with one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -24,6 +24,7 @@ import torch
 
 from distillkit.config import config_field as _help
 from distillkit.config import parse_config
+from distillkit.train import save_pretrained_atomic
 
 log = logging.getLogger(__name__)
 MERGES = ("average", "ties", "dare", "dare_ties")
@@ -126,14 +127,6 @@ def _load(path: str, device):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
 
 
-def _save_atomic(model, tokenizer, path: str) -> None:
-    tmp = path + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-
 
 def merge_round_local(cfg: MotConfig, tokenizer, datasets, round_idx: int, device) -> None:
     """K branches one after another from the previous merge; writes round_dir(round_idx)."""
@@ -147,7 +140,7 @@ def merge_round_local(cfg: MotConfig, tokenizer, datasets, round_idx: int, devic
         branch = _load(start, device)
         train_branch(branch, tokenizer, examples, cfg, round_idx, k)
         if cfg.merge != "average":  # TIES / DARE need every branch: stream them from disk
-            _save_atomic(branch, tokenizer, os.path.join(branch_dir(cfg, round_idx, k), "model"))
+            save_pretrained_atomic(branch, tokenizer, os.path.join(branch_dir(cfg, round_idx, k), "model"))
         elif running is None:
             running, running_w = branch, weights[k]
         else:  # running average: avg <- (W avg + w_k branch) / (W + w_k); one branch + the average in memory
@@ -156,7 +149,7 @@ def merge_round_local(cfg: MotConfig, tokenizer, datasets, round_idx: int, devic
         del branch
     out = round_dir(cfg, round_idx)
     if cfg.merge == "average":
-        _save_atomic(running, tokenizer, out)
+        save_pretrained_atomic(running, tokenizer, out)
     else:
         method = {"ties": "ties", "dare": "dare", "dare_ties": "dare_ties"}[cfg.merge]
         merge_checkpoints([os.path.join(branch_dir(cfg, round_idx, k), "model") for k in range(K)], out,
@@ -180,7 +173,7 @@ def merge_round_distributed(cfg: MotConfig, tokenizer, datasets, round_idx: int,
     train_branch(branch, tokenizer, datasets[rank], cfg, round_idx, rank)
     all_reduce_average_(branch, weight=None if cfg.weights is None else cfg.weights[rank])
     if rank == 0:
-        _save_atomic(branch, tokenizer, round_dir(cfg, round_idx))
+        save_pretrained_atomic(branch, tokenizer, round_dir(cfg, round_idx))
     dist.barrier()
 
 

@@ -39,7 +39,6 @@ import json
 import logging
 import math
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -47,6 +46,7 @@ import torch
 
 from distillkit.config import config_field as _help
 from distillkit.config import parse_config
+from distillkit.train import save_pretrained_atomic
 
 log = logging.getLogger(__name__)
 WEIGHTINGS = ("uniform", "ratio", "clamped_ratio", "r_s", "r_s_minus_r_t")
@@ -569,14 +569,6 @@ def load_models(cfg: VcrdConfig, device):
     return student.train(), teacher.eval(), backend, tokenizer, judge
 
 
-def _save_atomic(model, tokenizer, path: str) -> None:
-    tmp = path + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
-
 
 def _write_json(path: str, obj) -> None:
     tmp = path + ".tmp"
@@ -603,7 +595,7 @@ def run(cfg: VcrdConfig) -> dict:
     objective.trainer = trainer
     last = trainer.train()
     final = os.path.join(cfg.output_dir, "final")
-    _save_atomic(student, tokenizer, final)
+    save_pretrained_atomic(student, tokenizer, final)
     summary_path = os.path.join(cfg.output_dir, "vcrd_summary.json")
     summary = {"config": asdict(cfg), "step": trainer.step, "final_model": final, "last_metrics": last}
     if cfg.eval_data:

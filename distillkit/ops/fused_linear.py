@@ -23,7 +23,6 @@ the teacher head (fwd only). Everything else is O(NV) and bandwidth-bound.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -34,7 +33,6 @@ from distillkit._errors import InputError
 __all__ = ["fused_linear_skew_kl", "fused_linear_skew_reverse_kl", "default_chunk_size"]
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-REDUCTIONS = ("mean", "sum", "none")
 # logits elements per chunk (each of z_S, z_T, dz): 64 MB fp32 on CPU (~512 rows at V = 32000: three
 # such buffers + the [V, H] float32 accumulator stay under 10% of the eager loss's peak, while the
 # per-chunk costs, re-reading both weights and the accumulator, stay small next to the GEMMs);
@@ -272,15 +270,9 @@ def _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, la
     for name, x in tensors:
         if x is not None and x.device != student_hidden.device:
             raise ValueError(f"{name} is on {x.device}, student_hidden on {student_hidden.device}")
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
-    if (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature)
-            or temperature <= 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise InputError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    from distillkit.ops.skew_kl import check_options
+
+    check_options(alpha, temperature, ignore_index, reduction)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 

@@ -187,6 +187,11 @@ def _validate(student_logits, teacher_logits, labels, weights, alpha, temperatur
                              f"{tuple(lead)}")
         if weights.device != student_logits.device:
             raise ValueError(f"weights is on {weights.device}, student_logits on {student_logits.device}")
+    check_options(alpha, temperature, ignore_index, reduction)
+
+
+def check_options(alpha, temperature, ignore_index, reduction) -> None:
+    """The scalar options every skew-KL op takes (logits-level and fused-linear)."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
     if (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature)

@@ -20,14 +20,7 @@ from distillkit.methods.cord import (
 from distillkit.teachers.base import Proposal, Teacher, as_boundary
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from a second thread, and OpenMP spin-waits stall when other jobs
-    # share the two cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,14 +13,7 @@ STEPS = ["add them: 7.\n\n", "x", "so it is seven!\n\n", ""]
 ANSWERS = ["7", "12", "-3.5"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from a second thread, and OpenMP spin-waits stall when other jobs
-    # share the two cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

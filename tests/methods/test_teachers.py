@@ -10,14 +10,7 @@ from distillkit.teachers.hf import HFTeacher
 from distillkit.world.tiny import build_tokenizer, save_tiny_checkpoint, tiny_causal_lm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from a second thread, and OpenMP spin-waits stall when other jobs
-    # share the two cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 class AfterChars:

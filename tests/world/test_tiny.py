@@ -7,14 +7,7 @@ import torch
 from distillkit.world.tiny import build_tokenizer, save_tiny_checkpoint, tiny_causal_lm
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from a second thread, and OpenMP spin-waits stall when other jobs
-    # share the two cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 TEXTS = [
     "Question: what is 17 + 25?\n<think> ### Step 1: add the tens: 10 + 20 = 30.\n\n### Step 2: "

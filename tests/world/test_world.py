@@ -6,18 +6,11 @@ import os
 import random
 
 import pytest
-import torch
 
 from distillkit.world import problems as W
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from a second thread; the recorded numbers were taken with one.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _brute_force(question: str) -> str:
