@@ -13,12 +13,24 @@
 // v1: per-element loop over k (k innermost): poor vectorisation, ~40% of memcpy.
 // v2: k outermost over a 1024-element block kept in L1; inner loops vectorise (fp32 K=2: ~90% of
 //     memcpy), but bf16 stayed at ~12-40%: c10::BFloat16 conversions kept the loops scalar.
-// v3 (this): bf16 converted with integer shifts on the raw bits (RNE on the way back): vectorises.
+// v3: bf16 converted with integer shifts on the raw bits (RNE on the way back): vectorises.
+//     Measured (2-thread Xeon, 67M params, copy 22.7 GB/s): fp32 K=2 81%, K=4 74%; bf16 K=2 75%, K=4 83%.
+// v4 (this): the target of a large tensor is written with non-temporal (streaming) stores. A normal
+//     store first reads the destination line into cache (read-for-ownership), so a separate target
+//     cost K + 2 streams of traffic for K + 1 counted; streaming stores skip that read. Small tensors
+//     (< kStreamBytes) keep normal stores: they may be read again soon, from cache.
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstring>
+#include <type_traits>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#define DISTILLKIT_STREAM_STORES 1
+#endif
 
 #include "distillkit.h"
 
@@ -27,12 +39,38 @@ namespace {
 
 constexpr int64_t kBlock = 1024;          // accumulator block (4 KB of float), fits L1
 constexpr int64_t kChunk = 64 * kBlock;   // work unit handed to a thread
+constexpr int64_t kStreamBytes = 4 << 20;  // targets at least this large are written with streaming stores
+
+// dst[0, n) <- src[0, n) (16-bit or 32-bit lanes) with non-temporal stores where dst is 16-byte aligned;
+// the unaligned head and the tail are stored normally. Returns false (nothing written) without SSE2.
+template <typename Lane>
+inline bool stream_copy(Lane* dst, const Lane* src, int64_t n) {
+#if defined(DISTILLKIT_STREAM_STORES)
+  constexpr int64_t kLanes = 16 / sizeof(Lane);
+  int64_t i = 0;
+  while (i < n && (reinterpret_cast<uintptr_t>(dst + i) & 15u) != 0) { dst[i] = src[i]; ++i; }
+  for (; i + kLanes <= n; i += kLanes)
+    _mm_stream_si128(reinterpret_cast<__m128i*>(dst + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+  for (; i < n; ++i) dst[i] = src[i];
+  return true;
+#else
+  (void)dst; (void)src; (void)n;
+  return false;
+#endif
+}
+
+inline void stream_fence() {
+#if defined(DISTILLKIT_STREAM_STORES)
+  _mm_sfence();  // streaming stores are weakly ordered: make them visible before the call returns
+#endif
+}
 
 template <typename T> struct Acc { using type = float; };
 template <> struct Acc<double> { using type = double; };
 
 template <typename T>
-void average_block(T* dst, const std::vector<const T*>& srcs, const std::vector<double>& w, int64_t n) {
+void average_block(T* dst, const std::vector<const T*>& srcs, const std::vector<double>& w, int64_t n,
+                   bool stream) {
   using A = typename Acc<T>::type;
   A acc[kBlock];
   const int64_t K = static_cast<int64_t>(srcs.size());
@@ -45,6 +83,11 @@ void average_block(T* dst, const std::vector<const T*>& srcs, const std::vector<
     const T* sk = srcs[k];
 #pragma omp simd
     for (int64_t i = 0; i < n; ++i) acc[i] += wk * static_cast<A>(sk[i]);
+  }
+  if constexpr (std::is_same_v<T, A>) {  // float32 / float64: the accumulator is the output
+    if (stream && stream_copy(reinterpret_cast<uint32_t*>(dst), reinterpret_cast<const uint32_t*>(acc),
+                              n * static_cast<int64_t>(sizeof(T) / 4)))
+      return;
   }
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(acc[i]);
@@ -68,7 +111,7 @@ inline uint16_t float_to_bf16_bits(float f) {
 
 template <>
 void average_block<c10::BFloat16>(c10::BFloat16* dst, const std::vector<const c10::BFloat16*>& srcs,
-                                  const std::vector<double>& w, int64_t n) {
+                                  const std::vector<double>& w, int64_t n, bool stream) {
   float acc[kBlock];
   const int64_t K = static_cast<int64_t>(srcs.size());
   for (int64_t k = 0; k < K; ++k) {
@@ -83,6 +126,12 @@ void average_block<c10::BFloat16>(c10::BFloat16* dst, const std::vector<const c1
     }
   }
   uint16_t* d = reinterpret_cast<uint16_t*>(dst);
+  if (stream) {
+    uint16_t out[kBlock];
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) out[i] = float_to_bf16_bits(acc[i]);
+    if (stream_copy(d, out, n)) return;
+  }
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) d[i] = float_to_bf16_bits(acc[i]);
 }
@@ -104,15 +153,20 @@ void average_group(const std::vector<at::Tensor>& targets, const std::vector<std
   }
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t begin, int64_t end) {
     std::vector<const T*> ptrs(K);
+    bool streamed = false;
     for (int64_t c = begin; c < end; ++c) {
       const auto [t, start] = chunks[c];
-      const int64_t stop = std::min(start + kChunk, targets[t].numel());
+      const int64_t numel = targets[t].numel();
+      const bool stream = numel * static_cast<int64_t>(sizeof(T)) >= kStreamBytes;
+      streamed = streamed || stream;
+      const int64_t stop = std::min(start + kChunk, numel);
       for (int64_t b = start; b < stop; b += kBlock) {
         const int64_t n = std::min(kBlock, stop - b);
         for (int64_t k = 0; k < K; ++k) ptrs[k] = src[t][k] + b;
-        average_block<T>(dst[t] + b, ptrs, weights, n);
+        average_block<T>(dst[t] + b, ptrs, weights, n, stream);
       }
     }
+    if (streamed) stream_fence();
   });
 }
 

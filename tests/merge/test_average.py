@@ -121,3 +121,22 @@ def test_integer_buffers_must_agree():
 def test_unknown_backend_name():
     with pytest.raises(ValueError, match="backend="):
         average_([torch.zeros(1)], [[torch.zeros(1)]], backend="fast")
+
+
+@pytest.mark.skipif("cpu" not in BACKENDS, reason="the cpu backend is not built here")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("offset", [0, 1, 3])
+def test_cpu_streaming_stores_on_large_unaligned_targets(dtype, offset):
+    """Targets of >= 4 MiB take the non-temporal store path: unaligned starts (views at an element offset),
+    odd lengths, and a target that is also a source must all give the float64 result."""
+    g = torch.Generator().manual_seed(offset)
+    n = 2_100_007  # 8.4 MB in float32, 4.2 MB in bfloat16: both above the streaming threshold
+    sources = [[torch.randn(n + offset, generator=g).to(dtype)[offset:]] for _ in range(3)]
+    weights = [0.2, 0.5, 0.3]
+    want = _f64_average(sources, weights)[0]
+    target = [torch.empty(n + offset, dtype=dtype)[offset:]]
+    average_(target, sources, weights, backend="cpu")
+    tol = TOL[dtype] * (1 + want.abs().max().item())
+    assert (target[0].double() - want).abs().max().item() <= tol
+    average_(sources[1], sources, weights, backend="cpu")  # in place on a source
+    assert (sources[1][0].double() - want).abs().max().item() <= tol
