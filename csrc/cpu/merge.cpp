@@ -18,7 +18,9 @@
 // v4 (this): the target of a large tensor is written with non-temporal (streaming) stores. A normal
 //     store first reads the destination line into cache (read-for-ownership), so a separate target
 //     cost K + 2 streams of traffic for K + 1 counted; streaming stores skip that read. Small tensors
-//     (< kStreamBytes) keep normal stores: they may be read again soon, from cache.
+//     (< kStreamBytes) keep normal stores: they may be read again soon, from cache. Predicted: up to
+//     (K + 2) / (K + 1) faster. Measured: fp32 K=2 103%, K=4 92%; bf16 K=2 75%, K=4 81% of copy (the
+//     copy itself pays the read-for-ownership, hence over 100%; run-to-run spread about 10 points).
 #include <ATen/Parallel.h>
 
 #include <algorithm>
