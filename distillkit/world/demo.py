@@ -9,7 +9,8 @@ problems none of them was trained on:
 2. SFT of the student on each method's correct traces -> student accuracy (Table 3);
 3. MoT rounds vs SFT on the best single teacher's data and on the union of all teachers' data
    (MoT Table 4);
-4. VCRD with validity weights (clamped ratio) vs uniform weights (VCRD Table 5);
+4. VCRD with validity weights (clamped ratio) vs uniform weights, both from the student after a short
+   SFT (VCRD Table 5);
 5. QR-Distill with learned routing vs without (random routing).
 
 It prints one table, writes report.md (+ plots) under the output folder, and says where an ordering
@@ -45,6 +46,8 @@ class DemoConfig:
     lr: float = field(default=2e-3, metadata={"help": "student learning rate"})
     mot_rounds: int = field(default=3, metadata={"help": "MoT rounds (branch steps = sft_steps / rounds)"})
     vcrd_steps: int = field(default=60, metadata={"help": "VCRD optimizer steps per weighting"})
+    vcrd_sft_steps: int = field(default=160, metadata={"help": "SFT steps of the student VCRD starts from (0: the base "
+                                                                "student; see run_vcrd_section)"})
     vcrd_lr: float = field(default=5e-4, metadata={"help": "VCRD learning rate (distillation on rollouts: lower than SFT)"})
     vcrd_temperature: float = field(default=0.7, metadata={"help": "VCRD rollout sampling temperature"})
     qr_steps: int = field(default=120, metadata={"help": "QR-Distill optimizer steps per routing"})
@@ -57,6 +60,8 @@ class DemoConfig:
                      "qr_steps", "threads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected an integer >= 1")
+        if not isinstance(self.vcrd_sft_steps, int) or self.vcrd_sft_steps < 0:
+            raise ValueError(f"vcrd_sft_steps={self.vcrd_sft_steps!r}: expected an integer >= 0")
         if self.n_distill + self.n_eval > M.manifest()["eval"]["n"]:
             raise ValueError(f"n_distill + n_eval: at most {M.manifest()['eval']['n']} held-out problems")
         bad = set(self.sections) - set(SECTIONS)
@@ -215,25 +220,59 @@ def run_mot(cfg: DemoConfig, teacher_paths: list[str], eval_probs) -> dict:
 # ----------------------------------------------------------------------------------------------
 # 4./5. VCRD and QR-Distill
 # ----------------------------------------------------------------------------------------------
-def run_vcrd(cfg: DemoConfig, weighting: str, teacher: str, prompts_path: str, eval_probs) -> dict:
+def run_vcrd(cfg: DemoConfig, weighting: str, teacher: str, prompts_path: str, eval_probs, *, student: str,
+             seed: int) -> dict:
     from distillkit.methods.vcrd import VcrdConfig
     from distillkit.methods.vcrd import run as vcrd_run
     from distillkit.teachers.hf import load_causal_lm
 
-    out_dir = os.path.join(cfg.out, "runs", f"vcrd-{weighting}")
+    out_dir = os.path.join(cfg.out, "runs", f"vcrd-{weighting}-seed{seed}")
     if os.path.isdir(out_dir):
         import shutil
 
         shutil.rmtree(out_dir)
-    vc = VcrdConfig(student=M.asset_path(M.STUDENT), teacher=M.asset_path(teacher), prompts=prompts_path,
+    vc = VcrdConfig(student=student, teacher=M.asset_path(teacher), prompts=prompts_path,
                     output_dir=out_dir, steps=cfg.vcrd_steps, batch_size=cfg.batch_size, lr=cfg.vcrd_lr, warmup=5,
-                    rollout_tokens=M.max_new_tokens(), temperature=cfg.vcrd_temperature, weighting=weighting, seed=cfg.seed,
+                    rollout_tokens=M.max_new_tokens(), temperature=cfg.vcrd_temperature, weighting=weighting, seed=seed,
                     device="cpu", save_every=0, log_every=10, progress=False)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(seed)
         summary = vcrd_run(vc)
     model, tok = load_causal_lm(summary["final_model"])
     return M.evaluate_traces(model, tok, eval_probs)
+
+
+def run_vcrd_section(cfg: DemoConfig, teacher: str, teacher_traces: str, prompts_path: str, eval_probs) -> dict:
+    """VCRD with validity weights and with uniform weights, from one starting student, averaged over
+    sft_seeds seeds -> {"start": accuracy of the starting student, weighting: {"accuracy", "per_seed"}}.
+
+    The start is the student after vcrd_sft_steps of SFT on the teacher's correct traces (SFT, then
+    on-policy distillation). From the base student VCRD barely moves: on 3-step prefixes the base student
+    puts q < 1e-3 on the teacher's next token, and there the skew KL KL(p || alpha p + (1 - alpha) q)
+    sits at its ceiling -log(alpha) with a gradient proportional to q (it vanishes), so the confidently
+    wrong tokens are exactly the ones it cannot correct.
+    """
+    from distillkit.data import SFTCollator, sft_loss
+    from distillkit.train import TrainConfig, Trainer, save_pretrained_atomic
+
+    model, tok = M.load_model(M.STUDENT)
+    start = M.asset_path(M.STUDENT)
+    if cfg.vcrd_sft_steps > 0:
+        tc = TrainConfig(output_dir=os.path.join(cfg.out, "runs", "vcrd-sft-start"), max_steps=cfg.vcrd_sft_steps,
+                         batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=10, min_lr_ratio=0.1, seed=cfg.seed,
+                         progress=False, resume=False, log_every=max(1, cfg.vcrd_sft_steps // 4))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.seed)
+            Trainer(model, tc, correct_examples([teacher_traces]), SFTCollator(tok), sft_loss).train()
+        model.eval()
+        start = os.path.join(cfg.out, "runs", "vcrd-sft-start", "model")
+        save_pretrained_atomic(model, tok, start)
+    out = {"start": M.evaluate_traces(model, tok, eval_probs)["accuracy"]}
+    for weighting in ("clamped_ratio", "uniform"):
+        accs = [run_vcrd(cfg, weighting, teacher, prompts_path, eval_probs, student=start, seed=seed)["accuracy"]
+                for seed in range(cfg.seed, cfg.seed + cfg.sft_seeds)]
+        out[weighting] = {"accuracy": sum(accs) / len(accs), "per_seed": accs}
+    return out
 
 
 def run_qr(cfg: DemoConfig, routing: str, questions_path: str, teacher_paths: list[str], eval_probs) -> dict:
@@ -268,12 +307,16 @@ def run_qr(cfg: DemoConfig, routing: str, questions_path: str, teacher_paths: li
                          device="cpu", save_every=0, progress=False, max_length=64)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
-        qr_run(qc)
+        summary = qr_run(qc)
     accs = {}
     for name in ("s0", "s1"):
         model, tok = load_causal_lm(os.path.join(out_dir, "students", name))
         accs[name] = M.evaluate_traces(model, tok, eval_probs)["accuracy"]
-    return {"students": accs, "accuracy": max(accs.values()), "mean_accuracy": sum(accs.values()) / len(accs)}
+    # share of the paths each student was routed at the end (learned routing only)
+    shares = {name: round(v, 3) for style in (summary.get("routing") or {}).values()
+              for name, v in style.get("top_share", {}).items()}
+    return {"students": accs, "accuracy": max(accs.values()), "mean_accuracy": sum(accs.values()) / len(accs),
+            "shares": shares}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -287,6 +330,7 @@ PAPER_ORDERINGS = [
     ("Table 4 (MoT)", "student accuracy", ["mot", "sft: best single teacher"]),
     ("Table 4 (MoT)", "student accuracy", ["mot", "sft: union of teachers"]),
     ("Table 5 (VCRD)", "student accuracy", ["vcrd: clamped_ratio", "vcrd: uniform"]),
+    ("Table 5 (VCRD)", "student accuracy", ["vcrd: clamped_ratio", "vcrd: start"]),
     ("QR-Distill", "student accuracy", ["qr: learned routing", "qr: random routing"]),
 ]
 
@@ -320,12 +364,23 @@ def explain(rows: dict[str, dict]) -> list[str]:
                    f"step (curation: {rows['curation']['lucky']}). The student learns those wrong steps. The "
                    "paper's CoRD advantage in Table 3 assumes such lucky traces are rare.")
     base = rows.get("student-base (no distillation)", {}).get("accuracy")
-    for prefix, what in (("vcrd: ", "VCRD"), ("qr: ", "QR-Distill")):
-        accs = [r["accuracy"] for k, r in rows.items() if k.startswith(prefix)]
-        if base is not None and accs and max(accs) <= base:
-            out.append(f"- No {what} run beat the undistilled student ({base:.3f}) at these step counts, so its "
-                       "ordering above compares two runs that did not learn the third step; SFT on correct "
-                       "traces needed a few hundred steps for that here.")
+    start = rows.get("vcrd: start", {}).get("accuracy")
+    vcrd = [r["accuracy"] for k, r in rows.items() if k in ("vcrd: clamped_ratio", "vcrd: uniform")]
+    if start is not None and vcrd and max(vcrd) <= start:
+        out.append(f"- No VCRD run improved on its starting student ({start:.3f}) at these step counts, so its "
+                   "ordering above compares two runs that did not learn.")
+    shares = rows.get("qr: learned routing", {}).get("shares") or {}
+    if shares and max(shares.values()) > 0.9:
+        out.append(f"- The learned router ended up sending {max(shares.values()):.0%} of the paths to one student. "
+                   "Here the two students are copies of one model and every path has one style, so there is nothing "
+                   "to route on: the student that gets ahead is given more paths, and the balance term (lambda_2) is "
+                   "too weak to stop that. Its best student simply trained on more paths than either random-routing "
+                   "student, so this ordering says little about routing.")
+    qr = [r["accuracy"] for k, r in rows.items() if k.startswith("qr: ")]
+    if base is not None and qr and max(qr) <= base:
+        out.append(f"- No QR-Distill run beat the undistilled student ({base:.3f}) at these step counts, so its "
+                   "ordering above compares two runs that did not learn the third step; SFT on correct "
+                   "traces needed a few hundred steps for that here.")
     return out
 
 
@@ -420,15 +475,22 @@ def run(cfg: DemoConfig) -> dict:
                                      f"{max(1, cfg.sft_steps // cfg.mot_rounds)} steps, average merge; one seed"}
         if "vcrd" in cfg.sections:
             best = max(M.TEACHERS, key=lambda n: singles[n]["accuracy"])
+            r = run_vcrd_section(cfg, best, singles[best]["path"], q_distill, evals)
+            start = (f"the student after {cfg.vcrd_sft_steps} SFT steps on {best}'s correct traces"
+                     if cfg.vcrd_sft_steps else "student-base")
+            rows["vcrd: start"] = {"accuracy": r["start"], "detail": start}
             for weighting in ("clamped_ratio", "uniform"):
-                r = run_vcrd(cfg, weighting, best, q_distill, evals)
-                rows[f"vcrd: {weighting}"] = {"accuracy": r["accuracy"], "detail": f"teacher {best}, "
-                                              f"{cfg.vcrd_steps} steps, PRM-free validity"}
+                detail = (f"from vcrd: start; teacher {best}, {cfg.vcrd_steps} steps, PRM-free validity; mean of "
+                          "seeds " + " ".join(f"{a:.3f}" for a in r[weighting]["per_seed"]))
+                rows[f"vcrd: {weighting}"] = {"accuracy": r[weighting]["accuracy"], "detail": detail}
         if "qr" in cfg.sections:
             for routing in ("learned", "random"):
                 r = run_qr(cfg, routing, q_distill, teacher_paths, evals)
-                rows[f"qr: {routing} routing"] = {"accuracy": r["accuracy"],
-                                                  "detail": f"best of 2 students ({r['students']})"}
+                detail = f"best of 2 students ({r['students']})"
+                if r["shares"]:
+                    detail += f"; paths routed at the end: {r['shares']}"
+                rows[f"qr: {routing} routing"] = {"accuracy": r["accuracy"], "detail": detail,
+                                                  "shares": r["shares"]}
         result = {"rows": rows, "cord": {k: {kk: v[kk] for kk in ("accuracy", "mean_predictive_perplexity",
                                                                  "mean_tokens_generated", "teacher_share")}
                                          for k, v in cord_runs.items()},
@@ -452,7 +514,7 @@ def cli(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="distillkit demo", description=__doc__.split("\n\n")[0])
     defaults = DemoConfig.__dataclass_fields__
     for name in ("out", "n_distill", "n_eval", "beam_size", "sft_steps", "sft_seeds", "batch_size", "lr", "mot_rounds",
-                 "vcrd_steps", "vcrd_lr", "vcrd_temperature", "qr_steps", "seed", "threads"):
+                 "vcrd_steps", "vcrd_sft_steps", "vcrd_lr", "vcrd_temperature", "qr_steps", "seed", "threads"):
         f = defaults[name]
         p.add_argument(f"--{name.replace('_', '-')}", type=type(f.default), default=f.default, help=f.metadata["help"])
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS, help="which parts to run")

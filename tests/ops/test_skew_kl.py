@@ -5,6 +5,8 @@ error in the same dtype (the reference with upcast=False), plus a floor of a few
 output. Since the fused backends compute in float32 from half inputs, their loss must also meet a
 float32-level bound whatever the input dtype.
 """
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -374,3 +376,20 @@ def test_retained_graph_runs_backward_twice(backend, device):
     first = s.grad.clone()
     loss.backward()
     torch.testing.assert_close(s.grad, 2 * first)
+
+
+@pytest.mark.parametrize("backend,device", [c for c in CASES if c[1] == "cpu"])
+def test_saturation_where_the_student_is_confidently_wrong(backend, device):
+    """Documented in the README: where q(teacher's token) -> 0, SKL_alpha -> -log(alpha) and its gradient on
+    that logit -> 0 (proportional to q), while the plain KL (alpha = 0) keeps a gradient of -1."""
+    teacher = torch.tensor([[30.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    for z in (-6.0, -12.0):
+        student = torch.tensor([[z, 3.0, 0.0, 0.0]], dtype=torch.float64, requires_grad=True)
+        q = torch.softmax(student.detach(), -1)[0, 0].item()
+        loss = distillkit.skew_kl(student, teacher, alpha=0.1, backend=backend)
+        (g,) = torch.autograd.grad(loss, student)
+        assert loss.item() == pytest.approx(-math.log(0.1), abs=2 * q / 0.1)
+        assert abs(g[0, 0].item()) <= 10 * q  # ~ (1 - alpha) q / alpha
+        plain = distillkit.skew_kl(student, teacher, alpha=0.0, backend=backend)
+        (g0,) = torch.autograd.grad(plain, student)
+        assert g0[0, 0].item() == pytest.approx(-1.0, abs=1e-3)

@@ -10,7 +10,7 @@ import torch
 from distillkit.world import demo
 
 SMALL = dict(n_distill=12, n_eval=16, beam_size=2, sft_steps=8, sft_seeds=1, batch_size=8, mot_rounds=2, vcrd_steps=2,
-             qr_steps=4, seed=0, threads=1)
+             vcrd_sft_steps=4, qr_steps=4, seed=0, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def test_reduced_demo_runs_every_method_and_writes_the_report(small_run):
     out, result = small_run
     rows = result["rows"]
     expected = {"cord", "greedy", "curation", "random", "sft: cord", "sft: greedy", "sft: curation", "sft: random",
-                "sft: best single teacher", "sft: union of teachers", "mot", "vcrd: clamped_ratio", "vcrd: uniform",
+                "sft: best single teacher", "sft: union of teachers", "mot", "vcrd: start", "vcrd: clamped_ratio", "vcrd: uniform",
                 "qr: learned routing", "qr: random routing", "student-base (no distillation)"}
     assert expected <= set(rows)
     for name, row in rows.items():
@@ -59,6 +59,8 @@ def test_a_second_run_gives_the_same_numbers(small_run, tmp_path):
 def test_config_checks_its_fields():
     with pytest.raises(ValueError, match="n_distill"):
         demo.DemoConfig(n_distill=0)
+    with pytest.raises(ValueError, match="vcrd_sft_steps"):
+        demo.DemoConfig(vcrd_sft_steps=-1)
     with pytest.raises(ValueError, match="sections"):
         demo.DemoConfig(sections=("cord", "nope"))
     with pytest.raises(ValueError, match="n_distill \\+ n_eval"):
