@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 
 from distillkit._backend import BackendUnavailable, backends
+from distillkit._errors import InputError
 
 __version__ = "0.1.0"
 
@@ -21,7 +22,7 @@ _LAZY = {
 }
 _SUBMODULES = ("merge", "losses", "validity", "scoring", "teachers", "methods", "world", "reference", "ops")
 
-__all__ = ["BackendUnavailable", "backends", "__version__", *_LAZY, *_SUBMODULES]
+__all__ = ["BackendUnavailable", "InputError", "backends", "__version__", *_LAZY, *_SUBMODULES]
 
 
 def __getattr__(name: str):

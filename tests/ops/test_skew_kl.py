@@ -277,6 +277,8 @@ def test_argument_validation():
         distillkit.skew_kl(s, t.long())
     with pytest.raises(ValueError, match="student_logits"):  # non-floating logits: a ValueError as well
         distillkit.skew_kl(s.long(), t)
+    with pytest.raises(distillkit.InputError, match="labels"):
+        distillkit.skew_kl(s, t, labels.float())
     nan_weights = torch.ones(2, 3)
     nan_weights[1, 2] = float("nan")
     for backend in ("reference", *(["cpu"] if _AVAILABLE["cpu"][0] else [])):
