@@ -30,6 +30,11 @@
 //       between forward and backward. bench/bench_skew_kl.py, 2048 x 32000 fp32, 2 shared threads:
 //       forward 137-153 ms vs eager 3.6-3.9 s (0.04x); forward + backward 0.39-0.44 s vs eager
 //       5.5 s (0.07x); peak extra memory 250 MiB (the gradient) vs 2.6 GiB.
+//   v6  undefined rows (NaN or +inf logits, all -inf) return NaN instead of the clean 0 the probability
+//       guards gave; rows whose mixture underflows (alpha = 0 or near it with far-apart distributions:
+//       log m = -inf, an inf loss) are detected from the row's sums and redone in log space in double.
+//       The vectorised pass is unchanged (a flag counted inside it changed GCC's vector width and the
+//       rounding of the sums).
 // Bytes: read s, t once from DRAM (later passes hit L2: a 32000-float row is 125 KiB), write the
 // gradient once: 3 x 4 x N x V = 786 MB -> ~23 ms at 34 GB/s; the math (2 exp + 1 log + 2 div per
 // element) is the floor.
@@ -171,6 +176,15 @@ acc_t skew_kl_row(const scalar_t* __restrict__ s, const scalar_t* __restrict__ t
     sum_q += eq;
     sum_p += ep;
   }
+  if (!(std::isfinite(sum_q) && std::isfinite(sum_p))) {
+    // A NaN or +inf logit (inf - inf) or a row of -inf makes a softmax sum NaN: the loss is undefined.
+    // Report NaN (the op's CPU check raises on it) instead of letting the probability guards below drop
+    // every term and return a clean-looking 0.
+    const acc_t nan = std::numeric_limits<acc_t>::quiet_NaN();
+    if constexpr (WITH_GRAD)
+      for (int64_t j = 0; j < V; ++j) grad_row[j] = static_cast<scalar_t>(nan);
+    return nan;
+  }
   const acc_t inv_q = acc_t(1) / sum_q, inv_p = acc_t(1) / sum_p;
   const acc_t log_sum_q = std::log(sum_q), log_sum_p = std::log(sum_p);
   const acc_t alpha = a.alpha, beta = acc_t(1) - a.alpha, alpha_g = a.alpha_in_grad, tiny = kTinyProb<acc_t>;
@@ -210,6 +224,43 @@ acc_t skew_kl_row(const scalar_t* __restrict__ s, const scalar_t* __restrict__ t
     }
     loss += chunk_loss;
     row_sum += chunk_sum;
+  }
+  if (!(std::isfinite(loss) && std::isfinite(row_sum))) {
+    // Rare rows (alpha at or near 0 or 1 with far-apart distributions): the mixture underflowed where
+    // its term still counts, so log m = -inf or p / m overflowed above (the inputs are finite: checked
+    // after pass 2). Redo pass 3 in log space, log m = logaddexp(log a + log p, log b + log q), in
+    // double, one element at a time. (Detected from the sums, so the vectorised loop above is untouched.)
+    const double la = a.alpha > 0 ? std::log(static_cast<double>(alpha)) : -INFINITY;
+    const double lb = beta > 0 ? std::log(static_cast<double>(beta)) : -INFINITY;
+    loss = 0;
+    row_sum = 0;
+    for (int64_t j = 0; j < V; ++j) {
+      const double log_q = (static_cast<double>(s[j]) - max_s) * inv_t - log_sum_q;
+      const double log_p = (static_cast<double>(t[j]) - max_t) * inv_t - log_sum_p;
+      // skew KL mixes alpha p + (1 - alpha) q, skew reverse KL (1 - alpha) p + alpha q
+      const double x = (REVERSE ? lb : la) + log_p, y = (REVERSE ? la : lb) + log_q;
+      const double hi = x > y ? x : y, lo = x > y ? y : x;
+      const double lm = hi == -INFINITY ? -INFINITY : hi + std::log1p(std::exp(lo - hi));
+      const double q = std::exp(log_q), p = std::exp(log_p);
+      if constexpr (!REVERSE) {
+        const bool on = p > tiny;
+        const double qr = on ? std::exp(log_q + log_p - lm) : 0.0;
+        loss += on ? p * (log_p - lm) : 0.0;
+        if constexpr (WITH_GRAD) {
+          exp_p[j] = static_cast<acc_t>(qr);
+          row_sum += qr;
+        }
+      } else {
+        const bool on = q > tiny;
+        // q^2 / m is only used times alpha_g, and unbounded when that is 0 (alpha = 0: m = p)
+        const double term = on ? q * (log_q - lm) : 0.0, qqm = on && alpha_g > 0 ? std::exp(2 * log_q - lm) : 0.0;
+        loss += term;
+        if constexpr (WITH_GRAD) {
+          exp_p[j] = static_cast<acc_t>(term - alpha_g * qqm);
+          row_sum += qqm;
+        }
+      }
+    }
   }
   if constexpr (WITH_GRAD) {
     // pass 4: the gradient, written once in the logits' dtype

@@ -15,10 +15,14 @@
 //
 // History:
 //   v1  as above (not yet timed on a GPU: the project's CI has none).
+//   v2  NaN / +inf / all -inf rows give a NaN loss and gradient (the probability guards used to drop every
+//       term: a clean 0); elements whose mixture is below the smallest normal number (alpha = 0, far-apart
+//       distributions) take a log-space slow path instead of log(0) = -inf. Compiled only, not yet run.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 
@@ -99,6 +103,7 @@ template <typename scalar_t, int VEC, typename acc_t>
 __device__ void row_log_sum_exp(const scalar_t* __restrict__ row, int64_t V, acc_t inv_t, acc_t* scratch,
                                 acc_t& row_max, acc_t& log_sum) {
   acc_t run_max = -INFINITY, run_sum = 0;
+  bool nan_seen = false;  // fmax drops a NaN (and a thread's first NaN would read as "only -inf so far")
   const int64_t packs = V / VEC;
   const Pack<scalar_t, VEC>* vrow = reinterpret_cast<const Pack<scalar_t, VEC>*>(row);
   for (int64_t i = threadIdx.x; i < packs; i += kThreads) {
@@ -106,6 +111,7 @@ __device__ void row_log_sum_exp(const scalar_t* __restrict__ row, int64_t V, acc
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
       const acc_t x = to_acc(pk.v[k]) * inv_t;
+      nan_seen = nan_seen || isnan(x);
       const acc_t new_max = fmax(run_max, x);
       // a thread that has seen only -inf keeps sum 0 (exp(-inf - -inf) would be NaN); a NaN x is
       // dropped by fmax but poisons run_sum, so the row's loss is NaN
@@ -115,9 +121,22 @@ __device__ void row_log_sum_exp(const scalar_t* __restrict__ row, int64_t V, acc
     }
   }
   row_max = block_reduce<true>(run_max, scratch);
-  const acc_t scaled = run_max == -INFINITY ? acc_t(0) : run_sum * fast_exp(run_max - row_max);
+  const acc_t scaled = nan_seen ? acc_t(NAN) : (run_max == -INFINITY ? acc_t(0) : run_sum * fast_exp(run_max - row_max));
   log_sum = fast_log(block_reduce<false>(scaled, scratch));
 }
+
+// log(w_p p + w_q q) in log space from log p, log q and the weights' logs (-inf for a zero weight): the
+// slow path for the rare elements whose probability-space mixture is below the smallest normal number
+// (alpha near 0 or 1 with far-apart distributions), where log m would be -inf and the term inf.
+template <typename acc_t>
+__device__ __forceinline__ acc_t log_mix(acc_t log_p, acc_t log_q, acc_t log_wp, acc_t log_wq) {
+  const acc_t x = log_wp + log_p, y = log_wq + log_q;
+  const acc_t hi = fmax(x, y), lo = fmin(x, y);
+  return hi == -INFINITY ? hi : hi + log1p(exp(lo - hi));
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t min_normal() { return sizeof(acc_t) == 8 ? acc_t(DBL_MIN) : acc_t(FLT_MIN); }
 
 template <typename scalar_t, int VEC, bool REVERSE, bool WITH_GRAD>
 __global__ void __launch_bounds__(kThreads)
@@ -127,7 +146,9 @@ __global__ void __launch_bounds__(kThreads)
                        typename AccOf<scalar_t>::type* __restrict__ loss,         // [N]
                        scalar_t* __restrict__ grad,  // [N, V]: scale_i dloss_i/ds_i, or nullptr
                        int64_t V, typename AccOf<scalar_t>::type alpha, typename AccOf<scalar_t>::type inv_t,
-                       typename AccOf<scalar_t>::type alpha_in_grad) {  // alpha, or 0: detached mixture
+                       typename AccOf<scalar_t>::type alpha_in_grad,  // alpha, or 0: detached mixture
+                       typename AccOf<scalar_t>::type log_alpha,      // log(alpha), -inf for 0
+                       typename AccOf<scalar_t>::type log_beta) {     // log(1 - alpha), -inf for 0
   using acc_t = typename AccOf<scalar_t>::type;
   __shared__ acc_t scratch[kWarps];
   const int64_t row = blockIdx.x;
@@ -152,7 +173,19 @@ __global__ void __launch_bounds__(kThreads)
   acc_t max_s, log_sum_s, max_t, log_sum_t;
   row_log_sum_exp<scalar_t, VEC>(student + row * V, V, inv_t, scratch, max_s, log_sum_s);
   row_log_sum_exp<scalar_t, VEC>(teacher + row * V, V, inv_t, scratch, max_t, log_sum_t);
-  const acc_t beta = acc_t(1) - alpha, tiny = tiny_prob<acc_t>();
+  const acc_t beta = acc_t(1) - alpha, tiny = tiny_prob<acc_t>(), m_min = min_normal<acc_t>();
+  if (!(isfinite(max_s) && isfinite(max_t) && isfinite(log_sum_s) && isfinite(log_sum_t))) {
+    // NaN or +inf in the row, or a row of -inf: no defined loss. NaN, rather than the clean 0 the
+    // probability guards below would give (the values are the same in every thread: uniform exit).
+    if (threadIdx.x == 0) loss[row] = acc_t(NAN);
+    if (WITH_GRAD) {
+      P nan;
+#pragma unroll
+      for (int k = 0; k < VEC; ++k) nan.v[k] = from_acc<scalar_t>(acc_t(NAN));
+      for (int64_t i = threadIdx.x; i < packs; i += kThreads) g_row[i] = nan;
+    }
+    return;
+  }
 
   acc_t part_loss = 0, part_sum = 0;
   for (int64_t i = threadIdx.x; i < packs; i += kThreads) {
@@ -166,14 +199,19 @@ __global__ void __launch_bounds__(kThreads)
       if (REVERSE) {
         const acc_t m = beta * p + alpha * q;
         if (q > tiny) {
-          part_loss += q * (log_q - fast_log(m));
-          part_sum += q * (q / m);
+          const bool fast = m >= m_min;
+          const acc_t lm = fast ? fast_log(m) : log_mix(log_p, log_q, log_beta, log_alpha);
+          part_loss += q * (log_q - lm);
+          // q^2 / m: only used times alpha_in_grad, and unbounded when that is 0 (m = p)
+          if (alpha_in_grad > acc_t(0)) part_sum += fast ? q * (q / m) : fast_exp(2 * log_q - lm);
         }
       } else {
         const acc_t m = alpha * p + beta * q;
         if (p > tiny) {
-          part_loss += p * (log_p - fast_log(m));
-          part_sum += q * (p / m);
+          const bool fast = m >= m_min;
+          const acc_t lm = fast ? fast_log(m) : log_mix(log_p, log_q, log_alpha, log_beta);
+          part_loss += p * (log_p - lm);
+          part_sum += fast ? q * (p / m) : fast_exp(log_q + log_p - lm);
         }
       }
     }
@@ -194,11 +232,21 @@ __global__ void __launch_bounds__(kThreads)
       acc_t g;
       if (REVERSE) {
         const acc_t m = beta * p + alpha * q;
-        const acc_t h = q > tiny ? q * (log_q - fast_log(m)) - alpha_in_grad * q * (q / m) : acc_t(0);
+        acc_t h = 0;
+        if (q > tiny) {
+          const bool fast = m >= m_min;
+          const acc_t lm = fast ? fast_log(m) : log_mix(log_p, log_q, log_beta, log_alpha);
+          const acc_t qqm = alpha_in_grad > acc_t(0) ? (fast ? q * (q / m) : fast_exp(2 * log_q - lm)) : acc_t(0);
+          h = q * (log_q - lm) - alpha_in_grad * qqm;
+        }
         g = row_scale * inv_t * (h - q * k_rev);
       } else {
         const acc_t m = alpha * p + beta * q;
-        const acc_t qr = p > tiny ? q * (p / m) : acc_t(0);
+        acc_t qr = 0;
+        if (p > tiny) {
+          const bool fast = m >= m_min;
+          qr = fast ? q * (p / m) : fast_exp(log_q + log_p - log_mix(log_p, log_q, log_alpha, log_beta));
+        }
         g = row_scale * beta * inv_t * (q * row_sum - qr);
       }
       out.v[k] = from_acc<scalar_t>(g);
@@ -220,20 +268,22 @@ cudaError_t launch_typed(const void* student, const void* teacher, const void* s
   const dim3 grid(static_cast<unsigned>(rows)), block(kThreads);
   const acc_t a = static_cast<acc_t>(alpha), it = static_cast<acc_t>(inv_temperature);
   const acc_t ag = detach_mixture ? acc_t(0) : a;
+  const acc_t la = alpha > 0 ? static_cast<acc_t>(std::log(alpha)) : acc_t(-INFINITY);
+  const acc_t lb = alpha < 1 ? static_cast<acc_t>(std::log1p(-alpha)) : acc_t(-INFINITY);
   if (reverse) {
     if (with_grad)
       skew_kl_fwd_kernel<scalar_t, VEC, true, true><<<grid, block, 0, stream>>>(s, t, sc, l, g, vocab, a, it,
-                                                                                 ag);
+                                                                                 ag, la, lb);
     else
       skew_kl_fwd_kernel<scalar_t, VEC, true, false><<<grid, block, 0, stream>>>(s, t, sc, l, g, vocab, a, it,
-                                                                                  ag);
+                                                                                  ag, la, lb);
   } else {
     if (with_grad)
       skew_kl_fwd_kernel<scalar_t, VEC, false, true><<<grid, block, 0, stream>>>(s, t, sc, l, g, vocab, a, it,
-                                                                                  ag);
+                                                                                  ag, la, lb);
     else
       skew_kl_fwd_kernel<scalar_t, VEC, false, false><<<grid, block, 0, stream>>>(s, t, sc, l, g, vocab, a, it,
-                                                                                   ag);
+                                                                                   ag, la, lb);
   }
   return cudaGetLastError();
 }

@@ -300,6 +300,20 @@ def _select_backend(op: str, device: str, backend: Optional[str]) -> str:
 def _fused_linear_skew(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, weights,
                        student_bias, teacher_bias, alpha, temperature, ignore_index, reduction, chunk_size,
                        backend, reverse, detach_mixture):
+    dev_type = student_hidden.device.type if isinstance(student_hidden, torch.Tensor) else "cpu"
+    if torch.is_autocast_enabled(dev_type):
+        # Autocast does not reach inside a custom op: apply it here as nn.Linear would (GEMMs in the autocast
+        # dtype; gradients flow back through the casts into the parameters' own dtype), then run without it.
+        dt = torch.get_autocast_dtype(dev_type)
+
+        def cast(x):
+            return x.to(dt) if isinstance(x, torch.Tensor) and x.is_floating_point() else x
+
+        with torch.autocast(dev_type, enabled=False):
+            return _fused_linear_skew(cast(student_hidden), cast(student_weight), cast(teacher_hidden),
+                                      cast(teacher_weight), labels, weights, cast(student_bias), cast(teacher_bias),
+                                      alpha, temperature, ignore_index, reduction, chunk_size, backend, reverse,
+                                      detach_mixture)
     _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, weights, student_bias,
               teacher_bias, alpha, temperature, ignore_index, reduction, chunk_size)
     op = "fused_linear_skew_reverse_kl" if reverse else "fused_linear_skew_kl"

@@ -224,6 +224,21 @@ def _check_weights(weights):
         raise InputError(f"weights[{row}] (flattened) is NaN")
 
 
+def _check_rows(student_logits, teacher_logits, labels, weights, ignore_index):
+    """The reference backend's value check (the fused ones read NaN off their per-row loss): a kept row
+    with NaN or +inf, or all -inf, in either logits tensor has no defined loss."""
+    vocab = student_logits.shape[-1]
+    bad = torch.zeros(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device).reshape(-1)
+    for x in (student_logits.detach().reshape(-1, vocab), teacher_logits.detach().reshape(-1, vocab)):
+        bad |= torch.isnan(x).any(-1) | torch.isposinf(x).any(-1) | torch.isneginf(x).all(-1)
+    kept = torch.ones_like(bad) if labels is None else labels.reshape(-1) != ignore_index
+    if weights is not None:
+        kept &= weights.reshape(-1) != 0
+    scale = kept.to(torch.float32)
+    _check_values(vocab, None if labels is None else labels.reshape(-1), torch.where(bad, float("nan"), 0.0),
+                  scale, ignore_index)
+
+
 def _check_values(vocab, labels_1d, rows_d, scale, ignore_index):
     """Value checks that need the data; run on CPU only, where they cost no device sync."""
     if labels_1d is not None:
@@ -246,6 +261,8 @@ def _skew_kl(student_logits, teacher_logits, labels, weights, alpha, temperature
     op = "skew_reverse_kl" if reverse else "skew_kl"
     name = _pick_backend(op, student_logits.device, backend)
     if name == "reference":
+        if student_logits.device.type == "cpu" and not torch.compiler.is_compiling():
+            _check_rows(student_logits, teacher_logits, labels, weights, ignore_index)
         kw = dict(alpha=alpha, temperature=temperature, ignore_index=ignore_index, reduction=reduction)
         if reverse:
             return _reference.skew_reverse_kl(student_logits, teacher_logits, labels, weights,
@@ -281,7 +298,8 @@ def skew_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
             different from the student's is promoted (both are cast to the wider one).
         labels: [...] integer, or None: tokens whose label is ``ignore_index`` are excluded. Only the
             mask is used; on CPU other values must be token ids in [0, V).
-        weights: [...] floating, or None: per-token weights w_t (loss_t = w_t D_t).
+        weights: [...] floating, or None: per-token weights w_t (loss_t = w_t D_t), constants (no gradient
+            reaches them).
         alpha: skew in [0, 1]; 0 gives the forward KL(p || q), 1 gives 0.
         temperature: > 0, divides both logits (the loss is not multiplied by temperature**2).
         reduction: "mean" (sum of w_t D_t over kept tokens / their number; 0 when none is kept), "sum", or

@@ -76,7 +76,7 @@ def fused_linear_skew(student_hidden: torch.Tensor, student_weight: torch.Tensor
     d = skew_divergence_rows(z_s, z_t, alpha=alpha, temperature=temperature, reverse=reverse,
                              detach_mixture=detach_mixture)
     if weights is not None:
-        d = d * weights.reshape(-1).to(compute_dtype)
+        d = d * weights.detach().reshape(-1).to(compute_dtype)  # weights are constants (the spec)
     if labels is not None:
         keep = labels.reshape(-1) != ignore_index
         d = torch.where(keep, d, torch.zeros_like(d))

@@ -29,7 +29,7 @@ def _log_probs(logits: torch.Tensor, temperature: float, upcast: bool) -> torch.
 
 def _xlogy_mix(weight: torch.Tensor, log_weight: torch.Tensor, log_mix: torch.Tensor) -> torch.Tensor:
     """weight * (log_weight - log_mix) with 0 where weight == 0, NaN-free in both directions of autograd."""
-    present = weight > 0
+    present = ~(weight <= 0)  # NaN counts as present: a NaN row must give a NaN loss, not a silent 0
     zero = torch.zeros_like(weight)
     return torch.where(present, weight * (torch.where(present, log_weight, zero) - log_mix), zero)
 
@@ -46,7 +46,7 @@ def _log_mix(a: float, log_a: torch.Tensor, b: float, log_b: torch.Tensor, prese
 def _reduce(per_token: torch.Tensor, labels: torch.Tensor | None, weights: torch.Tensor | None,
             ignore_index: int, reduction: str) -> torch.Tensor:
     if weights is not None:
-        per_token = per_token * weights.to(per_token.dtype)
+        per_token = per_token * weights.detach().to(per_token.dtype)  # weights are constants (the spec)
     if labels is not None:
         keep = labels != ignore_index
         per_token = torch.where(keep, per_token, torch.zeros_like(per_token))

@@ -311,3 +311,28 @@ def test_bad_inputs_name_the_argument():
     bad[1, 0] = float("nan")
     with pytest.raises(ValueError, match="teacher_hidden"):
         f(sh, sw, bad, tw, backend="cpu" if "cpu" in AVAILABLE else None)
+
+
+def test_autocast_with_float32_parameters():
+    """The usual mixed-precision set-up: float32 hidden states and lm_head weights under autocast(bfloat16).
+    The op applies autocast itself (bf16 GEMMs) and returns float32 gradients for the float32 inputs,
+    equal to running it on bf16 copies."""
+    from distillkit.ops.fused_linear import fused_linear_skew_kl, fused_linear_skew_reverse_kl
+
+    g = torch.Generator().manual_seed(5)
+    sh = torch.randn(12, 16, generator=g)
+    sw = (torch.randn(97, 16, generator=g) * 0.3)
+    th, tw = torch.randn(12, 24, generator=g), torch.randn(97, 24, generator=g) * 0.3
+    for fn in (fused_linear_skew_kl, fused_linear_skew_reverse_kl):
+        for backend in [b for b in ("cpu", "reference") if b in AVAILABLE]:
+            a, w = sh.clone().requires_grad_(), sw.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = fn(a, w, th, tw, backend=backend)
+            loss.backward()
+            assert loss.dtype == torch.float32 and a.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+            b16, w16 = sh.bfloat16().requires_grad_(), sw.bfloat16().requires_grad_()
+            want = fn(b16, w16, th.bfloat16(), tw.bfloat16(), backend=backend)
+            want.backward()
+            torch.testing.assert_close(loss, want)
+            torch.testing.assert_close(a.grad, b16.grad.float())
+            torch.testing.assert_close(w.grad, w16.grad.float(), rtol=1e-2, atol=1e-3)

@@ -395,3 +395,61 @@ def test_saturation_where_the_student_is_confidently_wrong(backend, device):
         plain = distillkit.skew_kl(student, teacher, alpha=0.0, backend=backend)
         (g0,) = torch.autograd.grad(plain, student)
         assert g0[0, 0].item() == pytest.approx(-1.0, abs=1e-3)
+
+
+@pytest.mark.parametrize("backend,device", [c for c in CASES if c[1] == "cpu"])
+def test_weights_are_constants_on_every_backend(backend, device):
+    """The spec treats token weights as constants: a weights tensor that requires grad gets none, on the
+    reference as on the fused backends (which never differentiate the scale)."""
+    s, t, labels = _inputs((3, 5, 41), torch.float32, device, seed=21)
+    s.requires_grad_(True)
+    w = torch.rand(3, 5, requires_grad=True)
+    loss = distillkit.skew_reverse_kl(s, t, labels, w * 2, alpha=0.3, backend=backend)
+    loss.backward()
+    assert w.grad is None and s.grad is not None
+
+
+@pytest.mark.parametrize("backend,device", [c for c in CASES if c[1] == "cpu"])
+@pytest.mark.parametrize("which", ["teacher NaN", "student NaN", "teacher +inf", "student +inf", "student all -inf",
+                                   "teacher all -inf"])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_undefined_rows_raise_on_every_backend(backend, device, which, reverse):
+    """A kept row with NaN or +inf, or all -inf, in either logits tensor has no defined loss: ValueError on
+    CPU for every backend, in both directions (the skew KL's weights are the teacher's probabilities, the
+    reverse one's the student's, so a guard on the weights alone would drop such a row and return 0)."""
+    g = torch.Generator().manual_seed(3)
+    s, t = torch.randn(3, 37, generator=g), torch.randn(3, 37, generator=g)
+    x = t if which.startswith("teacher") else s
+    if "NaN" in which:
+        x[1, 4] = float("nan")
+    elif "+inf" in which:
+        x[1, 4] = float("inf")
+    else:
+        x[1, :] = float("-inf")
+    f = distillkit.skew_reverse_kl if reverse else distillkit.skew_kl
+    with pytest.raises(ValueError, match="row 1"):
+        f(s, t, backend=backend)
+    assert torch.isfinite(f(s, t, torch.tensor([0, -100, 0]), backend=backend))  # ignored: anything goes
+
+
+@pytest.mark.parametrize("backend,device", [c for c in CASES if c[1] == "cpu" and c[0] != "reference"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("alpha", [0.0, 1e-6, 1.0])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_alpha_ends_with_far_apart_distributions(backend, device, dtype, alpha, reverse):
+    """alpha = 0 (plain KL) and near 0 with logits far apart (+-1e4, gaps of 100): the mixture underflows in
+    probability space; the fused backends must still match the float64 log-space formula (finite)."""
+    g = torch.Generator().manual_seed(11)
+    s, t = torch.randn(4, 53, generator=g, dtype=torch.float64), torch.randn(4, 53, generator=g, dtype=torch.float64)
+    s[0, 0], t[1, 3], s[2, 5], t[2, 1], t[3, 7], s[3, 7] = 100.0, 100.0, 1e4, -1e4, 1e4, -1e4
+    f = distillkit.skew_reverse_kl if reverse else distillkit.skew_kl
+    s64 = s.clone().requires_grad_(True)
+    want = f(s64, t, alpha=alpha, reduction="none", backend="reference")
+    (want_g,) = torch.autograd.grad(want.sum(), s64)
+    got_s = s.to(dtype).requires_grad_(True)
+    got = f(got_s, t.to(dtype), alpha=alpha, reduction="none", backend=backend)
+    (got_g,) = torch.autograd.grad(got.sum(), got_s)
+    assert torch.isfinite(got).all() and torch.isfinite(got_g).all()
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * (1 + want.abs().max().item()))
+    torch.testing.assert_close(got_g.double(), want_g, rtol=tol, atol=10 * tol)
