@@ -42,7 +42,7 @@
 // chunks should be fat enough for sgemm to reach its rate: chunk = clamp(128K floats / M, 64, 512).
 // Chunk sweep (same loaded machine, noisy): M=64 best at 256-512 (64: +40%); M=1024 within noise
 // for 128-512.
-// exp: -ffast-math is off, so std::exp does not vectorise; exp_nonpos below (Cephes expf range
+// exp: -ffast-math is off, so std::exp does not vectorise; exp_nonpositive (vec_math.h) (Cephes expf range
 // reduction + degree-6 polynomial; max relative error 8.5e-8 = 1.4 ulp over every float in [-87, 0],
 // checked exhaustively against double exp) is a plain
 // arithmetic function that `#pragma omp simd` vectorises. Its accuracy is covered by the float64
@@ -58,6 +58,7 @@
 #include <vector>
 
 #include "distillkit.h"
+#include "vec_math.h"
 
 namespace distillkit {
 
@@ -70,27 +71,6 @@ at::Tensor answer_logprobs_cuda(const at::Tensor& hidden, const at::Tensor& weig
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
-
-// e^x for x <= 0 (vectorisable). Below -87 the result is clamped to e^-87 ~ 1.6e-38: every row's sum
-// has a term e^0 = 1, so the clamp changes a sum by at most V * 1.6e-38 (nothing in float32).
-#pragma omp declare simd notinbranch
-inline float exp_nonpos(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - n * 0.693359375f;       // Cody-Waite: ln2 split into an exact high part ...
-  r = r - n * -2.12194440e-4f;          // ... and the remainder
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;  // 2^n, n in [-126, 0]
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
 
 int64_t auto_chunk(int64_t M) {
   int64_t c = (int64_t{1} << 17) / std::max<int64_t>(M, 1);
@@ -119,7 +99,7 @@ void fold_tile(float* tile, int64_t M, int64_t n, int64_t v0, const float* bias,
     const float new_max = std::max(run_max[m], mx);
     float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-    for (int64_t j = 0; j < n; ++j) s += exp_nonpos(row[j] - new_max);
+    for (int64_t j = 0; j < n; ++j) s += exp_nonpositive(row[j] - new_max);
     // run_max is -inf before the first tile; its sum is 0 then, so skip the (-inf) - x rescale.
     const float old = run_max[m] == kNegInf ? 0.0f : run_sum[m] * std::exp(run_max[m] - new_max);
     run_sum[m] = old + s;

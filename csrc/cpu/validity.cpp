@@ -19,6 +19,7 @@
 // History: v1 (this) one pass, vectorised exp, heap; NaN inputs and all -inf teacher rows give a NaN
 // weight that the Python wrapper turns into a ValueError naming the argument.
 #include "distillkit.h"
+#include "vec_math.h"
 
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -41,25 +42,6 @@ at::Tensor teacher_likelihood_validity_cuda(const at::Tensor& teacher_logits, co
 namespace {
 
 constexpr int64_t kBlock = 512;
-
-// exp(x) for x <= 0 in float, vectorisable (no libm call): 2^n * P(r), |rel err| < 2e-7 on [-87, 0];
-// below -87 it returns ~1e-38 instead of 0, which cannot move a sum that holds exp(0) = 1.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
-  const float n = std::floor(x * 1.44269504088896341f + 0.5f);
-  const float r = (x - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
 
 template <typename T>
 inline void load_block(const T* src, int64_t len, float* dst) {

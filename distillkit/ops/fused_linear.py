@@ -252,26 +252,12 @@ def _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, la
                 raise ValueError(f"{name} must be [V={vocab}], got {tuple(b.shape)}")
     tensors = [("student_weight", student_weight), ("teacher_hidden", teacher_hidden),
                ("teacher_weight", teacher_weight), ("student_bias", student_bias), ("teacher_bias", teacher_bias)]
-    if labels is not None:
-        if not isinstance(labels, torch.Tensor):
-            raise InputError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
-        if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
-            raise InputError(f"labels must be an integer tensor, got {labels.dtype}")
-        if labels.shape != lead:
-            raise ValueError(f"labels shape {tuple(labels.shape)} must equal the tokens' shape {tuple(lead)}")
-        tensors.append(("labels", labels))
-    if weights is not None:
-        if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
-            raise InputError(f"weights must be a floating torch.Tensor or None, got "
-                            f"{getattr(weights, 'dtype', type(weights).__name__)}")
-        if weights.shape != lead:
-            raise ValueError(f"weights shape {tuple(weights.shape)} must equal the tokens' shape {tuple(lead)}")
-        tensors.append(("weights", weights))
-    for name, x in tensors:
+    from distillkit.ops.skew_kl import check_options, check_token_tensors
+
+    check_token_tensors(labels, weights, lead, "the tokens' shape")
+    for name, x in (*tensors, ("labels", labels), ("weights", weights)):
         if x is not None and x.device != student_hidden.device:
             raise ValueError(f"{name} is on {x.device}, student_hidden on {student_hidden.device}")
-    from distillkit.ops.skew_kl import check_options
-
     check_options(alpha, temperature, ignore_index, reduction)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")

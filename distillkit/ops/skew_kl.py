@@ -168,26 +168,28 @@ def _validate(student_logits, teacher_logits, labels, weights, alpha, temperatur
                          f"{tuple(student_logits.shape)}")
     if student_logits.device != teacher_logits.device:
         raise ValueError(f"student_logits is on {student_logits.device}, teacher_logits on {teacher_logits.device}")
-    lead = student_logits.shape[:-1]
+    check_token_tensors(labels, weights, student_logits.shape[:-1], "student_logits.shape[:-1]")
+    for name, x in (("labels", labels), ("weights", weights)):
+        if x is not None and x.device != student_logits.device:
+            raise ValueError(f"{name} is on {x.device}, student_logits on {student_logits.device}")
+    check_options(alpha, temperature, ignore_index, reduction)
+
+
+def check_token_tensors(labels, weights, lead, lead_name: str) -> None:
+    """labels (integer) and weights (floating), each None or of the tokens' shape ``lead``."""
     if labels is not None:
         if not isinstance(labels, torch.Tensor):
             raise InputError(f"labels must be a torch.Tensor or None, got {type(labels).__name__}")
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
             raise InputError(f"labels must be an integer tensor, got {labels.dtype}")
         if labels.shape != lead:
-            raise ValueError(f"labels shape {tuple(labels.shape)} must equal student_logits.shape[:-1] = {tuple(lead)}")
-        if labels.device != student_logits.device:
-            raise ValueError(f"labels is on {labels.device}, student_logits on {student_logits.device}")
+            raise ValueError(f"labels shape {tuple(labels.shape)} must equal {lead_name} = {tuple(lead)}")
     if weights is not None:
         if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
             raise InputError(f"weights must be a floating torch.Tensor or None, got "
-                            f"{getattr(weights, 'dtype', type(weights).__name__)}")
+                             f"{getattr(weights, 'dtype', type(weights).__name__)}")
         if weights.shape != lead:
-            raise ValueError(f"weights shape {tuple(weights.shape)} must equal student_logits.shape[:-1] = "
-                             f"{tuple(lead)}")
-        if weights.device != student_logits.device:
-            raise ValueError(f"weights is on {weights.device}, student_logits on {student_logits.device}")
-    check_options(alpha, temperature, ignore_index, reduction)
+            raise ValueError(f"weights shape {tuple(weights.shape)} must equal {lead_name} = {tuple(lead)}")
 
 
 def check_options(alpha, temperature, ignore_index, reduction) -> None:
