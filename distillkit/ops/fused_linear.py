@@ -113,7 +113,9 @@ def _chunked(student_hidden, student_weight, student_bias, teacher_hidden, teach
         if grad_hidden is not None:
             torch.mm(dz, student_weight, out=grad_hidden[start:stop])
         if grad_weight is not None:
-            _accumulate_grad_weight(grad_weight, dz, h_s)
+            # a skipped row's dz is 0, but 0 * (NaN or inf in its hidden state) would still be NaN
+            kept = (scale[start:stop] != 0).unsqueeze(1)
+            _accumulate_grad_weight(grad_weight, dz, torch.where(kept, h_s, torch.zeros_like(h_s)))
         if grad_bias is not None:
             grad_bias += dz.sum(0, dtype=acc_dtype)
         del dz
@@ -315,9 +317,14 @@ def _fused_linear_skew(student_hidden, student_weight, teacher_hidden, teacher_w
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
     h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
     n = h_s.shape[0]
+    acc_dtype = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+    scale = _row_scale(labels, weights, ignore_index, reduction, n, h_s.device, acc_dtype)
     if h_s.device.type == "cpu" and not torch.compiler.is_compiling():
-        # O(N H + V H) reads next to O(N H V) GEMM work; on CUDA they would cost a device sync, so not there
-        for arg, x in (("weights", weights), ("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden),
+        # O(N H + V H) reads next to O(N H V) GEMM work; on CUDA they would cost a device sync, so not there.
+        # Hidden states are checked at the rows that count (skipped rows may hold anything).
+        kept = scale.detach() != 0
+        for arg, x in (("weights", weights), ("student_hidden", h_s[kept]),
+                       ("teacher_hidden", teacher_hidden.reshape(n, -1)[kept]),
                        ("student_weight", student_weight), ("teacher_weight", teacher_weight),
                        ("student_bias", student_bias), ("teacher_bias", teacher_bias)):
             if x is not None and bool(torch.isnan(x).any()):
@@ -333,8 +340,6 @@ def _fused_linear_skew(student_hidden, student_weight, teacher_hidden, teacher_w
         grad_flags = ((_GRAD_HIDDEN if student_hidden.requires_grad else 0)
                       | (_GRAD_WEIGHT if student_weight.requires_grad else 0)
                       | (_GRAD_BIAS if student_bias is not None and student_bias.requires_grad else 0))
-    acc_dtype = torch.float64 if h_s.dtype == torch.float64 else torch.float32
-    scale = _row_scale(labels, weights, ignore_index, reduction, n, h_s.device, acc_dtype)
     rows = chunk_size if chunk_size is not None else default_chunk_size(n, student_weight.shape[0], h_s.device)
     loss, loss_rows, _, _, _ = fused_linear_skew_op(
         h_s, s_w, student_bias, h_t.contiguous(), t_w.contiguous(), t_b, scale, float(alpha),

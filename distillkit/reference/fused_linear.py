@@ -70,6 +70,15 @@ def fused_linear_skew(student_hidden: torch.Tensor, student_weight: torch.Tensor
     if compute_dtype is None:
         compute_dtype = torch.float32 if student_hidden.dtype in (torch.float16, torch.bfloat16) else student_hidden.dtype
     lead = student_hidden.shape[:-1]
+    # rows that count for nothing (ignored label, or weight 0) may hold anything, NaN and inf included: they
+    # enter as zeros, so they cannot reach the weight gradient through 0 * NaN
+    skip = torch.zeros(lead, dtype=torch.bool, device=student_hidden.device)
+    if labels is not None:
+        skip |= labels == ignore_index
+    if weights is not None:
+        skip |= weights == 0
+    student_hidden = torch.where(skip.unsqueeze(-1), torch.zeros_like(student_hidden), student_hidden)
+    teacher_hidden = torch.where(skip.unsqueeze(-1), torch.zeros_like(teacher_hidden), teacher_hidden)
     z_s = _logits(student_hidden, student_weight, student_bias, compute_dtype)
     with torch.no_grad():
         z_t = _logits(teacher_hidden, teacher_weight, teacher_bias, compute_dtype)

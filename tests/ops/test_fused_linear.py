@@ -336,3 +336,26 @@ def test_autocast_with_float32_parameters():
             torch.testing.assert_close(loss, want)
             torch.testing.assert_close(a.grad, b16.grad.float())
             torch.testing.assert_close(w.grad, w16.grad.float(), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_skipped_rows_may_hold_anything(backend, reverse):
+    """As for the logits-level op: rows with an ignored label or weight 0 may hold NaN or inf hidden states;
+    loss and every gradient equal the run with those rows zeroed (no 0 * NaN in the weight gradient)."""
+    c, labels, weights = _case(n=11, h_s=8, h_t=12, vocab=97, seed=4)  # rows 0, 5, 10 ignored
+    weights[3] = 0.0
+    dirty = {k: (v.clone() if v is not None else None) for k, v in c.items()}
+    clean = {k: (v.clone() if v is not None else None) for k, v in c.items()}
+    for row, value in ((0, float("nan")), (5, float("inf")), (3, float("-inf"))):
+        dirty["student_hidden"][row, 1] = value
+        dirty["teacher_hidden"][row, 2] = value
+        clean["student_hidden"][row] = 0.0
+        clean["teacher_hidden"][row] = 0.0
+    kw = dict(alpha=0.2, reduction="mean", backend=backend)
+    got_loss, got_grads = _run(FUNCS[reverse], dirty, labels, weights, 1.0, chunk_size=4, **kw)
+    want_loss, want_grads = _run(FUNCS[reverse], clean, labels, weights, 1.0, chunk_size=4, **kw)
+    torch.testing.assert_close(got_loss, want_loss)
+    for g, w in zip(got_grads, want_grads):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w)
