@@ -6,47 +6,23 @@
     loss_t = w_t D_t, ignored tokens (label == ignore_index) give 0; "mean" divides by the number of kept
     tokens (0 when none is kept), "sum" adds, "none" returns [N].
 
+The divergence and the reduction are those of distillkit.reference.skew_kl (one statement of the formulas).
 This is what distillkit.ops.fused_linear is tested against (in float64), and what its "reference"
 backend runs (in float32 for half inputs). It materialises [N, V] logits: tests and fallback only.
 The teacher is a constant (detached).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-REDUCTIONS = ("mean", "sum", "none")
-
-
-def _log_mixture(log_a: torch.Tensor, weight_a: float, log_b: torch.Tensor) -> torch.Tensor:
-    """log(weight_a * exp(log_a) + (1 - weight_a) * exp(log_b)), exact at weight_a in {0, 1}."""
-    if weight_a == 0.0:
-        return log_b
-    if weight_a == 1.0:
-        return log_a
-    return torch.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
-
-
-def _kl_terms(prob: torch.Tensor, log_prob: torch.Tensor, log_mix: torch.Tensor) -> torch.Tensor:
-    """sum_v prob (log_prob - log_mix) with 0 log 0 = 0, NaN-free in both directions of autograd."""
-    present = prob > 0
-    diff = torch.where(present, log_prob - torch.where(present, log_mix, torch.zeros_like(log_mix)),
-                       torch.zeros_like(log_prob))
-    return (prob * diff).sum(-1)
+from distillkit.reference.skew_kl import _per_token, _reduce
 
 
 def skew_divergence_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, alpha: float,
                          temperature: float, reverse: bool, detach_mixture: bool = False) -> torch.Tensor:
-    """Per-row D_t: SKL (reverse=False) or SRKL (reverse=True). Logits [N, V] in the compute dtype -> [N]."""
-    log_q = torch.log_softmax(student_logits / temperature, dim=-1)
-    log_p = torch.log_softmax(teacher_logits.detach() / temperature, dim=-1)
-    if reverse:
-        log_mix = _log_mixture(log_p, 1.0 - alpha, log_q)
-        if detach_mixture:
-            log_mix = log_mix.detach()
-        return _kl_terms(log_q.exp(), log_q, log_mix)
-    return _kl_terms(log_p.exp(), log_p, _log_mixture(log_p, alpha, log_q))
+    """Per-row D_t: SKL (reverse=False) or SRKL (reverse=True), by the formulas of
+    :mod:`distillkit.reference.skew_kl`. Logits [N, V] in the compute dtype -> [N]."""
+    return _per_token(student_logits, teacher_logits.detach(), alpha, temperature, False, reverse, detach_mixture)
 
 
 def _logits(hidden, weight, bias, dtype):
@@ -84,16 +60,4 @@ def fused_linear_skew(student_hidden: torch.Tensor, student_weight: torch.Tensor
         z_t = _logits(teacher_hidden, teacher_weight, teacher_bias, compute_dtype)
     d = skew_divergence_rows(z_s, z_t, alpha=alpha, temperature=temperature, reverse=reverse,
                              detach_mixture=detach_mixture)
-    if weights is not None:
-        d = d * weights.detach().reshape(-1).to(compute_dtype)  # weights are constants (the spec)
-    if labels is not None:
-        keep = labels.reshape(-1) != ignore_index
-        d = torch.where(keep, d, torch.zeros_like(d))
-        count = keep.sum()
-    else:
-        count = torch.tensor(d.numel(), device=d.device)
-    if reduction == "none":
-        return d.reshape(lead)
-    if reduction == "sum":
-        return d.sum()
-    return d.sum() / count.clamp(min=1).to(compute_dtype)
+    return _reduce(d.reshape(lead), labels, weights, ignore_index, reduction)
