@@ -68,6 +68,27 @@ def _log_mix(log_p, log_q, log_wp, log_wq):
 
 
 @triton.jit
+def _tile_terms(s_row, t_row, cols, mask, inv_t, max_s, log_sum_s, max_t, log_sum_t, alpha_in_grad, log_alpha,
+                log_beta, REVERSE: tl.constexpr, ACC: tl.constexpr):
+    """One tile's (q, loss term, ratio term), 0 where the weighting probability is below TINY. The ratio is
+    q p / m for the skew KL, q^2 / m for the reverse one (only used times alpha_in_grad, and unbounded
+    when that is 0, where m = p: then 0). Both sweeps call this, so they read the same numbers."""
+    log_q = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(ACC) * inv_t - max_s - log_sum_s
+    log_p = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(ACC) * inv_t - max_t - log_sum_t
+    q = tl.exp(log_q)
+    if REVERSE:
+        log_m = _log_mix(log_p, log_q, log_beta, log_alpha)
+        term = tl.where(q > TINY, q * (log_q - log_m), 0.0)
+        ratio = tl.where(q > TINY, tl.where(alpha_in_grad > 0.0, tl.exp(2.0 * log_q - log_m), 0.0), 0.0)
+    else:
+        p = tl.exp(log_p)
+        log_m = _log_mix(log_p, log_q, log_alpha, log_beta)
+        term = tl.where(p > TINY, p * (log_p - log_m), 0.0)
+        ratio = tl.where(p > TINY, tl.exp(log_q + log_p - log_m), 0.0)
+    return q, term, ratio
+
+
+@triton.jit
 def _skew_kl_fwd_kernel(
     s_ptr,  # [N, V] student logits, contiguous
     t_ptr,  # [N, V] teacher logits, same dtype
@@ -103,20 +124,10 @@ def _skew_kl_fwd_kernel(
         sum_acc = tl.zeros([BLOCK], ACC)
         for start in range(0, V, BLOCK):
             cols = start + offs
-            mask = cols < V
-            log_q = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(ACC) * inv_t - max_s - log_sum_s
-            log_p = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(ACC) * inv_t - max_t - log_sum_t
-            q = tl.exp(log_q)
-            p = tl.exp(log_p)
-            if REVERSE:
-                log_m = _log_mix(log_p, log_q, log_beta, log_alpha)
-                loss_acc += tl.where(q > TINY, q * (log_q - log_m), 0.0)
-                # q^2 / m; only used times alpha_in_grad, and unbounded when that is 0 (m = p)
-                sum_acc += tl.where(q > TINY, tl.where(alpha_in_grad > 0.0, tl.exp(2.0 * log_q - log_m), 0.0), 0.0)
-            else:
-                log_m = _log_mix(log_p, log_q, log_alpha, log_beta)
-                loss_acc += tl.where(p > TINY, p * (log_p - log_m), 0.0)
-                sum_acc += tl.where(p > TINY, tl.exp(log_q + log_p - log_m), 0.0)  # q p / m
+            _, term, ratio = _tile_terms(s_row, t_row, cols, cols < V, inv_t, max_s, log_sum_s, max_t, log_sum_t,
+                                         alpha_in_grad, log_alpha, log_beta, REVERSE, ACC)
+            loss_acc += term
+            sum_acc += ratio
         loss = tl.sum(loss_acc, axis=0) + poison
         tl.store(loss_ptr + row, loss)
         if WITH_GRAD:
@@ -125,19 +136,12 @@ def _skew_kl_fwd_kernel(
             for start in range(0, V, BLOCK):
                 cols = start + offs
                 mask = cols < V
-                log_q = tl.load(s_row + cols, mask=mask, other=float("-inf")).to(ACC) * inv_t - max_s - log_sum_s
-                log_p = tl.load(t_row + cols, mask=mask, other=float("-inf")).to(ACC) * inv_t - max_t - log_sum_t
-                q = tl.exp(log_q)
-                p = tl.exp(log_p)
-                if REVERSE:
-                    log_m = _log_mix(log_p, log_q, log_beta, log_alpha)
-                    qqm = tl.where(q > TINY, tl.where(alpha_in_grad > 0.0, tl.exp(2.0 * log_q - log_m), 0.0), 0.0)
-                    h = tl.where(q > TINY, q * (log_q - log_m) - alpha_in_grad * qqm, 0.0)
-                    g = (row_scale * inv_t) * (h - q * k)
+                q, term, ratio = _tile_terms(s_row, t_row, cols, mask, inv_t, max_s, log_sum_s, max_t, log_sum_t,
+                                             alpha_in_grad, log_alpha, log_beta, REVERSE, ACC)
+                if REVERSE:  # h = q (log q - log m) - alpha q^2 / m
+                    g = (row_scale * inv_t) * (term - alpha_in_grad * ratio - q * k)
                 else:
-                    log_m = _log_mix(log_p, log_q, log_alpha, log_beta)
-                    qr = tl.where(p > TINY, tl.exp(log_q + log_p - log_m), 0.0)
-                    g = (row_scale * beta * inv_t) * (q * row_sum - qr)
+                    g = (row_scale * beta * inv_t) * (q * row_sum - ratio)
                 tl.store(g_row + cols, g.to(grad_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(loss_ptr + row, 0.0)
