@@ -138,6 +138,42 @@ __device__ __forceinline__ acc_t log_mix(acc_t log_p, acc_t log_q, acc_t log_wp,
 template <typename acc_t>
 __device__ __forceinline__ acc_t min_normal() { return sizeof(acc_t) == 8 ? acc_t(DBL_MIN) : acc_t(FLT_MIN); }
 
+// What one row's elements need: the softmax statistics and the mixture weights.
+template <typename acc_t>
+struct RowStats {
+  acc_t inv_t, max_s, log_sum_s, max_t, log_sum_t;
+  acc_t alpha, beta, alpha_in_grad, log_alpha, log_beta;  // log weights: -inf for a zero weight
+};
+
+// One element's (q, loss term, ratio term), both 0 where the distribution the KL is taken over (p for the
+// skew KL, q for the reverse one) is below tiny. ratio = q p / m (skew KL) or q^2 / m (reverse; only used
+// times alpha_in_grad and unbounded when that is 0, where m = p: then 0). The mixture m takes the log-space
+// slow path below the smallest normal number. Both sweeps call this, so they use the same numbers.
+template <bool REVERSE, typename acc_t>
+__device__ __forceinline__ void element_terms(acc_t x_s, acc_t x_t, const RowStats<acc_t>& r, acc_t& q, acc_t& term,
+                                              acc_t& ratio) {
+  // (x / T - max) - log_sum: the max is subtracted first so that large logits keep their low bits
+  const acc_t log_q = (x_s * r.inv_t - r.max_s) - r.log_sum_s;
+  const acc_t log_p = (x_t * r.inv_t - r.max_t) - r.log_sum_t;
+  q = fast_exp(log_q);
+  const acc_t p = fast_exp(log_p);
+  term = 0;
+  ratio = 0;
+  const acc_t w = REVERSE ? q : p, log_w = REVERSE ? log_q : log_p;
+  if (!(w > tiny_prob<acc_t>())) return;
+  const acc_t m = REVERSE ? r.beta * p + r.alpha * q : r.alpha * p + r.beta * q;
+  const bool fast = m >= min_normal<acc_t>();
+  const acc_t lm = fast ? fast_log(m)
+                        : (REVERSE ? log_mix(log_p, log_q, r.log_beta, r.log_alpha)
+                                   : log_mix(log_p, log_q, r.log_alpha, r.log_beta));
+  term = w * (log_w - lm);
+  if (REVERSE) {
+    if (r.alpha_in_grad > acc_t(0)) ratio = fast ? q * (q / m) : fast_exp(2 * log_q - lm);
+  } else {
+    ratio = fast ? q * (p / m) : fast_exp(log_q + log_p - lm);
+  }
+}
+
 template <typename scalar_t, int VEC, bool REVERSE, bool WITH_GRAD>
 __global__ void __launch_bounds__(kThreads)
     skew_kl_fwd_kernel(const scalar_t* __restrict__ student,  // [N, V]
@@ -173,7 +209,8 @@ __global__ void __launch_bounds__(kThreads)
   acc_t max_s, log_sum_s, max_t, log_sum_t;
   row_log_sum_exp<scalar_t, VEC>(student + row * V, V, inv_t, scratch, max_s, log_sum_s);
   row_log_sum_exp<scalar_t, VEC>(teacher + row * V, V, inv_t, scratch, max_t, log_sum_t);
-  const acc_t beta = acc_t(1) - alpha, tiny = tiny_prob<acc_t>(), m_min = min_normal<acc_t>();
+  const RowStats<acc_t> r{inv_t, max_s, log_sum_s, max_t, log_sum_t, alpha, acc_t(1) - alpha, alpha_in_grad,
+                          log_alpha, log_beta};
   if (!(isfinite(max_s) && isfinite(max_t) && isfinite(log_sum_s) && isfinite(log_sum_t))) {
     // NaN or +inf in the row, or a row of -inf: no defined loss. NaN, rather than the clean 0 the
     // probability guards below would give (the values are the same in every thread: uniform exit).
@@ -192,28 +229,10 @@ __global__ void __launch_bounds__(kThreads)
     const P sp = s_row[i], tp = t_row[i];
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      // (x / T - max) - log_sum: the max is subtracted first so that large logits keep their low bits
-      const acc_t log_q = (to_acc(sp.v[k]) * inv_t - max_s) - log_sum_s;
-      const acc_t log_p = (to_acc(tp.v[k]) * inv_t - max_t) - log_sum_t;
-      const acc_t q = fast_exp(log_q), p = fast_exp(log_p);
-      if (REVERSE) {
-        const acc_t m = beta * p + alpha * q;
-        if (q > tiny) {
-          const bool fast = m >= m_min;
-          const acc_t lm = fast ? fast_log(m) : log_mix(log_p, log_q, log_beta, log_alpha);
-          part_loss += q * (log_q - lm);
-          // q^2 / m: only used times alpha_in_grad, and unbounded when that is 0 (m = p)
-          if (alpha_in_grad > acc_t(0)) part_sum += fast ? q * (q / m) : fast_exp(2 * log_q - lm);
-        }
-      } else {
-        const acc_t m = alpha * p + beta * q;
-        if (p > tiny) {
-          const bool fast = m >= m_min;
-          const acc_t lm = fast ? fast_log(m) : log_mix(log_p, log_q, log_alpha, log_beta);
-          part_loss += p * (log_p - lm);
-          part_sum += fast ? q * (p / m) : fast_exp(log_q + log_p - lm);
-        }
-      }
+      acc_t q, term, ratio;
+      element_terms<REVERSE>(to_acc(sp.v[k]), to_acc(tp.v[k]), r, q, term, ratio);
+      part_loss += term;
+      part_sum += ratio;
     }
   }
   const acc_t row_loss = block_reduce<false>(part_loss, scratch);
@@ -226,29 +245,10 @@ __global__ void __launch_bounds__(kThreads)
     P out;
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      const acc_t log_q = (to_acc(sp.v[k]) * inv_t - max_s) - log_sum_s;
-      const acc_t log_p = (to_acc(tp.v[k]) * inv_t - max_t) - log_sum_t;
-      const acc_t q = fast_exp(log_q), p = fast_exp(log_p);
-      acc_t g;
-      if (REVERSE) {
-        const acc_t m = beta * p + alpha * q;
-        acc_t h = 0;
-        if (q > tiny) {
-          const bool fast = m >= m_min;
-          const acc_t lm = fast ? fast_log(m) : log_mix(log_p, log_q, log_beta, log_alpha);
-          const acc_t qqm = alpha_in_grad > acc_t(0) ? (fast ? q * (q / m) : fast_exp(2 * log_q - lm)) : acc_t(0);
-          h = q * (log_q - lm) - alpha_in_grad * qqm;
-        }
-        g = row_scale * inv_t * (h - q * k_rev);
-      } else {
-        const acc_t m = alpha * p + beta * q;
-        acc_t qr = 0;
-        if (p > tiny) {
-          const bool fast = m >= m_min;
-          qr = fast ? q * (p / m) : fast_exp(log_q + log_p - log_mix(log_p, log_q, log_alpha, log_beta));
-        }
-        g = row_scale * beta * inv_t * (q * row_sum - qr);
-      }
+      acc_t q, term, ratio;
+      element_terms<REVERSE>(to_acc(sp.v[k]), to_acc(tp.v[k]), r, q, term, ratio);
+      const acc_t g = REVERSE ? row_scale * inv_t * ((term - alpha_in_grad * ratio) - q * k_rev)  // h - q k
+                              : row_scale * r.beta * inv_t * (q * row_sum - ratio);
       out.v[k] = from_acc<scalar_t>(g);
     }
     g_row[i] = out;
