@@ -46,6 +46,7 @@
 #pragma GCC optimize("no-trapping-math")
 
 #include "distillkit.h"
+#include "vec_math.h"
 
 #include <ATen/Parallel.h>
 
@@ -76,7 +77,7 @@ inline float bits_to_float(int32_t v) { return __builtin_bit_cast(float, v); }
 inline int32_t float_to_bits(float v) { return __builtin_bit_cast(int32_t, v); }
 
 // exp for x <= 88 (inputs here are <= 0): Cody-Waite reduction x = k ln2 + r, |r| <= ln2 / 2, and a
-// degree-7 polynomial (Cephes expf, ~1 ulp). Branch-free so that `omp simd` loops vectorise it.
+// degree-7 polynomial (Cephes expf, ~1 ulp; vec_math.h). Branch-free so that `omp simd` loops vectorise it.
 // Below -87.3 it returns 0 (true value < 1.2e-38, invisible next to a softmax sum >= 1); NaN stays NaN.
 inline float vexp(float x) {
   const float xc = x < 88.0f ? (x > -87.3f ? x : -87.3f) : 88.0f;
@@ -84,13 +85,7 @@ inline float vexp(float x) {
   const float kf = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   float r = xc - kf * 0.693359375f;
   r = r - kf * -2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * r * r + r + 1.0f;
+  const float y = expf_remainder(r);
   const float scale = bits_to_float((static_cast<int32_t>(kf) + 127) << 23);
   const float out = y * scale;
   return x < -87.3f ? 0.0f : (x != x ? x : out);
