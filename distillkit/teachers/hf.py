@@ -2,6 +2,7 @@
 stopping criterion that ends each row at the next step boundary of its decoded text."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -21,13 +22,19 @@ _RAW_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
 def cache_kwargs(model, cache) -> dict:
     """The keyword that passes a KV cache to ``model.forward``: ``cache`` in recent transformers (where
     ``past_key_values`` is deprecated), ``past_key_values`` before."""
+    return {_cache_keyword(type(model)): cache}
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_keyword(model_class) -> str:
+    # per class, not per call: scoring calls this for every batch
     import inspect
 
     try:
-        params = inspect.signature(model.forward).parameters
+        params = inspect.signature(model_class.forward).parameters
     except (TypeError, ValueError):
         params = {}
-    return {"cache" if "cache" in params else "past_key_values": cache}
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def output_cache(output):
