@@ -20,6 +20,8 @@ from typing import Iterable
 
 import torch
 
+from distillkit._errors import InputError
+
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 _BUILD_HINT = (
     "build it with `pip install --no-build-isolation -e .` (after `pip install torch==<your version>`)"
@@ -132,7 +134,8 @@ def select_backend(op: str, device: torch.device, backend: str | None = None,
     requested = backend if backend is not None else (os.environ.get("DISTILLKIT_BACKEND") or None)
     if requested is not None:
         if requested not in BACKENDS:
-            raise ValueError(f"backend={requested!r}: expected one of {BACKENDS} or None")
+            src = "backend=" if backend is not None else "DISTILLKIT_BACKEND="
+            raise InputError(f"{src}{requested!r}: expected one of {BACKENDS} or None")
         ok, why = _why_not(op, requested, device, implemented)
         if not ok:
             src = "backend=" if backend is not None else "DISTILLKIT_BACKEND="
@@ -155,6 +158,21 @@ def _why_not(op: str, name: str, device: torch.device, implemented: tuple[str, .
     if not ok:
         return False, why
     return _STATUS[name]()
+
+
+def backend_problem(name: str, device: torch.device | str) -> str | None:
+    """Why backend ``name`` cannot run ops on tensors of ``device`` here (one line), or None when it can.
+    Config checks call this before any model loads (a device naming CUDA is checked apart)."""
+    if name not in BACKENDS:
+        return f"unknown backend {name!r}: expected one of {BACKENDS}"
+    device = torch.device(device)
+    ok, why = _STATUS[name]()
+    if not ok:
+        return f"the {name} backend is not available here: {why}"
+    ok, why = _fits_device(name, device)
+    if not ok:
+        return f"the {name} backend cannot run on the configured device {device}: {why}"
+    return None
 
 
 def runnable_backends(device: torch.device | str = "cpu") -> list[str]:

@@ -200,12 +200,15 @@ def _coerce(value, tp):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for arg in (a for a in args if a is not type(None)):
+        options = [a for a in args if a is not type(None)]
+        for arg in options:
             try:
                 return _coerce(value, arg)
-            except _Mismatch:
-                pass
-        raise _Mismatch(_describe(tp))
+            except _Mismatch as exc:
+                if len(options) == 1 and exc.where:  # an element of the one type: its own message is precise
+                    raise
+                hint = exc.hint if len(options) == 1 else ""
+        raise _Mismatch(_describe(tp), hint)
     if value is None:
         raise _Mismatch(_describe(tp))
     if tp is bool:
@@ -323,7 +326,9 @@ def yaml_error_line(exc) -> str:
     """A PyYAML error on one line: "line L, column C: problem" (its str() spans several lines)."""
     mark = getattr(exc, "problem_mark", None)
     problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
-    context = getattr(exc, "context", None)
+    context, start = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and start is not None:
+        context += f" started on line {start.line + 1}"
     text = f"invalid YAML: {problem}" + (f" ({context})" if context else "")
     if mark is not None:
         text = f"line {mark.line + 1}, column {mark.column + 1}: {text}"
@@ -428,15 +433,10 @@ def _check_value(cfg, f: dataclasses.Field, role: str, value) -> tuple[str | Non
         if isinstance(value, str) and value.startswith("cuda"):
             return _cuda_problem(value), value
     elif role == "kernel_backend":
-        from distillkit._backend import BACKENDS, BackendUnavailable, select_backend
+        from distillkit._backend import BACKENDS, backend_problem
 
         if value in BACKENDS:
-            import torch
-
-            try:
-                select_backend(f.name, torch.device(_resolved_device(cfg)), backend=value)
-            except BackendUnavailable as exc:
-                return str(exc).partition("cannot run: ")[2] or str(exc), value
+            return backend_problem(value, _resolved_device(cfg)), value
     elif role == "teacher_backend":
         if value == "vllm":
             import importlib.util
@@ -486,7 +486,8 @@ def check_environment(cfg, where: dict[str, str] | None = None) -> None:
                 src = (where or {}).get(f.name, "")
                 label = src if src.startswith("--") else (f"{src}: {f.name}" if src else f.name)
                 index = f"[{i}]" if isinstance(value, (list, tuple)) else ""
-                raise InputError(f"{label}{index}={items[i]!r}: {problem}")
+                shown = f" {items[i]}" if label.startswith("--") else f"{index}={items[i]!r}"
+                raise InputError(f"{label}{shown}: {problem}")
             checked.append(item)
         if isinstance(value, (list, tuple)):
             setattr(cfg, f.name, type(value)(checked))
@@ -499,17 +500,23 @@ def debug_enabled() -> bool:
     return os.environ.get("DISTILLKIT_DEBUG", "0") not in ("", "0")
 
 
+def checked_config(cls: type[T], path: str | None, flags: dict[str, Any]) -> T:
+    """The config a CLI runs: the YAML file ``path`` (optional) overridden by ``flags`` (field name ->
+    value given on the command line), coerced, range-checked and checked against this machine
+    (``check_environment``); raises InputError naming the field and the file or flag it came from."""
+    cfg, where = _load(cls, path, dict(flags), flags=set(flags))
+    check_environment(cfg, where)
+    return cfg
+
+
 def parse_config(cls: type[T], argv: Sequence[str] | None, prog: str, description: str) -> T:
-    """``--config file.yaml`` plus per-field flags -> a checked config (types, ranges, and what the machine
-    must provide: ``check_environment``); on bad input prints one line ``prog: reason`` on stderr and
-    exits 2 (under ``--debug`` the exception propagates with its traceback)."""
+    """``--config file.yaml`` plus per-field flags -> a checked config (``checked_config``); on bad input
+    prints one line ``prog: reason`` on stderr and exits 2 (under ``--debug`` the exception propagates,
+    and ``distillkit`` prints its traceback)."""
     args = vars(build_parser(cls, prog, description).parse_args(list(sys.argv[1:] if argv is None else argv)))
     path = args.pop("config")
-    given = {k: v for k, v in args.items() if v is not None}
     try:
-        cfg, where = _load(cls, path, given, flags=set(given))
-        check_environment(cfg, where)
-        return cfg
+        return checked_config(cls, path, {k: v for k, v in args.items() if v is not None})
     except (ValueError, TypeError, OSError) as exc:
         if debug_enabled():
             raise

@@ -1,8 +1,10 @@
-"""`python -m distillkit.info`: the backend table with versions."""
+"""`distillkit info` / `python -m distillkit.info`: the backend table with versions."""
 from __future__ import annotations
 
+import argparse
 import platform
 import sys
+from typing import Sequence
 
 
 def info_text() -> str:
@@ -25,9 +27,17 @@ def info_text() -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def cli(argv: Sequence[str] | None = None) -> int:
+    """`distillkit info`: takes no options (an unknown one exits 2 with usage, as argparse does)."""
+    argparse.ArgumentParser(prog="distillkit info", description="Print the kernel backends available here, "
+                            "each with the reason when it is not, and the versions of python, torch and triton."
+                            ).parse_args(list(sys.argv[1:] if argv is None else argv))
     print(info_text())
     return 0
+
+
+def main() -> int:
+    return cli()
 
 
 if __name__ == "__main__":

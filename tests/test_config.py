@@ -33,3 +33,70 @@ def test_flags_override_yaml_and_unknown_keys_are_refused(tmp_path):
     assert (cfg.name, cfg.steps, cfg.flag) == ("y", 7, False)
     with pytest.raises(ValueError, match="unknown config field"):
         load_config(_Cfg, None, stepz=1)
+
+
+def test_yaml_values_are_coerced_to_the_field_types(tmp_path):
+    from distillkit._errors import InputError
+
+    cfg_file = tmp_path / "c.yaml"
+    # PyYAML reads 1e-4 and 1e3 (no dot) as strings; whole numbers are exact integers
+    cfg_file.write_text("rate: 1e-4\nsteps: 1e3\nsizes: [1, 2.5]\nname: y\n")
+    cfg = load_config(_Cfg, str(cfg_file))
+    assert cfg.rate == 1e-4 and isinstance(cfg.rate, float)
+    assert cfg.steps == 1000 and isinstance(cfg.steps, int)
+    for text, needle in [("steps: 2.5", "steps: expected an integer, got 2.5"),
+                         ("steps: true", "steps: expected an integer, got true (a boolean)"),
+                         ('flag: "true"', "flag: expected true or false, got 'true' (str); remove the quotes"),
+                         ("flag: 1", "flag: expected true or false"),
+                         ("name: [a]", "name: expected a string, got a list"),
+                         ("name: 5", "name: expected a string, got 5 (int); quote it"),
+                         ("name:", "name: expected a string, got null"),
+                         ("rate: fast", "rate: expected a number, got 'fast' (str)")]:
+        cfg_file.write_text(text + "\n")
+        with pytest.raises(InputError) as exc:
+            load_config(_Cfg, str(cfg_file))
+        assert str(exc.value).startswith(f"{cfg_file}: {needle}"), str(exc.value)
+
+
+def test_optional_list_and_mapping_fields():
+    from distillkit._errors import InputError
+
+    @dataclasses.dataclass
+    class Cfg:
+        names: list[str] = config_field("names", default_factory=list)
+        clip: list[float] | None = config_field("bounds", default=None)
+        extra: dict[str, str] | None = config_field("mapping", default=None)
+        limit: int | None = config_field("limit", default=None)
+
+    cfg = load_config(Cfg, None, names="one", clip=["0.5", 2], extra={"a": "b"}, limit=None)
+    assert (cfg.names, cfg.clip, cfg.extra, cfg.limit) == (["one"], [0.5, 2.0], {"a": "b"}, None)
+    for kw, needle in [(dict(names=5), "names: expected a list of strings, got 5 (int)"),
+                       (dict(clip=[1, "x"]), "clip[1]: expected a number, got 'x' (str)"),
+                       (dict(extra={"a": 1}), "extra['a']: expected a string, got 1 (int)"),
+                       (dict(extra="a=b"), "extra: expected a mapping or null, got 'a=b' (str)"),
+                       (dict(limit="many"), "limit: expected an integer or null, got 'many' (str)")]:
+        with pytest.raises(InputError) as exc:
+            load_config(Cfg, None, **kw)
+        assert str(exc.value).startswith(needle), str(exc.value)
+
+
+def test_field_roles_by_metadata_or_name():
+    from distillkit.config import field_role, looks_local
+
+    @dataclasses.dataclass
+    class Cfg:
+        device: str = "cpu"
+        student: str = ""
+        router_encoder: str = ""
+        eval_data: str = ""
+        output_dir: str = ""
+        plot_path: str = ""
+        weights_file: str = dataclasses.field(default="", metadata={"role": "input_file"})
+        lr: float = 1.0
+
+    roles = {f.name: field_role(f) for f in dataclasses.fields(Cfg)}
+    assert roles == {"device": "device", "student": "model", "router_encoder": "model", "eval_data": "input_file",
+                     "output_dir": "output_dir", "plot_path": "output_file", "weights_file": "input_file",
+                     "lr": None}
+    assert [looks_local(v) for v in ("gpt2", "Qwen/Qwen2.5-1.5B", "./m", "/abs/m", "~/m", "runs/a/m", "..")] == \
+        [False, False, True, True, True, True, True]
