@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from distillkit._errors import InputError
+
 _NUMBER = r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?"
 
 
@@ -40,7 +42,9 @@ def extract_answer(text: str) -> str | None:
 
 def normalize_answer(ans: Any) -> str:
     """Canonical text of an answer: spaces, $, trailing period and thousands separators removed;
-    numbers in canonical form (7.0 -> 7)."""
+    numbers in canonical form (7.0 -> 7). None (no answer) is refused: it is no text to compare."""
+    if ans is None:
+        raise InputError("ans=None: no answer to normalise (a record without a reference answer?)")
     s = str(ans).strip().strip("$").strip().rstrip(".").strip()
     s = re.sub(r"\s+", "", s)
     if re.fullmatch(r"-?\d[\d,]*(\.\d+)?", s):
@@ -51,4 +55,9 @@ def normalize_answer(ans: Any) -> str:
 
 
 def answers_match(predicted: str | None, truth: Any) -> bool:
+    """Whether the extracted ``predicted`` answer (None: none found, never a match) equals ``truth``.
+    ``truth`` None is refused (InputError): a record without a reference answer cannot be scored, and
+    comparing with the text "None" would score it wrongly."""
+    if truth is None:
+        raise InputError("truth=None: no reference answer to compare with")
     return predicted is not None and normalize_answer(predicted) == normalize_answer(truth)

@@ -9,10 +9,15 @@ given ``prompt``; the loss covers response tokens only.
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
+
+from distillkit._errors import InputError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PROMPT = "{question}\n<think> ### Step"
 
@@ -26,8 +31,11 @@ class Example:
     correct: bool | None = None  # None when the record does not say
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """Reads a JSONL file; a trailing partial line (from a crash mid-write) is ignored."""
+def read_jsonl_lines(path: str) -> list[tuple[int, dict]]:
+    """(line number, JSON object) for every record of a JSONL file; blank lines are skipped. A line
+    that is not a JSON object raises InputError naming it, except an unterminated last line that does
+    not parse (a write still in progress or torn by a crash): it is left out, with a warning. The file
+    is only read."""
     rows = []
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
@@ -35,18 +43,53 @@ def read_jsonl(path: str) -> list[dict]:
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            rec = json.loads(line)
         except json.JSONDecodeError:
             if i == len(lines) - 1:  # unterminated last line: a write that did not finish
+                log.warning("%s:%d: leaving out an unterminated last line that is not valid JSON", path, i + 1)
                 break
-            raise ValueError(f"{path}:{i + 1}: not valid JSON") from None
+            raise InputError(f"{path}:{i + 1}: not valid JSON") from None
+        if not isinstance(rec, dict):
+            raise InputError(f"{path}:{i + 1}: expected a JSON object, got {type(rec).__name__}")
+        rows.append((i + 1, rec))
     return rows
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """The records of a JSONL file (see :func:`read_jsonl_lines`)."""
+    return [rec for _, rec in read_jsonl_lines(path)]
+
+
+def check_reference_answer(rec: dict, where: str) -> None:
+    """Refuses a record whose "answer" is missing, null or empty (InputError naming ``where`` and the
+    record's id): it could not be scored (compared as text it would read "None")."""
+    answer = rec.get("answer")
+    if answer is None or isinstance(answer, bool) or not isinstance(answer, (str, int, float)) \
+            or not str(answer).strip():
+        rid = f" (id {rec['id']!r})" if "id" in rec else ""
+        raise InputError(f"{where}{rid}: answer={answer!r}: expected the reference answer (a non-empty string "
+                         "or a number)")
+
+
+def read_questions_for_eval(path: str, limit: int | None = None) -> list[dict]:
+    """The first ``limit`` records of an evaluation JSONL, each checked to hold a "question" (text) and
+    a reference "answer" (InputError naming the line and id otherwise); "id" is optional."""
+    rows = read_jsonl_lines(path)
+    rows = rows if limit is None else rows[:limit]
+    for lineno, rec in rows:
+        where = f"{path}:{lineno}"
+        if not isinstance(rec.get("question"), str) or not rec["question"].strip():
+            rid = f" (id {rec['id']!r})" if "id" in rec else ""
+            raise InputError(f"{where}{rid}: question={rec.get('question')!r}: expected a non-empty string")
+        check_reference_answer(rec, where)
+    return [rec for _, rec in rows]
 
 
 def to_example(rec: dict, *, prompt_template: str = DEFAULT_PROMPT, where: str = "record") -> Example:
     for key in ("question", "answer"):
         if key not in rec:
-            raise ValueError(f"{where}: missing field {key!r}")
+            raise InputError(f"{where}: missing field {key!r}")
+    check_reference_answer(rec, where)
     if "trajectory" in rec:
         response = rec["trajectory"]
         prompt = rec.get("prompt") or prompt_template.format(question=rec["question"])
@@ -63,10 +106,11 @@ def to_example(rec: dict, *, prompt_template: str = DEFAULT_PROMPT, where: str =
 def load_examples(path: str, *, prompt_template: str = DEFAULT_PROMPT, only_correct: bool = False,
                   is_correct=None) -> list[Example]:
     """Examples from a JSONL file. only_correct keeps records whose final answer is right: the record's
-    'correct' field when present, else ``is_correct(response, answer)``."""
+    'correct' field when present, else ``is_correct(response, answer)``. A record without "id" gets its
+    place, ``<path>:<line>``, as id (stable while the file is unchanged; only used in messages)."""
     out = []
-    for i, rec in enumerate(read_jsonl(path)):
-        ex = to_example(rec, prompt_template=prompt_template, where=f"{path}:{i + 1}")
+    for lineno, rec in read_jsonl_lines(path):
+        ex = to_example(rec, prompt_template=prompt_template, where=f"{path}:{lineno}")
         if only_correct:
             ok = ex.correct if ex.correct is not None else (is_correct(ex.response, ex.answer) if is_correct else True)
             if not ok:

@@ -5,6 +5,7 @@ from typing import Sequence
 
 import torch
 
+from distillkit._errors import InputError
 from distillkit.data import DEFAULT_PROMPT, Example
 
 
@@ -36,8 +37,17 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, b
 
 def answer_accuracy(model, tokenizer, questions: Sequence[dict], *, prompt_template: str = DEFAULT_PROMPT,
                     max_new_tokens: int = 64, batch_size: int = 16) -> dict:
-    """Fraction of {question, answer} records whose generated final answer matches (and the outputs)."""
+    """Fraction of {question, answer} records whose generated final answer matches (and the outputs).
+    A record without a question or a reference answer (missing, null, empty) raises InputError naming
+    it before anything is generated."""
     from distillkit.answers import answers_match, extract_answer
+    from distillkit.data import check_reference_answer
+
+    for i, q in enumerate(questions):
+        where = f"questions[{i}]"
+        if not isinstance(q, dict) or not isinstance(q.get("question"), str):
+            raise InputError(f"{where}: expected a record with a text 'question', got {q!r:.80}")
+        check_reference_answer(q, where)
 
     prompts = [prompt_template.format(question=q["question"]) for q in questions]
     outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)

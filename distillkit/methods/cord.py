@@ -30,12 +30,14 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
-from distillkit.config import field_help
+from distillkit._errors import InputError
+from distillkit.config import checked_config, debug_enabled, field_help
 from distillkit.answers import answers_match, extract_answer, normalize_answer  # noqa: F401 (re-exported)
 from distillkit.methods.meta_prover import DEFAULT_TEMPLATE
 from distillkit.methods.segmentation import (
     END_MARKER, SEGMENTATIONS, Segmentation, make_segmentation,
 )
+from distillkit.runs import append_record, begin_run, read_records  # noqa: F401 (append_record re-exported)
 from distillkit.teachers.base import Proposal, StringStop, Teacher
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,8 @@ class CordConfig:
     summary_path: str | None = _help("summary JSON (default: <output>.summary.json)", default=None)
     plot_path: str | None = _help("teacher hit-rate plot PNG (default: <output>.hit_rates.png)", default=None)
     progress: bool = _help("show a progress bar", default=True)
+    overwrite: bool = _help("when output_path holds a run made with a different config: move its files aside "
+                            "(<path>.replaced-<time>) and start afresh instead of refusing", default=False)
 
     def __post_init__(self):
         if isinstance(self.teachers, str):
@@ -135,23 +139,15 @@ class CordConfig:
             raise ValueError(f"scoring_backend={self.scoring_backend!r}: expected one of {SCORING_BACKENDS} or None")
         if self.teacher_kwargs is not None and not isinstance(self.teacher_kwargs, dict):
             raise ValueError(f"teacher_kwargs: expected a mapping, got {type(self.teacher_kwargs).__name__}")
-        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 0):
-            raise ValueError(f"limit={self.limit!r}: expected an integer >= 0 or None")
+        if self.limit is not None and (not isinstance(self.limit, int) or isinstance(self.limit, bool)
+                                       or self.limit < 0):
+            raise InputError(f"limit={self.limit!r}: expected an integer >= 0 (0: no question) or None (all)")
 
     @classmethod
     def from_yaml(cls, path: str, **overrides) -> "CordConfig":
-        import yaml
+        from distillkit.config import load_config  # values coerced to the field types (lr: 1e-4 is a float)
 
-        with open(path, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of CordConfig fields")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown CordConfig fields {unknown}; known: {sorted(known)}")
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**data)
+        return load_config(cls, path, **{k: v for k, v in overrides.items() if v is not None})
 
     # Derived paths and objects
     def summary_file(self) -> str:
@@ -388,59 +384,60 @@ DECODERS = {"cord": decode_one, "greedy": decode_one, "random": decode_random, "
 # Run: JSONL in, JSONL out, resumable
 # ----------------------------------------------------------------------------------------------
 def read_questions(path: str, limit: int | None = None) -> list[dict]:
-    """Reads {id, question, answer} records; raises ValueError naming the line on bad input."""
-    rows, seen = [], set()
+    """The first ``limit`` (None: all) {id, question, answer} records of ``path``; raises InputError
+    naming the line (and the id) of a record that is not valid JSON, not an object, lacks a field,
+    has a null or empty id / question / answer, or repeats an id.
+
+    Every record needs its own "id": ids key the resume (done records are matched by id) and each
+    question's seed, so an id made up from the line number would silently change meaning when the
+    file is edited. The answer is needed: the meta-prover scores steps by the answer's likelihood."""
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+        raise InputError(f"limit={limit!r}: expected an integer >= 0 or None")
+    rows: list[dict] = []
+    seen: dict[str, int] = {}
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
+            if limit is not None and len(rows) >= limit:
+                break
             if not line.strip():
                 continue
+            where = f"{path}:{lineno}"
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({exc})") from exc
+                raise InputError(f"{where}: not valid JSON ({exc})") from None
+            if not isinstance(rec, dict):
+                raise InputError(f"{where}: expected a JSON object {{id, question, answer}}, "
+                                 f"got {type(rec).__name__}")
             missing = [k for k in ("id", "question", "answer") if k not in rec]
             if missing:
-                raise ValueError(f"{path}:{lineno}: missing field(s) {missing}; expected {{id, question, answer}}")
-            key = str(rec["id"])
+                raise InputError(f"{where}: missing field(s) {missing}; expected {{id, question, answer}}"
+                                 + (" (every question needs its own id: it keys the resume)" if "id" in missing
+                                    else ""))
+            rid = rec["id"]
+            if not isinstance(rid, (str, int)) or isinstance(rid, bool) or rid == "":
+                raise InputError(f"{where}: id={rid!r}: expected a non-empty string or an integer")
+            question, answer = rec["question"], rec["answer"]
+            if not isinstance(question, str) or not question.strip():
+                raise InputError(f"{where} (id {rid!r}): question={question!r}: expected a non-empty string")
+            if answer is None or isinstance(answer, bool) or not isinstance(answer, (str, int, float)) \
+                    or not str(answer).strip():
+                raise InputError(f"{where} (id {rid!r}): answer={answer!r}: expected the reference answer (a "
+                                 "non-empty string or a number): CoRD's meta-prover scores steps by its likelihood")
+            key = str(rid)
             if key in seen:
-                raise ValueError(f"{path}:{lineno}: duplicate id {rec['id']!r}")
-            seen.add(key)
+                raise InputError(f"{where}: duplicate id {rid!r} (first on line {seen[key]})")
+            seen[key] = lineno
             rows.append(rec)
-            if limit is not None and len(rows) >= limit:
-                break
     return rows
 
 
 def load_done(path: str) -> list[dict]:
-    """Records already written to ``path``. A trailing partial line (a crash mid-write on a
-    filesystem that tore the append) is cut off so that appending continues cleanly."""
-    if not os.path.exists(path):
-        return []
-    with open(path, "rb") as f:
-        data = f.read()
-    records, good_end = [], 0
-    for line in data.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            break
-        good_end += len(line)
-    if good_end != len(data):
-        log.warning("%s: dropping %d bytes of an incomplete trailing record", path, len(data) - good_end)
-        with open(path, "r+b") as f:
-            f.truncate(good_end)
-            f.flush()
-            os.fsync(f.fileno())
-    return records
-
-
-def append_record(f, record: dict) -> None:
-    """One whole line per write, flushed and fsynced: a crash leaves whole records only."""
-    f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
+    """Records already written to ``path`` (see :func:`distillkit.runs.read_records`): every complete
+    record with an "id" is kept; blank lines, unparsable lines and records without an id are skipped
+    and stay in the file; a torn final fragment is moved to ``<path>.torn``; a last record missing
+    only its newline gets it."""
+    return read_records(path, key="id")
 
 
 def make_record(q: dict, res: DecodeResult, end_marker: str = END_MARKER) -> dict:
@@ -481,10 +478,33 @@ def load_meta_prover(cfg: CordConfig):
                                       batch_size=cfg.batch_size)
 
 
+def run_config_file(cfg: CordConfig) -> str:
+    """Where the config a run of ``output_path`` was started with is recorded."""
+    return cfg.output_path + ".run_config.json"
+
+
+def _limit_grows(old, new) -> bool:
+    # a larger limit (or none) only adds questions after those done; a smaller one would leave records outside it
+    return new is None or (old is not None and new >= old)
+
+
+def begin_cord_run(cfg: CordConfig) -> list[str]:
+    """Refuses a config that differs from the one ``output_path``'s records were made with (unless
+    ``overwrite``: then the records, their summary and plot are moved aside) and records it. May
+    change: overwrite, progress, summary_path, plot_path, and limit upwards."""
+    out = cfg.output_path
+    return begin_run(cfg, run_config_file(cfg),
+                     run_exists=os.path.exists(out) and os.path.getsize(out) > 0,
+                     outputs=[out, out + ".torn", cfg.summary_file(), cfg.plot_file()],
+                     what=f"output_path={out!r}", free=("summary_path", "plot_path"),
+                     extendable={"limit": _limit_grows})
+
+
 def run(cfg: CordConfig, *, teachers: Sequence[Teacher] | None = None, meta_prover: Scorer | None = None) -> dict:
     """Decodes every input question not yet in the output, appends one record each, and writes the
     summary (JSON + hit-rate PNG) over all records of the output. Returns the summary."""
     questions = read_questions(cfg.input_path, cfg.limit)
+    begin_cord_run(cfg)
     done = load_done(cfg.output_path)
     done_ids = {str(r["id"]) for r in done}
     pending = [q for q in questions if str(q["id"]) not in done_ids]
@@ -639,8 +659,10 @@ def cli(argv: Sequence[str] | None = None) -> int:
     overrides = {k: v for k, v in args.items() if v is not None}
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        cfg = CordConfig.from_yaml(config_path, **overrides) if config_path else CordConfig(**overrides)
+        cfg = checked_config(CordConfig, config_path, overrides)  # types, ranges, device, paths: before any model
     except (ValueError, TypeError, OSError) as exc:
+        if debug_enabled():
+            raise
         print(f"distillkit cord: {exc}", file=sys.stderr)
         return 2
     summary = run(cfg)

@@ -22,6 +22,7 @@ from typing import Sequence
 
 import torch
 
+from distillkit._errors import InputError
 from distillkit.config import config_field as _help
 from distillkit.config import parse_config
 from distillkit.train import save_pretrained_atomic
@@ -56,6 +57,8 @@ class MotConfig:
     seed: int = _help("branch k of round r trains with seed + 1000 r + k", default=0)
     device: str = _help("auto | cpu | cuda", default="auto")
     progress: bool = _help("progress bars", default=True)
+    overwrite: bool = _help("when output_dir holds a run started with a different config: move it aside "
+                            "(<output_dir>.replaced-<time>) and start afresh instead of refusing", default=False)
 
     def __post_init__(self):
         if not self.student:
@@ -178,7 +181,7 @@ def merge_round_distributed(cfg: MotConfig, tokenizer, datasets, round_idx: int,
 
 
 def evaluate_round(cfg: MotConfig, tokenizer, round_idx: int, device, datasets) -> dict:
-    from distillkit.data import SFTCollator, read_jsonl
+    from distillkit.data import SFTCollator, read_questions_for_eval
     from distillkit.evaluate import answer_accuracy, mean_loss
 
     model = _load(round_dir(cfg, round_idx), device)
@@ -187,25 +190,64 @@ def evaluate_round(cfg: MotConfig, tokenizer, round_idx: int, device, datasets) 
     for k, exs in enumerate(datasets):  # how well the merge keeps each teacher's skill
         metrics[f"train_loss_teacher{k}"] = mean_loss(model, collate, exs[:64])
     if cfg.eval_data:
-        questions = read_jsonl(cfg.eval_data)[: cfg.eval_limit]
+        questions = read_questions_for_eval(cfg.eval_data, cfg.eval_limit)
         acc = answer_accuracy(model, tokenizer, questions, prompt_template=cfg.prompt_template,
                               max_new_tokens=cfg.max_new_tokens)
         metrics["accuracy"] = acc["accuracy"]
     return metrics
 
 
-def run(cfg: MotConfig) -> list[dict]:
-    """Runs every round (skipping rounds already merged on disk); returns per-round metrics."""
+def _rounds_grow(old, new) -> bool:
+    # a round trains the same whatever the number of rounds: more rounds extend a run, fewer do not
+    return new >= old
+
+
+def begin_mot_run(cfg: MotConfig, distributed: bool) -> None:
+    """Refuses a config that differs from the one output_dir's run was started with (InputError naming
+    the fields; ``overwrite`` moves the old run aside instead) and records it (see
+    :mod:`distillkit.runs`). May change: overwrite, progress, and rounds upwards. Under torchrun rank 0
+    checks and records; every rank raises the same error."""
+    from distillkit.runs import begin_dir_run
+
+    def begin():
+        begin_dir_run(cfg, cfg.output_dir, extendable={"rounds": _rounds_grow}, previous_from="mot_metrics.json")
+
+    if not distributed:
+        begin()
+        return
     import torch.distributed as dist
 
+    error: list[str | None] = [None]
+    if dist.get_rank() == 0:
+        try:
+            begin()
+        except InputError as exc:
+            error = [str(exc)]
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise InputError(error[0])
+
+
+def run(cfg: MotConfig) -> list[dict]:
+    """Runs every round (skipping rounds already merged on disk); returns per-round metrics.
+
+    A rerun must use the config the run was started with (recorded in output_dir/run_config.json), or
+    raise its rounds; another config raises InputError naming the fields, unless ``overwrite``."""
+    import torch.distributed as dist
+
+    from distillkit.data import read_questions_for_eval
     from distillkit.teachers.hf import load_tokenizer
 
     device = _device(cfg)
     distributed = dist.is_available() and dist.is_initialized()
     is_main = not distributed or dist.get_rank() == 0
+    # the input files are checked, and the config compared with the run's, before any model loads
+    datasets = load_teacher_datasets(cfg)
+    if cfg.eval_data:
+        read_questions_for_eval(cfg.eval_data, cfg.eval_limit)
+    begin_mot_run(cfg, distributed)
     os.makedirs(cfg.output_dir, exist_ok=True)
     tokenizer = load_tokenizer(cfg.student)
-    datasets = load_teacher_datasets(cfg)
     metrics_path = os.path.join(cfg.output_dir, "mot_metrics.json")
     history: list[dict] = []
     if os.path.exists(metrics_path):

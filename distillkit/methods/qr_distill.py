@@ -39,10 +39,12 @@ from typing import Any, Sequence
 
 import torch
 
+from distillkit._errors import InputError
 from distillkit.config import config_field as _help
 from distillkit.config import parse_config
 from distillkit.data import DEFAULT_PROMPT, Example
 from distillkit.methods.qr_router import ROUTINGS
+from distillkit.runs import begin_dir_run
 from distillkit.teachers.base import Teacher
 
 log = logging.getLogger(__name__)
@@ -161,6 +163,8 @@ class QRDistillConfig:
     eval_limit: int = _help("at most this many eval questions", default=200)
     eval_max_new_tokens: int = _help("generation budget per eval answer", default=512)
     progress: bool = _help("progress bars", default=True)
+    overwrite: bool = _help("when output_dir holds a run started with a different config: move it aside "
+                            "(<output_dir>.replaced-<time>) and start afresh instead of refusing", default=False)
 
     def __post_init__(self):
         for name in ("teachers", "students", "styles", "lora_targets"):
@@ -366,19 +370,22 @@ def judge_paths(judge: Teacher, records: list[dict], cfg: QRDistillConfig) -> li
 
 
 def imported_records(cfg: QRDistillConfig) -> list[dict]:
-    """Path records built from ``paths_input`` (answer verdicts recomputed, judge fields not yet set)."""
-    from distillkit.data import read_jsonl
+    """Path records built from ``paths_input`` (answer verdicts recomputed, judge fields not yet set).
+    A record without "id" is keyed ``path<i>`` (its index among the file's records); one without a
+    reference answer raises InputError naming its line."""
+    from distillkit.data import check_reference_answer, read_jsonl_lines
 
     out, seen = [], set()
-    for i, rec in enumerate(read_jsonl(cfg.paths_input)):
-        where = f"{cfg.paths_input}:{i + 1}"
+    for i, (lineno, rec) in enumerate(read_jsonl_lines(cfg.paths_input)):
+        where = f"{cfg.paths_input}:{lineno}"
         missing = [k for k in ("question", "answer", "response") if k not in rec]
         if missing:
-            raise ValueError(f"{where}: missing field(s) {missing}; expected {{question, answer, response}}")
+            raise InputError(f"{where}: missing field(s) {missing}; expected {{question, answer, response}}")
+        check_reference_answer(rec, where)
         style = str(rec.get("style", "given"))
         key = str(rec.get("id", f"path{i}"))
         if key in seen:
-            raise ValueError(f"{where}: duplicate id {key!r}")
+            raise InputError(f"{where}: duplicate id {key!r}")
         seen.add(key)
         q = {"id": rec.get("qid", key), "question": rec["question"], "answer": rec["answer"]}
         prompt = rec.get("prompt") or (fill(cfg.templates()[style], question=rec["question"])
@@ -413,11 +420,12 @@ def collect_paths(cfg: QRDistillConfig, *, teachers: Sequence[Teacher] | None = 
     so an interrupted run loses at most the question it was on."""
     from tqdm.auto import tqdm
 
-    from distillkit.methods.cord import append_record, load_done, read_questions
+    from distillkit.methods.cord import read_questions
+    from distillkit.runs import append_record, read_records
 
     path = cfg.paths_file()
     os.makedirs(cfg.output_dir, exist_ok=True)
-    done = load_done(path)
+    done = read_records(path, key="id")
     if cfg.judging() and any("judge_valid" not in r for r in done):
         raise ValueError(f"{path}: holds paths without a judge verdict but judge={cfg.judge!r} is set; "
                          "use another output_dir (or judge=None)")
@@ -459,7 +467,7 @@ def collect_paths(cfg: QRDistillConfig, *, teachers: Sequence[Teacher] | None = 
                     append_record(f, rec)
                 bar.update(1)
     # Only this configuration's paths: records of styles or questions dropped since stay on disk, unused.
-    return [r for r in load_done(path) if r["id"] in wanted]
+    return [r for r in read_records(path, key="id") if r["id"] in wanted]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -656,10 +664,10 @@ def routing_summary(model, features: torch.Tensor | None, items: Sequence[PathIt
 
 
 def evaluate_students(model, tokenizers, cfg: QRDistillConfig) -> dict:
-    from distillkit.data import read_jsonl
+    from distillkit.data import read_questions_for_eval
     from distillkit.evaluate import answer_accuracy
 
-    questions = read_jsonl(cfg.eval_data)[:cfg.eval_limit]
+    questions = read_questions_for_eval(cfg.eval_data, cfg.eval_limit)
     return {name: answer_accuracy(student, tok, questions, prompt_template=cfg.prompt_template,
                                   max_new_tokens=cfg.eval_max_new_tokens)["accuracy"]
             for student, tok, name in zip(model.students, tokenizers, cfg.student_labels())}
@@ -675,14 +683,39 @@ def _write_json(path: str, obj) -> None:
 # ----------------------------------------------------------------------------------------------
 # Run
 # ----------------------------------------------------------------------------------------------
+# may differ between a run and its resume: how often a checkpoint / metrics line is written (the trainer
+# resumes exactly from any checkpoint); overwrite and progress always may (distillkit.runs)
+RESUME_FREE_FIELDS = ("save_every", "log_every")
+
+
+def check_inputs(cfg: QRDistillConfig) -> None:
+    """Reads the questions (or paths_input) and eval_data, raising InputError naming the line of a bad
+    record, before any model is loaded."""
+    from distillkit.data import read_questions_for_eval
+    from distillkit.methods.cord import read_questions
+
+    if cfg.paths_input:
+        imported_records(cfg)
+    else:
+        read_questions(cfg.input_path, cfg.limit)
+    if cfg.eval_data:
+        read_questions_for_eval(cfg.eval_data, cfg.eval_limit)
+
+
 def run(cfg: QRDistillConfig, *, teachers: Sequence[Teacher] | None = None, judge: Teacher | None = None,
         encoder=None) -> dict:
     """Paths -> filter -> routed multi-student training -> saved students and summary.
 
     teachers / judge: ready Teacher objects instead of loading cfg.teachers / cfg.judge;
     encoder: a ready (encoder, tokenizer) pair instead of loading cfg.router_encoder.
-    Returns the summary written to qr_summary.json."""
+    Returns the summary written to qr_summary.json.
+
+    A rerun must use the config the run was started with (recorded in output_dir/run_config.json; see
+    :mod:`distillkit.runs`): another raises InputError naming the fields, unless ``overwrite`` (then the
+    old output_dir is moved aside and the run starts afresh)."""
     device = _device(cfg)
+    check_inputs(cfg)
+    begin_dir_run(cfg, cfg.output_dir, free=RESUME_FREE_FIELDS, previous_from=SUMMARY_NAME)
     records = collect_paths(cfg, teachers=teachers, judge=judge)
     kept, path_stats = filter_paths(records, cfg)
     log.info("qr-distill: kept %d of %d paths", len(kept), len(records))

@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from distillkit._errors import InputError
 from distillkit.config import config_field as _help
 from distillkit.config import parse_config
 from distillkit.train import save_pretrained_atomic
@@ -101,6 +102,8 @@ class VcrdConfig:
     save_every: int = _help("checkpoint every N steps (0: only at the end)", default=10)
     log_every: int = _help("metrics line every N steps", default=1)
     progress: bool = _help("progress bar", default=True)
+    overwrite: bool = _help("when output_dir holds a run started with a different config: move it aside "
+                            "(<output_dir>.replaced-<time>) and start afresh instead of refusing", default=False)
 
     def __post_init__(self):
         for name in ("student", "teacher", "prompts"):
@@ -524,16 +527,21 @@ def _device(cfg: VcrdConfig) -> torch.device:
 
 
 def load_prompts(cfg: VcrdConfig) -> list[str]:
-    from distillkit.data import read_jsonl
+    """The prompts file's questions in ``cfg.prompt_template``; InputError naming the line (and id) of a
+    record without a text question. The answer is not needed: VCRD trains on rollouts."""
+    from distillkit.data import read_jsonl_lines
 
-    rows = read_jsonl(cfg.prompts)
+    rows = read_jsonl_lines(cfg.prompts)
     if not rows:
-        raise ValueError(f"prompts={cfg.prompts!r} holds no record")
+        raise InputError(f"prompts={cfg.prompts!r} holds no record")
     out = []
-    for i, r in enumerate(rows):
-        if "question" not in r:
-            raise ValueError(f"prompts={cfg.prompts!r}: record {i + 1} has no 'question'")
-        out.append(cfg.prompt_template.format(question=r["question"]))
+    for lineno, r in rows:
+        question = r.get("question")
+        if not isinstance(question, str) or not question.strip():
+            rid = f" (id {r['id']!r})" if "id" in r else ""
+            raise InputError(f"prompts={cfg.prompts!r}: line {lineno}{rid}: question={question!r}: expected a "
+                             "non-empty string")
+        out.append(cfg.prompt_template.format(question=question))
     return out
 
 
@@ -577,15 +585,29 @@ def _write_json(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+# may differ between a run and its resume: how often a checkpoint / metrics line is written (the trainer
+# resumes exactly from any checkpoint); overwrite and progress always may (distillkit.runs)
+RESUME_FREE_FIELDS = ("save_every", "log_every")
+
+
 def run(cfg: VcrdConfig) -> dict:
     """Trains (resuming from output_dir's checkpoint), saves ``output_dir/final``, evaluates answer
-    accuracy when eval_data is given; returns (and writes to vcrd_summary.json) the summary."""
+    accuracy when eval_data is given; returns (and writes to vcrd_summary.json) the summary.
+
+    A rerun must use the config the run was started with (recorded in output_dir/run_config.json;
+    see :mod:`distillkit.runs`): a different one raises InputError naming the fields, unless
+    ``overwrite`` (then the old output_dir is moved aside and the run starts afresh)."""
     from distillkit.train import TrainConfig, Trainer
 
+    from distillkit.data import read_questions_for_eval
+    from distillkit.runs import begin_dir_run
+
     device = _device(cfg)
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    student, teacher, teacher_backend, tokenizer, judge = load_models(cfg, device)
+    # the input files are checked, and the config compared with the run's, before any model loads
     prompts = load_prompts(cfg)
+    questions = read_questions_for_eval(cfg.eval_data, cfg.eval_limit) if cfg.eval_data else None
+    begin_dir_run(cfg, cfg.output_dir, free=RESUME_FREE_FIELDS, previous_from="vcrd_summary.json")
+    student, teacher, teacher_backend, tokenizer, judge = load_models(cfg, device)
     tcfg = TrainConfig(output_dir=cfg.output_dir, max_steps=cfg.steps, batch_size=cfg.batch_size,
                        grad_accum=cfg.grad_accum, lr=cfg.lr, warmup_steps=cfg.warmup,
                        max_grad_norm=cfg.max_grad_norm, bf16=cfg.bf16, save_every=cfg.save_every,
@@ -597,19 +619,20 @@ def run(cfg: VcrdConfig) -> dict:
     final = os.path.join(cfg.output_dir, "final")
     save_pretrained_atomic(student, tokenizer, final)
     summary_path = os.path.join(cfg.output_dir, "vcrd_summary.json")
+    previous = {}
+    if os.path.exists(summary_path):
+        with open(summary_path, encoding="utf-8") as f:
+            previous = json.load(f)
+    finished_before = previous.get("step") == trainer.step  # a rerun of a finished run: nothing was trained
+    if finished_before and previous.get("last_metrics"):
+        last = previous["last_metrics"]  # the trainer returns only the step when it trains nothing
     summary = {"config": asdict(cfg), "step": trainer.step, "final_model": final, "last_metrics": last}
     if cfg.eval_data:
-        previous = {}
-        if os.path.exists(summary_path):
-            with open(summary_path, encoding="utf-8") as f:
-                previous = json.load(f)
-        if previous.get("step") == trainer.step and "eval" in previous:  # a rerun of a finished run
+        if finished_before and "eval" in previous:  # same eval fields: the run config guarantees it
             summary["eval"] = previous["eval"]
         else:
-            from distillkit.data import read_jsonl
             from distillkit.evaluate import answer_accuracy
 
-            questions = read_jsonl(cfg.eval_data)[: cfg.eval_limit]
             acc = answer_accuracy(student, tokenizer, questions, prompt_template=cfg.prompt_template,
                                   max_new_tokens=cfg.max_new_tokens)
             summary["eval"] = {"accuracy": acc["accuracy"], "n": acc["n"]}

@@ -2,6 +2,7 @@
 extractor, the config, an end-to-end run on tiny Hugging Face models, and kill/resume."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import time
 import pytest
 import torch
 
+from distillkit import InputError
 from distillkit.methods import cord
 from distillkit.methods.cord import (
     Beam, CordConfig, answers_match, decode_curation, decode_one, decode_random, extract_answer,
@@ -348,3 +350,101 @@ def test_sigkill_midway_then_resume_matches_uninterrupted(tiny_world, tmp_path):
     want = [json.loads(line) for line in ref.read_text().splitlines()]
     assert [r["id"] for r in got] == [f"q{i}" for i in range(6)]  # none lost, none duplicated
     assert got == want
+
+
+# ----------------------------------------------------------------------------------------------
+# Resume keeps every record; reruns keep their config; input records checked before any model
+# ----------------------------------------------------------------------------------------------
+def _fake_run(cfg):
+    table = {"A0": 1, "B1": 1, "A2": 1}
+    return run(cfg, teachers=[FakeTeacher("A", finish_at=3), FakeTeacher("B", finish_at=3)],
+               meta_prover=FakeScorer(table))
+
+
+def test_resume_keeps_records_after_a_blank_line_or_a_missing_newline(tmp_path):
+    _write_questions(tmp_path / "in.jsonl", 5)
+    out = tmp_path / "out.jsonl"
+    cfg = config(teachers=["A", "B"], input_path=str(tmp_path / "in.jsonl"), output_path=str(out), limit=3)
+    _fake_run(cfg)
+    lines = out.read_bytes().splitlines(keepends=True)
+    # a blank line and an unparsable line in the middle, and a last record without its newline
+    out.write_bytes(lines[0] + b"\n" + b"garbage\n" + lines[1] + lines[2].rstrip(b"\n"))
+    assert [r["id"] for r in load_done(str(out))] == ["q0", "q1", "q2"]
+    assert out.read_bytes() == lines[0] + b"\n" + b"garbage\n" + lines[1] + lines[2]  # nothing deleted
+    # a record without an id (not one of this run's) is skipped, not a KeyError
+    with open(out, "ab") as f:
+        f.write(b'{"question": "no id"}\n')
+    summary = run(dataclasses.replace(cfg, limit=5), teachers=[FakeTeacher("A", finish_at=3),
+                                                               FakeTeacher("B", finish_at=3)],
+                  meta_prover=FakeScorer({"A0": 1}))
+    assert [r["id"] for r in load_done(str(out))] == [f"q{i}" for i in range(5)] and summary["records"] == 5
+    # a torn tail is kept aside in <output>.torn, not deleted
+    with open(out, "ab") as f:
+        f.write(b'{"id": "q5", "quest')
+    before = out.read_bytes()
+    assert len(load_done(str(out))) == 5
+    assert out.read_bytes() == before[:-len(b'{"id": "q5", "quest')]
+    assert (tmp_path / "out.jsonl.torn").read_bytes() == b'{"id": "q5", "quest\n'
+
+
+def test_limit_zero_processes_no_question(tmp_path):
+    _write_questions(tmp_path / "in.jsonl", 3)
+    out = tmp_path / "out.jsonl"
+    summary = run(config(input_path=str(tmp_path / "in.jsonl"), output_path=str(out), limit=0),
+                  teachers=[], meta_prover=None)  # no model is needed for no question
+    assert summary["records"] == 0 and not out.exists()
+    assert cord.read_questions(str(tmp_path / "in.jsonl"), 2)[-1]["id"] == "q1"
+    with pytest.raises(InputError, match="limit"):
+        config(limit=-1)
+    with pytest.raises(InputError, match="limit"):
+        cord.read_questions(str(tmp_path / "in.jsonl"), -1)
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"id": "q1", "question": "1 + 1?", "answer": None}, r"in\.jsonl:2 \(id 'q1'\): answer=None"),
+    ({"question": "1 + 1?", "answer": "2"}, r"in\.jsonl:2: missing field\(s\) \['id'\]"),
+    ({"id": None, "question": "1 + 1?", "answer": "2"}, r"in\.jsonl:2: id=None"),
+    ({"id": "q1", "question": None, "answer": "2"}, r"in\.jsonl:2 \(id 'q1'\): question=None"),
+    (["q1", "1 + 1?", "2"], r"in\.jsonl:2: expected a JSON object"),
+])
+def test_bad_question_records_are_refused_naming_the_line_before_any_model(tmp_path, bad, match):
+    path = tmp_path / "in.jsonl"
+    path.write_text(json.dumps({"id": "q0", "question": "0 + 1?", "answer": "1"}) + "\n" + json.dumps(bad) + "\n")
+    cfg = config(input_path=str(path), output_path=str(tmp_path / "out.jsonl"))
+    with pytest.raises(InputError, match=match):
+        run(cfg)  # teachers "A", "B", "C" are no checkpoints: loading any model would fail otherwise
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_answers_are_never_compared_with_the_text_none():
+    assert not answers_match(None, "7")
+    with pytest.raises(InputError, match="truth"):
+        answers_match("None", None)
+
+
+def test_rerun_with_another_config_is_refused_unless_overwrite(tmp_path):
+    _write_questions(tmp_path / "in.jsonl", 4)
+    out = tmp_path / "out.jsonl"
+    cfg = config(teachers=["A", "B"], input_path=str(tmp_path / "in.jsonl"), output_path=str(out), limit=2)
+    _fake_run(cfg)
+    done = out.read_text()
+    with pytest.raises(InputError, match=r"beam_size: 2 -> 3; seed: 0 -> 1.*--overwrite"):
+        _fake_run(dataclasses.replace(cfg, beam_size=3, seed=1))
+    with pytest.raises(InputError, match=r"limit: 2 -> 1"):  # a smaller limit would leave records outside it
+        _fake_run(dataclasses.replace(cfg, limit=1))
+    assert out.read_text() == done
+    # may change: progress, summary / plot paths, a larger limit
+    _fake_run(dataclasses.replace(cfg, progress=False, summary_path=str(tmp_path / "s.json"), limit=3))
+    assert len(load_done(str(out))) == 3
+    # overwrite: the old records, summary and plot are moved aside (nothing deleted), the run starts afresh
+    summary = _fake_run(dataclasses.replace(cfg, beam_size=3, limit=3, overwrite=True))
+    assert summary["records"] == 3
+    aside = {p.name.split(".replaced-")[0]: p for p in tmp_path.iterdir() if ".replaced-" in p.name}
+    assert sorted(aside) == ["out.jsonl", "out.jsonl.hit_rates.png", "out.jsonl.run_config.json",
+                             "out.jsonl.summary.json"]
+    assert len(aside["out.jsonl"].read_text().splitlines()) == 3
+    recorded = json.loads((tmp_path / "out.jsonl.run_config.json").read_text())["config"]
+    assert recorded["beam_size"] == 3
+    # the demo's way of starting afresh (remove the records only) needs no overwrite
+    out.unlink()
+    _fake_run(dataclasses.replace(cfg, beam_size=4))

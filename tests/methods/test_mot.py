@@ -134,3 +134,31 @@ def test_example_config_loads_and_names_unknown_fields(tmp_path):
     bad.write_text("student: s\nteacher_data: [a]\nround: 2\n")
     with pytest.raises(ValueError, match="unknown config field.*'round'"):
         load_config(MotConfig, str(bad))
+
+
+def test_rerun_with_another_config_is_refused_and_more_rounds_extend(setup, tmp_path, monkeypatch):
+    import dataclasses
+
+    from distillkit import InputError
+    from distillkit.methods import mot
+
+    root, student, data, evals = setup
+    cfg = _cfg(root, student, data, evals, "reconfig", steps_per_round=1, eval_data=None,
+               output_dir=str(tmp_path / "reconfig"))
+    first = run(cfg)
+    metrics = tmp_path / "reconfig" / "mot_metrics.json"
+    before = metrics.read_text()
+    with pytest.raises(InputError, match=r"lr: 0\.002 -> 0\.001"):
+        run(dataclasses.replace(cfg, lr=1e-3))
+    assert metrics.read_text() == before
+    # more rounds extend the run (round 1 is kept, round 2 trains); fewer are then refused
+    assert run(dataclasses.replace(cfg, rounds=2))[0] == first[0]
+    with pytest.raises(InputError, match=r"rounds: 2 -> 1"):
+        run(cfg)
+    # records checked before any training
+    bad = tmp_path / "eval.jsonl"
+    bad.write_text('{"id": "e0", "question": "2 + 2", "answer": null}\n')
+    monkeypatch.setattr(mot, "merge_round_local", lambda *a, **k: pytest.fail("trained"))
+    with pytest.raises(InputError, match=r"eval\.jsonl:1 \(id 'e0'\): answer=None"):
+        run(dataclasses.replace(cfg, output_dir=str(tmp_path / "bad"), eval_data=str(bad)))
+    assert len(first) == 1
