@@ -142,6 +142,14 @@ def test_device_cuda_without_cuda(work, capsys, command):
     assert command not in work.ran
 
 
+@pytest.mark.skipif(NO_CUDA, reason="needs a CUDA device")
+def test_device_index_beyond_the_devices_here(work, capsys):
+    index = torch.cuda.device_count()
+    code, err = run_cli(["qr-distill", "--config", work.config("qr-distill"), "--device", f"cuda:{index}"], capsys)
+    line = one_line(err)
+    assert code == 2 and f"--device cuda:{index}: this machine has {index} CUDA device(s)" in line, line
+
+
 @pytest.mark.parametrize("command,flag,value", [
     ("vcrd", "--student", "./no-such-model"),
     ("vcrd", "--judge", "/no/such/prm"),
@@ -346,3 +354,15 @@ def test_console_entry_prints_one_line(tmp_path):
                           capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 2 and proc.stdout == ""
     assert one_line(proc.stderr).startswith(f"distillkit vcrd: {bad}: line ")
+
+
+def test_cord_bad_input_record_is_one_line(tmp_path, capsys, monkeypatch):
+    """A CoRD run on the shipped world models whose input JSONL lacks a field: one line naming the line."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    monkeypatch.chdir(root)  # configs/world name the models relative to the repository root
+    questions = tmp_path / "q.jsonl"
+    questions.write_text('{"id": "1", "question": "1+1", "answer": "2"}\n{"id": "2", "answer": "3"}\n')
+    code, err = run_cli(["cord", "--config", "configs/world/cord.yaml", "--input-path", str(questions),
+                         "--output-path", str(tmp_path / "out.jsonl"), "--no-progress"], capsys)
+    line = one_line(err)
+    assert code == 2 and line.startswith(f"distillkit cord: {questions}:2: ") and "question" in line, line
