@@ -185,3 +185,26 @@ def report(rows: list[Row], suite: str) -> str:
     with open(os.path.join(RESULTS_DIR, f"{suite}-{tag}.json"), "w") as f:
         json.dump({"environment": env, "rows": [asdict(r) for r in rows]}, f, indent=1)
     return text
+
+
+def child_peak_rss(code: str, *, timeout_s: float = 3600) -> dict:
+    """Runs ``code`` in a fresh Python interpreter; returns its peak RSS and run time.
+
+    {"peak_bytes": the child's VmHWM (high-water resident set, interpreter and imports included),
+    "elapsed_s": wall time of the whole child, "stdout": what it printed}. A child that fails raises
+    RuntimeError with its stderr.
+    """
+    import subprocess
+    import sys
+
+    footer = ("\nwith open('/proc/self/status') as _f:\n"
+              "    print('__VMHWM_KB__', [l.split()[1] for l in _f if l.startswith('VmHWM:')][0])\n")
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", code + footer], capture_output=True, text=True, timeout=timeout_s)
+    elapsed = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"child exited with {proc.returncode}:\n{proc.stderr[-4000:]}")
+    lines = proc.stdout.splitlines()
+    peak_kb = int(next(line.split()[1] for line in reversed(lines) if line.startswith("__VMHWM_KB__")))
+    return {"peak_bytes": peak_kb * 1024, "elapsed_s": elapsed,
+            "stdout": "\n".join(line for line in lines if not line.startswith("__VMHWM_KB__"))}
