@@ -14,7 +14,13 @@ problems none of them was trained on:
 5. QR-Distill with learned routing vs without (random routing).
 
 It prints one table, writes report.md (+ plots) under the output folder, and says where an ordering
-differs from the paper's. Seeds are fixed; with one thread a second run gives the same numbers.
+differs from the paper's. Seeds are fixed and a second run gives the same numbers.
+
+The independent runs (each CoRD method, each teacher's traces, every SFT seed, MoT, each VCRD weighting
+and seed, each QR routing) are jobs run side by side in ``threads`` worker processes, a job starting as
+soon as the jobs it reads from are done. Every job runs on one torch thread, in the worker or (threads=1)
+in this process, so the numbers do not depend on ``threads``: torch's intra-op threads would change
+the last bits of reductions, and models this small gain little from them.
 """
 from __future__ import annotations
 
@@ -23,15 +29,29 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field
+from typing import Callable
 
 import torch
 
 from distillkit.world import models as M
 from distillkit.world import problems as W
+from distillkit.world.demo_report import (PAPER_ORDERINGS, check_orderings, explain, format_table,  # noqa: F401
+                                          plot_rows, write_report)
 
 log = logging.getLogger(__name__)
 SECTIONS = ("cord", "sft", "mot", "vcrd", "qr")
+CORD_METHODS = ("cord", "greedy", "curation", "random")
+VCRD_WEIGHTINGS = ("clamped_ratio", "uniform")
+QR_ROUTINGS = ("learned", "random")
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask; os.cpu_count() where there is none)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks on macOS / Windows
+        return os.cpu_count() or 1
 
 
 @dataclass
@@ -47,13 +67,15 @@ class DemoConfig:
     mot_rounds: int = field(default=3, metadata={"help": "MoT rounds (branch steps = sft_steps / rounds)"})
     vcrd_steps: int = field(default=60, metadata={"help": "VCRD optimizer steps per weighting"})
     vcrd_sft_steps: int = field(default=160, metadata={"help": "SFT steps of the student VCRD starts from (0: the base "
-                                                                "student; see run_vcrd_section)"})
+                                                                "student; see vcrd_start)"})
     vcrd_lr: float = field(default=5e-4, metadata={"help": "VCRD learning rate (distillation on rollouts: lower than SFT)"})
     vcrd_temperature: float = field(default=0.7, metadata={"help": "VCRD rollout sampling temperature"})
     qr_steps: int = field(default=120, metadata={"help": "QR-Distill optimizer steps per routing"})
     sections: tuple = field(default=SECTIONS, metadata={"help": "which parts to run"})
     seed: int = field(default=0, metadata={"help": "every seed derives from it"})
-    threads: int = field(default=1, metadata={"help": "torch threads (1: reproducible, tiny models gain little)"})
+    threads: int = field(default_factory=lambda: usable_cores(), metadata={
+        "help": "jobs run side by side, each in a worker process on one torch thread; the default is every "
+                "core this process may use, and the numbers do not depend on it"})
 
     def __post_init__(self):
         for name in ("n_distill", "n_eval", "beam_size", "sft_steps", "sft_seeds", "batch_size", "mot_rounds", "vcrd_steps",
@@ -95,32 +117,32 @@ def question_rows(probs) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 # 1. CoRD vs greedy vs curation vs random
 # ----------------------------------------------------------------------------------------------
-def run_cord_methods(cfg: DemoConfig, questions_path: str) -> dict[str, dict]:
+def cord_method(cfg: DemoConfig, method: str, questions_path: str) -> dict:
+    """One CoRD run (``method``: cord, greedy, curation or random) over the distillation questions ->
+    cord.run's summary + {"path", "elapsed_s"} + :func:`step_check`."""
     from distillkit.methods import cord
     from distillkit.methods.meta_prover import MetaProver
     from distillkit.teachers.hf import HFTeacher
 
     teachers = [HFTeacher.from_pretrained(M.asset_path(n), name=n) for n in M.TEACHERS]
     prover = MetaProver.from_pretrained(M.asset_path(M.META_PROVER), backend="reference")
-    out = {}
-    for method in ("cord", "greedy", "curation", "random"):
-        path = os.path.join(cfg.out, "traces", f"{method}.jsonl")
-        if os.path.exists(path):
-            os.remove(path)  # every number comes from this run
-        c = cord.CordConfig(
-            teachers=[M.asset_path(n) for n in M.TEACHERS], teacher_names=list(M.TEACHERS),
-            meta_prover=M.asset_path(M.META_PROVER), input_path=questions_path, output_path=path,
-            method=method, beam_size=cfg.beam_size, max_steps=W.NUM_OPS + 1,
-            token_budget=M.max_new_tokens(), max_step_tokens=16, max_answer_tokens=8, seed=cfg.seed,
-            scoring_backend="reference", progress=False, plot_path=os.path.join(cfg.out, f"cord_{method}_hit_rates.png"))
-        t0 = time.perf_counter()
-        summary = cord.run(c, teachers=teachers, meta_prover=prover)
-        summary["elapsed_s"] = round(time.perf_counter() - t0, 1)
-        summary["path"] = path
-        out[method] = summary
-        log.info("cord[%s]: accuracy %.3f, perplexity score %.3f (%.0f s)", method, summary["accuracy"],
-                 summary["mean_predictive_perplexity"], summary["elapsed_s"])
-    return out
+    path = os.path.join(cfg.out, "traces", f"{method}.jsonl")
+    if os.path.exists(path):
+        os.remove(path)  # every number comes from this run
+    c = cord.CordConfig(
+        teachers=[M.asset_path(n) for n in M.TEACHERS], teacher_names=list(M.TEACHERS),
+        meta_prover=M.asset_path(M.META_PROVER), input_path=questions_path, output_path=path,
+        method=method, beam_size=cfg.beam_size, max_steps=W.NUM_OPS + 1,
+        token_budget=M.max_new_tokens(), max_step_tokens=16, max_answer_tokens=8, seed=cfg.seed,
+        scoring_backend="reference", progress=False, plot_path=os.path.join(cfg.out, f"cord_{method}_hit_rates.png"))
+    t0 = time.perf_counter()
+    summary = cord.run(c, teachers=teachers, meta_prover=prover)
+    summary["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    summary["path"] = path
+    summary.update(step_check(path))
+    log.info("cord[%s]: accuracy %.3f, perplexity score %.3f (%.0f s)", method, summary["accuracy"],
+             summary["mean_predictive_perplexity"], summary["elapsed_s"])
+    return summary
 
 
 def step_check(path: str) -> dict:
@@ -137,20 +159,18 @@ def step_check(path: str) -> dict:
             "lucky": sum(c["answer_ok"] and not c["all_steps_ok"] for c in checks)}
 
 
-def single_teacher_traces(cfg: DemoConfig, probs) -> dict[str, dict]:
-    """Each teacher's greedy traces of the distillation questions (its own dataset, for MoT/union)."""
+def teacher_traces(cfg: DemoConfig, name: str, probs) -> dict:
+    """One teacher's greedy traces of the distillation questions (its own dataset, for MoT/union) ->
+    {"path", "accuracy"}."""
     from distillkit.evaluate import generate
 
-    out = {}
-    for name in M.TEACHERS:
-        model, tok = M.load_model(name)
-        texts = generate(model, tok, [p.prompt for p in probs], max_new_tokens=M.max_new_tokens(), batch_size=128)
-        rows = [{"id": str(i), "question": p.question, "answer": p.answer, "response": t}
-                for i, (p, t) in enumerate(zip(probs, texts))]
-        correct = [W.check_trace(p.question, t)["answer_ok"] for p, t in zip(probs, texts)]
-        path = _write_jsonl(os.path.join(cfg.out, "traces", f"{name}.jsonl"), rows)
-        out[name] = {"path": path, "accuracy": sum(correct) / len(correct)}
-    return out
+    model, tok = M.load_model(name)
+    texts = generate(model, tok, [p.prompt for p in probs], max_new_tokens=M.max_new_tokens(), batch_size=128)
+    rows = [{"id": str(i), "question": p.question, "answer": p.answer, "response": t}
+            for i, (p, t) in enumerate(zip(probs, texts))]
+    correct = [W.check_trace(p.question, t)["answer_ok"] for p, t in zip(probs, texts)]
+    path = _write_jsonl(os.path.join(cfg.out, "traces", f"{name}.jsonl"), rows)
+    return {"path": path, "accuracy": sum(correct) / len(correct)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,32 +184,45 @@ def correct_examples(paths: list[str]):
     return [ex for p in paths for ex in load_examples(p, only_correct=True, is_correct=ok)]
 
 
-def sft_student(cfg: DemoConfig, name: str, examples, eval_probs) -> dict:
-    """Fine-tunes student-base on ``examples`` (sft_steps steps), once per seed in
-    seed .. seed + sft_seeds - 1 -> {"accuracy": mean over seeds, "per_seed": [...], "examples"}.
+def evaluate_student(cfg: DemoConfig, eval_probs) -> float:
+    """Accuracy of student-base itself (no distillation)."""
+    model, tok = M.load_model(M.STUDENT)
+    return M.evaluate_traces(model, tok, eval_probs)["accuracy"]
+
+
+def sft_seed(cfg: DemoConfig, name: str, trace_paths: list[str], seed: int, eval_probs) -> dict:
+    """Fine-tunes student-base on the correct traces in ``trace_paths`` for sft_steps steps with data
+    order ``seed`` -> {"examples", "accuracy"} (no correct trace: student-base's own accuracy)."""
+    from distillkit.data import SFTCollator, sft_loss
+    from distillkit.train import TrainConfig, Trainer
+
+    examples = correct_examples(trace_paths)
+    if not examples:
+        return {"examples": 0, "accuracy": evaluate_student(cfg, eval_probs)}
+    model, tok = M.load_model(M.STUDENT)
+    tc = TrainConfig(output_dir=os.path.join(cfg.out, "runs", f"{name}-seed{seed}"), max_steps=cfg.sft_steps,
+                     batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=10, min_lr_ratio=0.1, seed=seed,
+                     progress=False, resume=False, log_every=max(1, cfg.sft_steps // 4))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        Trainer(model, tc, examples, SFTCollator(tok), sft_loss).train()
+    model.eval()
+    return {"examples": len(examples), "accuracy": M.evaluate_traces(model, tok, eval_probs)["accuracy"]}
+
+
+def sft_seeds(cfg: DemoConfig) -> range:
+    """The SFT (and VCRD) seeds averaged per row: seed .. seed + sft_seeds - 1.
 
     Several seeds because a 0.1M-parameter student's accuracy after a few hundred steps moves by
     several points with the data order alone; one seed would rank equal data at random.
     """
-    from distillkit.data import SFTCollator, sft_loss
-    from distillkit.train import TrainConfig, Trainer
+    return range(cfg.seed, cfg.seed + cfg.sft_seeds)
 
-    if not examples:
-        model, tok = M.load_model(M.STUDENT)
-        acc = M.evaluate_traces(model, tok, eval_probs)["accuracy"]
-        return {"examples": 0, "accuracy": acc, "per_seed": [acc]}
-    accs = []
-    for seed in range(cfg.seed, cfg.seed + cfg.sft_seeds):
-        model, tok = M.load_model(M.STUDENT)
-        tc = TrainConfig(output_dir=os.path.join(cfg.out, "runs", f"{name}-seed{seed}"), max_steps=cfg.sft_steps,
-                         batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=10, min_lr_ratio=0.1, seed=seed,
-                         progress=False, resume=False, log_every=max(1, cfg.sft_steps // 4))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            Trainer(model, tc, examples, SFTCollator(tok), sft_loss).train()
-        model.eval()
-        accs.append(M.evaluate_traces(model, tok, eval_probs)["accuracy"])
-    return {"examples": len(examples), "accuracy": sum(accs) / len(accs), "per_seed": accs}
+
+def mean_of_seeds(per_seed: list[dict]) -> dict:
+    """{"examples", "accuracy": mean over seeds, "per_seed": [accuracy, ...]} of sft_seed results."""
+    accs = [r["accuracy"] for r in per_seed]
+    return {"examples": per_seed[0]["examples"], "accuracy": sum(accs) / len(accs), "per_seed": accs}
 
 
 def _sft_detail(r: dict) -> str:
@@ -221,7 +254,8 @@ def run_mot(cfg: DemoConfig, teacher_paths: list[str], eval_probs) -> dict:
 # 4./5. VCRD and QR-Distill
 # ----------------------------------------------------------------------------------------------
 def run_vcrd(cfg: DemoConfig, weighting: str, teacher: str, prompts_path: str, eval_probs, *, student: str,
-             seed: int) -> dict:
+             seed: int) -> float:
+    """One VCRD run (``weighting``: clamped_ratio or uniform) from the model in ``student`` -> accuracy."""
     from distillkit.methods.vcrd import VcrdConfig
     from distillkit.methods.vcrd import run as vcrd_run
     from distillkit.teachers.hf import load_causal_lm
@@ -239,12 +273,11 @@ def run_vcrd(cfg: DemoConfig, weighting: str, teacher: str, prompts_path: str, e
         torch.manual_seed(seed)
         summary = vcrd_run(vc)
     model, tok = load_causal_lm(summary["final_model"])
-    return M.evaluate_traces(model, tok, eval_probs)
+    return M.evaluate_traces(model, tok, eval_probs)["accuracy"]
 
 
-def run_vcrd_section(cfg: DemoConfig, teacher: str, teacher_traces: str, prompts_path: str, eval_probs) -> dict:
-    """VCRD with validity weights and with uniform weights, from one starting student, averaged over
-    sft_seeds seeds -> {"start": accuracy of the starting student, weighting: {"accuracy", "per_seed"}}.
+def vcrd_start(cfg: DemoConfig, teacher: str, teacher_traces: str, eval_probs) -> dict:
+    """The student VCRD starts from -> {"model": its folder, "accuracy"}.
 
     The start is the student after vcrd_sft_steps of SFT on the teacher's correct traces (SFT, then
     on-policy distillation). From the base student VCRD barely moves: on 3-step prefixes the base student
@@ -267,12 +300,7 @@ def run_vcrd_section(cfg: DemoConfig, teacher: str, teacher_traces: str, prompts
         model.eval()
         start = os.path.join(cfg.out, "runs", "vcrd-sft-start", "model")
         save_pretrained_atomic(model, tok, start)
-    out = {"start": M.evaluate_traces(model, tok, eval_probs)["accuracy"]}
-    for weighting in ("clamped_ratio", "uniform"):
-        accs = [run_vcrd(cfg, weighting, teacher, prompts_path, eval_probs, student=start, seed=seed)["accuracy"]
-                for seed in range(cfg.seed, cfg.seed + cfg.sft_seeds)]
-        out[weighting] = {"accuracy": sum(accs) / len(accs), "per_seed": accs}
-    return out
+    return {"model": start, "accuracy": M.evaluate_traces(model, tok, eval_probs)["accuracy"]}
 
 
 def run_qr(cfg: DemoConfig, routing: str, questions_path: str, teacher_paths: list[str], eval_probs) -> dict:
@@ -294,7 +322,8 @@ def run_qr(cfg: DemoConfig, routing: str, questions_path: str, teacher_paths: li
                     rec = json.loads(line)
                     rows.append({**rec, "id": f"{t}|{rec['id']}", "qid": rec["id"], "teacher": t, "style": "cot",
                                  "prompt": W.PROMPT_TEMPLATE.format(question=rec["question"])})
-    paths_file = _write_jsonl(os.path.join(cfg.out, "traces", "qr_paths.jsonl"), rows)
+    # one file per routing: the two routings may run side by side
+    paths_file = _write_jsonl(os.path.join(cfg.out, "traces", f"qr_paths-{routing}.jsonl"), rows)
     student_dirs = []
     for i in range(2):  # two copies of the student; the router decides which sees which path
         d = os.path.join(out_dir, "init", f"student{i}")
@@ -319,182 +348,237 @@ def run_qr(cfg: DemoConfig, routing: str, questions_path: str, teacher_paths: li
             "shares": shares}
 
 
+
+
 # ----------------------------------------------------------------------------------------------
-# Report
+# Jobs: the independent runs, side by side
 # ----------------------------------------------------------------------------------------------
-# The orderings the papers report; the demo checks each one on its own numbers.
-PAPER_ORDERINGS = [
-    ("Table 2 (CoRD)", "trace accuracy", ["cord", "greedy", "curation"]),
-    ("Table 2 (CoRD)", "trace accuracy", ["greedy", "random"]),
-    ("Table 3 (CoRD)", "student accuracy", ["sft: cord", "sft: curation"]),
-    ("Table 4 (MoT)", "student accuracy", ["mot", "sft: best single teacher"]),
-    ("Table 4 (MoT)", "student accuracy", ["mot", "sft: union of teachers"]),
-    ("Table 5 (VCRD)", "student accuracy", ["vcrd: clamped_ratio", "vcrd: uniform"]),
-    ("Table 5 (VCRD)", "student accuracy", ["vcrd: clamped_ratio", "vcrd: start"]),
-    ("QR-Distill", "student accuracy", ["qr: learned routing", "qr: random routing"]),
-]
+@dataclass
+class Job:
+    """One independent run, ``fn(**kwargs)``, started once the jobs named in ``deps`` are done.
+
+    ``kwargs`` may be a function of the finished jobs' values (by key); ``cost`` is a rough guess of its
+    CPU seconds, used only to start the longest chains of work first.
+    """
+    key: str
+    section: str
+    fn: Callable
+    kwargs: dict | Callable[[dict], dict]
+    deps: tuple = ()
+    cost: float = 1.0
 
 
-def check_orderings(rows: dict[str, dict]) -> list[str]:
-    lines = []
-    for table, metric, order in PAPER_ORDERINGS:
-        if not all(k in rows for k in order):
-            continue
-        vals = [rows[k]["accuracy"] for k in order]
-        claim = " > ".join(order)
-        got = ", ".join(f"{k} {v:.3f}" for k, v in zip(order, vals))
-        holds = all(a > b for a, b in zip(vals, vals[1:]))
-        lines.append(f"- {table}, {metric}: paper {claim}; here {got}: "
-                     + ("**holds**." if holds else "**differs from the paper** (here the ordering does not hold)."))
-    return lines
+def _timed(fn: Callable, kwargs: dict) -> tuple:
+    """(fn(**kwargs), start on the system-wide monotonic clock, wall s, CPU s of this process)."""
+    t0, c0 = time.monotonic(), time.process_time()
+    value = fn(**kwargs)
+    return value, t0, time.monotonic() - t0, time.process_time() - c0
 
 
-def explain(rows: dict[str, dict]) -> list[str]:
-    """Plain-words reasons for the differences this world is known to produce, from this run's numbers."""
-    out = []
-    if all(k in rows for k in ("cord", "greedy", "curation")) and rows["greedy"]["accuracy"] < rows["curation"]["accuracy"]:
-        out.append("- Greedy CoRD (one beam) commits to the meta-prover's first choice; early in a trace the "
-                   "meta-prover must finish the remaining operations in its head and is often unsure "
-                   "(recorded in assets/manifest.json: answer accuracy by steps written), while curation "
-                   "compares complete traces, which it reads almost perfectly.")
-    if all(k in rows for k in ("cord", "curation", "sft: cord", "sft: curation")) and \
-            rows["sft: cord"]["accuracy"] < rows["sft: curation"]["accuracy"]:
-        out.append(f"- CoRD's score is the likelihood of the right *answer*, so it also picks wrong steps that "
-                   f"happen to reach it: {rows['cord']['lucky']} of its answer-correct traces contain a wrong "
-                   f"step (curation: {rows['curation']['lucky']}). The student learns those wrong steps. The "
-                   "paper's CoRD advantage in Table 3 assumes such lucky traces are rare.")
-    base = rows.get("student-base (no distillation)", {}).get("accuracy")
-    start = rows.get("vcrd: start", {}).get("accuracy")
-    vcrd = [r["accuracy"] for k, r in rows.items() if k in ("vcrd: clamped_ratio", "vcrd: uniform")]
-    if start is not None and vcrd and max(vcrd) <= start:
-        out.append(f"- No VCRD run improved on its starting student ({start:.3f}) at these step counts, so its "
-                   "ordering above compares two runs that did not learn.")
-    shares = rows.get("qr: learned routing", {}).get("shares") or {}
-    if shares and max(shares.values()) > 0.9:
-        out.append(f"- The learned router ended up sending {max(shares.values()):.0%} of the paths to one student. "
-                   "Here the two students are copies of one model and every path has one style, so there is nothing "
-                   "to route on: the student that gets ahead is given more paths, and the balance term (lambda_2) is "
-                   "too weak to stop that. Its best student simply trained on more paths than either random-routing "
-                   "student, so this ordering says little about routing.")
-    qr = [r["accuracy"] for k, r in rows.items() if k.startswith("qr: ")]
-    if base is not None and qr and max(qr) <= base:
-        out.append(f"- No QR-Distill run beat the undistilled student ({base:.3f}) at these step counts, so its "
-                   "ordering above compares two runs that did not learn the third step; SFT on correct "
-                   "traces needed a few hundred steps for that here.")
-    return out
+def _worker_init(log_level: int) -> None:
+    torch.set_num_threads(1)  # one thread per job: results independent of how many run side by side
+    logging.basicConfig(level=log_level, format="%(message)s")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per model load would drown the log
+    hf_logging.set_verbosity_error()   # the meta-prover loaded as QR's encoder reports its unused lm_head
 
 
-def plot_rows(rows: dict[str, dict], path: str) -> str | None:
+def run_jobs(jobs: list[Job], workers: int) -> dict[str, tuple]:
+    """Runs ``jobs`` (each listed after its deps) -> {key: (value, start, wall_s, cpu_s)}.
+
+    workers == 1: one after another in this process. Otherwise in ``workers`` spawned processes, a job
+    starting when its deps are done, the ready job with the most work behind it (its cost plus its
+    dependents' longest chain) first.
+    """
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from multiprocessing import get_context
+
+    def kwargs_of(job: Job) -> dict:
+        return job.kwargs(done) if callable(job.kwargs) else job.kwargs
+
+    done: dict[str, tuple] = {}
+    if workers == 1:
+        for job in jobs:
+            done[job.key] = _timed(job.fn, kwargs_of(job))
+        return done
+    chain: dict[str, float] = {}
+    for job in reversed(jobs):
+        chain[job.key] = job.cost + max((chain[j.key] for j in jobs if job.key in j.deps), default=0.0)
+    pending, running = list(jobs), {}
+    # spawn, not fork: this process may hold torch's thread pools and open files
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_worker_init,
+                             initargs=(logging.getLogger().getEffectiveLevel(),)) as pool:
+        while pending or running:
+            ready = sorted((j for j in pending if all(d in done for d in j.deps)), key=lambda j: -chain[j.key])
+            for job in ready[:workers - len(running)]:
+                pending.remove(job)
+                running[pool.submit(_timed, job.fn, kwargs_of(job))] = job.key
+            if not running:
+                raise ValueError(f"jobs: {[j.key for j in pending]} wait on jobs that are not listed before them")
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                done[running.pop(future)] = future.result()
+    return done
+
+
+def _children_cpu_s() -> float:
+    """CPU seconds of this process's finished (waited-for) children: the workers, once the pool is shut down."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:  # plots are optional; the table carries every number
-        return None
-    names = list(rows)
-    fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1.2))
-    ax.barh(names[::-1], [rows[n]["accuracy"] for n in names][::-1], color="tab:blue")
-    ax.set_xlabel("answer accuracy (held-out 3-step problems)")
-    ax.set_xlim(0, 1)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+        import resource
+    except ImportError:  # Windows: the workers' CPU time goes uncounted
+        return 0.0
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
-def write_report(cfg: DemoConfig, result: dict) -> str:
-    rows = result["rows"]
-    lines = ["# distillkit demo: the four methods on the tiny reasoning world", "",
-             f"Seeds and sizes: `{json.dumps(asdict(cfg))}`; torch threads {cfg.threads}; "
-             f"run time {result['elapsed_s']:.0f} s. Every number below comes from this run.", "",
-             "Problems: 3-step chains of one-digit operations mod 10 (distillkit.world.problems), "
-             f"{cfg.n_distill} for distillation and {cfg.n_eval} for evaluation, none seen in training. "
-             "Teachers err on carry / borrow / overflow steps respectively; the student has seen 2-step problems only.",
-             "", "| row | accuracy | detail |", "|---|---:|---|"]
-    for name, r in rows.items():
-        lines.append(f"| {name} | {r['accuracy']:.3f} | {r.get('detail', '')} |")
-    lines += ["", "## Orderings against the papers", "", *check_orderings(rows), *explain(rows)]
-    plot = plot_rows(rows, os.path.join(cfg.out, "accuracy.png"))
-    if plot:
-        lines += ["", "![accuracy](accuracy.png)"]
-    for method in ("cord", "greedy", "curation"):
-        png = os.path.join(cfg.out, f"cord_{method}_hit_rates.png")
-        if os.path.exists(png):
-            lines += ["", f"Teacher hit rates ({method}):", "", f"![{method}]({os.path.basename(png)})"]
-    path = os.path.join(cfg.out, "report.md")
-    with open(path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
-    return path
+def section_times(jobs: list[Job], done: dict[str, tuple]) -> dict[str, dict]:
+    """{section: {"jobs", "cpu_s": summed over its jobs, "wall_s": first start to last end}}."""
+    out: dict[str, dict] = {}
+    for job in jobs:
+        _, start, wall, cpu = done[job.key]
+        s = out.setdefault(job.section, {"jobs": 0, "cpu_s": 0.0, "start": start, "end": start + wall})
+        s["jobs"] += 1
+        s["cpu_s"] += cpu
+        s["start"], s["end"] = min(s["start"], start), max(s["end"], start + wall)
+    return {k: {"jobs": s["jobs"], "cpu_s": round(s["cpu_s"], 1), "wall_s": round(s["end"] - s["start"], 1)}
+            for k, s in out.items()}
+
+
+def _trace_path(cfg: DemoConfig, name: str) -> str:
+    return os.path.join(cfg.out, "traces", f"{name}.jsonl")
+
+
+def plan_jobs(cfg: DemoConfig, distill, evals, q_distill: str) -> list[Job]:
+    """Every run of the selected sections as a Job, in the order the single-worker run takes them."""
+    traces = tuple(f"trace: {n}" for n in M.TEACHERS)
+    teacher_paths = [_trace_path(cfg, n) for n in M.TEACHERS]
+
+    def best(done: dict) -> str:  # the teacher whose own traces are most often right (first on a tie)
+        return max(M.TEACHERS, key=lambda n: done[f"trace: {n}"][0]["accuracy"])
+
+    # Costs: rough CPU seconds per unit of work on one thread, only to order the jobs.
+    sft_cost = 0.04 * cfg.sft_steps * cfg.batch_size / 16 + 0.02 * cfg.n_eval
+    jobs = [Job(k, "teacher traces", teacher_traces, dict(cfg=cfg, name=n, probs=distill), cost=0.02 * cfg.n_distill)
+            for k, n in zip(traces, M.TEACHERS)]
+    if "cord" in cfg.sections:
+        jobs += [Job(f"cord: {m}", "cord", cord_method, dict(cfg=cfg, method=m, questions_path=q_distill),
+                     cost=0.2 * cfg.n_distill * (cfg.beam_size if m == "cord" else 1))
+                 for m in CORD_METHODS]
+    if "sft" in cfg.sections or "mot" in cfg.sections:
+        jobs.append(Job("student-base", "sft", evaluate_student, dict(cfg=cfg, eval_probs=evals), cost=0.02 * cfg.n_eval))
+    if "sft" in cfg.sections:
+        jobs += [Job(f"sft: {m} seed{seed}", "sft", sft_seed,
+                     dict(cfg=cfg, name=f"sft-{m}", trace_paths=[_trace_path(cfg, m)], seed=seed, eval_probs=evals),
+                     deps=(f"cord: {m}",), cost=sft_cost)
+                 for m in CORD_METHODS for seed in sft_seeds(cfg)]
+    if "mot" in cfg.sections:
+        jobs += [Job(f"sft: best single teacher seed{seed}", "mot", sft_seed,
+                     lambda done, seed=seed: dict(cfg=cfg, name="sft-best-teacher", seed=seed, eval_probs=evals,
+                                                  trace_paths=[_trace_path(cfg, best(done))]),
+                     deps=traces, cost=sft_cost)
+                 for seed in sft_seeds(cfg)]
+        jobs += [Job(f"sft: union of teachers seed{seed}", "mot", sft_seed,
+                     dict(cfg=cfg, name="sft-union", trace_paths=teacher_paths, seed=seed, eval_probs=evals),
+                     deps=traces, cost=sft_cost)
+                 for seed in sft_seeds(cfg)]
+        jobs.append(Job("mot", "mot", run_mot, dict(cfg=cfg, teacher_paths=teacher_paths, eval_probs=evals), deps=traces,
+                        cost=(len(M.TEACHERS) + 1) * sft_cost))
+    if "vcrd" in cfg.sections:
+        jobs.append(Job("vcrd: start", "vcrd", vcrd_start,
+                        lambda done: dict(cfg=cfg, teacher=best(done), teacher_traces=_trace_path(cfg, best(done)),
+                                          eval_probs=evals),
+                        deps=traces, cost=0.5 * sft_cost))
+        jobs += [Job(f"vcrd: {w} seed{seed}", "vcrd", run_vcrd,
+                     lambda done, w=w, seed=seed: dict(cfg=cfg, weighting=w, teacher=best(done), prompts_path=q_distill,
+                                                       eval_probs=evals, student=done["vcrd: start"][0]["model"],
+                                                       seed=seed),
+                     deps=(*traces, "vcrd: start"), cost=0.5 * cfg.vcrd_steps * cfg.batch_size / 16 + 0.02 * cfg.n_eval)
+                 for w in VCRD_WEIGHTINGS for seed in sft_seeds(cfg)]
+    if "qr" in cfg.sections:
+        jobs += [Job(f"qr: {routing}", "qr", run_qr,
+                     dict(cfg=cfg, routing=routing, questions_path=q_distill, teacher_paths=teacher_paths,
+                          eval_probs=evals),
+                     deps=traces, cost=0.1 * cfg.qr_steps * cfg.batch_size / 16 + 0.04 * cfg.n_eval)
+                 for routing in QR_ROUTINGS]
+    return jobs
+
+
+def collect_rows(cfg: DemoConfig, done: dict[str, tuple]) -> tuple[dict[str, dict], dict[str, dict]]:
+    """The report's rows (in the report's order) and the CoRD summaries from the finished jobs."""
+    value = {k: v[0] for k, v in done.items()}
+    rows: dict[str, dict] = {}
+    for name in M.TEACHERS:
+        rows[f"trace: {name}"] = {"accuracy": value[f"trace: {name}"]["accuracy"], "detail": "its own greedy traces"}
+    cord_runs = {m: value[f"cord: {m}"] for m in CORD_METHODS if f"cord: {m}" in value}
+    for method, s in cord_runs.items():
+        rows[method] = {"accuracy": s["accuracy"], "lucky": s["lucky"],
+                        "detail": f"trace accuracy; every step right {s['all_steps_ok']:.3f}; "
+                                  f"{s['lucky']} right answers after a wrong step; mean predictive "
+                                  f"perplexity score {s['mean_predictive_perplexity']:.3f}; "
+                                  f"{s['mean_tokens_generated']:.0f} teacher tokens/question; "
+                                  f"{s['elapsed_s']:.0f} s"}
+    if "student-base" in value:
+        rows["student-base (no distillation)"] = {"accuracy": value["student-base"],
+                                                  "detail": "trained on 2-step problems"}
+    seeds = sft_seeds(cfg)
+    if "sft" in cfg.sections:
+        for m in CORD_METHODS:
+            r = mean_of_seeds([value[f"sft: {m} seed{seed}"] for seed in seeds])
+            rows[f"sft: {m}"] = {"accuracy": r["accuracy"], "detail": _sft_detail(r)}
+    best = max(M.TEACHERS, key=lambda n: value[f"trace: {n}"]["accuracy"])
+    if "mot" in cfg.sections:
+        r = mean_of_seeds([value[f"sft: best single teacher seed{seed}"] for seed in seeds])
+        rows["sft: best single teacher"] = {"accuracy": r["accuracy"], "detail": f"{best}: " + _sft_detail(r)}
+        r = mean_of_seeds([value[f"sft: union of teachers seed{seed}"] for seed in seeds])
+        rows["sft: union of teachers"] = {"accuracy": r["accuracy"], "detail": _sft_detail(r)}
+        rows["mot"] = {"accuracy": value["mot"]["accuracy"],
+                       "detail": f"{cfg.mot_rounds} rounds x {len(M.TEACHERS)} branches x "
+                                 f"{max(1, cfg.sft_steps // cfg.mot_rounds)} steps, average merge; one seed"}
+    if "vcrd" in cfg.sections:
+        start = (f"the student after {cfg.vcrd_sft_steps} SFT steps on {best}'s correct traces"
+                 if cfg.vcrd_sft_steps else "student-base")
+        rows["vcrd: start"] = {"accuracy": value["vcrd: start"]["accuracy"], "detail": start}
+        for w in VCRD_WEIGHTINGS:
+            accs = [value[f"vcrd: {w} seed{seed}"] for seed in seeds]
+            detail = (f"from vcrd: start; teacher {best}, {cfg.vcrd_steps} steps, PRM-free validity; mean of "
+                      "seeds " + " ".join(f"{a:.3f}" for a in accs))
+            rows[f"vcrd: {w}"] = {"accuracy": sum(accs) / len(accs), "detail": detail}
+    if "qr" in cfg.sections:
+        for routing in QR_ROUTINGS:
+            r = value[f"qr: {routing}"]
+            detail = f"best of 2 students ({r['students']})"
+            if r["shares"]:
+                detail += f"; paths routed at the end: {r['shares']}"
+            rows[f"qr: {routing} routing"] = {"accuracy": r["accuracy"], "detail": detail, "shares": r["shares"]}
+    return rows, cord_runs
 
 
 def run(cfg: DemoConfig) -> dict:
-    """Runs the selected sections; returns {"rows": {name: {"accuracy", "detail", ...}}, "report", ...}."""
-    t0 = time.perf_counter()
+    """Runs the selected sections -> {"rows": {name: {"accuracy", "detail", ...}}, "cord", "config",
+    "timing": {"wall_s", "cpu_s", "workers", "cpu_count", "sections": {name: {"jobs", "cpu_s", "wall_s"}},
+    "overhead_cpu_s"}, "elapsed_s", "report"}; writes report.md and results.json under cfg.out."""
+    t0, cpu0, children0 = time.perf_counter(), time.process_time(), _children_cpu_s()
     threads = torch.get_num_threads()
-    torch.set_num_threads(cfg.threads)
+    torch.set_num_threads(1)  # the jobs run here when cfg.threads == 1; in workers on one thread too
     try:
         os.makedirs(os.path.join(cfg.out, "traces"), exist_ok=True)
         distill, evals = split_questions(cfg)
         q_distill = _write_jsonl(os.path.join(cfg.out, "distill_questions.jsonl"), question_rows(distill))
         _write_jsonl(os.path.join(cfg.out, "eval_questions.jsonl"), question_rows(evals))
-        rows: dict[str, dict] = {}
-        singles = single_teacher_traces(cfg, distill)
-        for name, s in singles.items():
-            rows[f"trace: {name}"] = {"accuracy": s["accuracy"], "detail": "its own greedy traces"}
-        cord_runs = {}
-        if "cord" in cfg.sections:
-            cord_runs = run_cord_methods(cfg, q_distill)
-            for method, s in cord_runs.items():
-                s.update(step_check(s["path"]))
-                rows[method] = {"accuracy": s["accuracy"], "lucky": s["lucky"],
-                                "detail": f"trace accuracy; every step right {s['all_steps_ok']:.3f}; "
-                                          f"{s['lucky']} right answers after a wrong step; mean predictive "
-                                          f"perplexity score {s['mean_predictive_perplexity']:.3f}; "
-                                          f"{s['mean_tokens_generated']:.0f} teacher tokens/question; "
-                                          f"{s['elapsed_s']:.0f} s"}
-        teacher_paths = [singles[n]["path"] for n in M.TEACHERS]
-        if "sft" in cfg.sections or "mot" in cfg.sections:
-            base, tok = M.load_model(M.STUDENT)
-            r = M.evaluate_traces(base, tok, evals)
-            rows["student-base (no distillation)"] = {"accuracy": r["accuracy"], "detail": "trained on 2-step problems"}
-        if "sft" in cfg.sections:
-            for method in ("cord", "greedy", "curation", "random"):
-                r = sft_student(cfg, f"sft-{method}", correct_examples([cord_runs[method]["path"]]), evals)
-                rows[f"sft: {method}"] = {"accuracy": r["accuracy"], "detail": _sft_detail(r)}
-        if "mot" in cfg.sections:
-            best = max(M.TEACHERS, key=lambda n: singles[n]["accuracy"])
-            r = sft_student(cfg, "sft-best-teacher", correct_examples([singles[best]["path"]]), evals)
-            rows["sft: best single teacher"] = {"accuracy": r["accuracy"],
-                                                "detail": f"{best}: " + _sft_detail(r)}
-            r = sft_student(cfg, "sft-union", correct_examples(teacher_paths), evals)
-            rows["sft: union of teachers"] = {"accuracy": r["accuracy"], "detail": _sft_detail(r)}
-            r = run_mot(cfg, teacher_paths, evals)
-            rows["mot"] = {"accuracy": r["accuracy"],
-                           "detail": f"{cfg.mot_rounds} rounds x {len(M.TEACHERS)} branches x "
-                                     f"{max(1, cfg.sft_steps // cfg.mot_rounds)} steps, average merge; one seed"}
-        if "vcrd" in cfg.sections:
-            best = max(M.TEACHERS, key=lambda n: singles[n]["accuracy"])
-            r = run_vcrd_section(cfg, best, singles[best]["path"], q_distill, evals)
-            start = (f"the student after {cfg.vcrd_sft_steps} SFT steps on {best}'s correct traces"
-                     if cfg.vcrd_sft_steps else "student-base")
-            rows["vcrd: start"] = {"accuracy": r["start"], "detail": start}
-            for weighting in ("clamped_ratio", "uniform"):
-                detail = (f"from vcrd: start; teacher {best}, {cfg.vcrd_steps} steps, PRM-free validity; mean of "
-                          "seeds " + " ".join(f"{a:.3f}" for a in r[weighting]["per_seed"]))
-                rows[f"vcrd: {weighting}"] = {"accuracy": r[weighting]["accuracy"], "detail": detail}
-        if "qr" in cfg.sections:
-            for routing in ("learned", "random"):
-                r = run_qr(cfg, routing, q_distill, teacher_paths, evals)
-                detail = f"best of 2 students ({r['students']})"
-                if r["shares"]:
-                    detail += f"; paths routed at the end: {r['shares']}"
-                rows[f"qr: {routing} routing"] = {"accuracy": r["accuracy"], "detail": detail,
-                                                  "shares": r["shares"]}
+        jobs = plan_jobs(cfg, distill, evals, q_distill)
+        done = run_jobs(jobs, min(cfg.threads, len(jobs)))
+        rows, cord_runs = collect_rows(cfg, done)
+        sections = section_times(jobs, done)
+        wall = time.perf_counter() - t0
+        cpu = time.process_time() - cpu0 + _children_cpu_s() - children0
+        timing = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "workers": min(cfg.threads, len(jobs)),
+                  "cpu_count": usable_cores(), "sections": sections,
+                  "overhead_cpu_s": round(cpu - sum(s["cpu_s"] for s in sections.values()), 1)}
         result = {"rows": rows, "cord": {k: {kk: v[kk] for kk in ("accuracy", "mean_predictive_perplexity",
                                                                  "mean_tokens_generated", "teacher_share")}
                                          for k, v in cord_runs.items()},
-                  "config": asdict(cfg), "elapsed_s": time.perf_counter() - t0}
+                  "config": asdict(cfg), "timing": timing, "elapsed_s": wall}
         result["report"] = write_report(cfg, result)
         with open(os.path.join(cfg.out, "results.json"), "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1, default=str)
@@ -503,20 +587,16 @@ def run(cfg: DemoConfig) -> dict:
         torch.set_num_threads(threads)
 
 
-def format_table(rows: dict[str, dict]) -> str:
-    width = max(len(k) for k in rows) + 2
-    out = [f"{'row':<{width}} {'accuracy':>8}  detail"]
-    out += [f"{k:<{width}} {v['accuracy']:8.3f}  {v.get('detail', '')}" for k, v in rows.items()]
-    return "\n".join(out)
-
-
 def cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="distillkit demo", description=__doc__.split("\n\n")[0])
-    defaults = DemoConfig.__dataclass_fields__
+    p = argparse.ArgumentParser(prog="distillkit demo", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    fields = DemoConfig.__dataclass_fields__
     for name in ("out", "n_distill", "n_eval", "beam_size", "sft_steps", "sft_seeds", "batch_size", "lr", "mot_rounds",
                  "vcrd_steps", "vcrd_sft_steps", "vcrd_lr", "vcrd_temperature", "qr_steps", "seed", "threads"):
-        f = defaults[name]
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(f.default), default=f.default, help=f.metadata["help"])
+        f = fields[name]
+        default = f.default_factory() if f.default is MISSING else f.default
+        p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default,
+                       help=f.metadata["help"].replace("%", "%%"))
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS, help="which parts to run")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -529,5 +609,6 @@ def cli(argv: list[str]) -> int:
     print(format_table(result["rows"]))
     print()
     print("\n".join(check_orderings(result["rows"])))
-    print(f"\nreport: {result['report']} ({result['elapsed_s']:.0f} s)")
+    t = result["timing"]
+    print(f"\nreport: {result['report']} ({t['wall_s']:.0f} s wall, {t['cpu_s']:.0f} s CPU, {t['workers']} workers)")
     return 0

@@ -1,8 +1,10 @@
-"""A reduced `distillkit demo`: every method runs end to end on the shipped tiny world (~1-2 min)."""
+"""A reduced `distillkit demo`: every method runs end to end on the shipped tiny world (~1-2 min), once on one
+thread and once on two workers, which must give the same numbers."""
 from __future__ import annotations
 
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -37,6 +39,12 @@ def test_reduced_demo_runs_every_method_and_writes_the_report(small_run):
     with open(os.path.join(out, "results.json"), encoding="utf-8") as f:
         saved = json.load(f)
     assert saved["rows"]["cord"]["accuracy"] == rows["cord"]["accuracy"]
+    # every section's time is in the report's header and in results.json, for one run to measure
+    assert set(saved["timing"]["sections"]) == {"teacher traces", *demo.SECTIONS}
+    for name, s in result["timing"]["sections"].items():
+        assert s["cpu_s"] > 0 and s["wall_s"] > 0, name
+        assert re.search(rf"\| {name} \| {s['jobs']} \| {s['cpu_s']:.1f} \| {s['wall_s']:.1f} \|", report), name
+    assert saved["timing"]["workers"] == 1
     # CoRD's traces are CoRD records the students train on
     with open(os.path.join(out, "traces", "cord.jsonl"), encoding="utf-8") as f:
         first = json.loads(f.readline())
@@ -49,11 +57,17 @@ def test_cord_beats_a_single_flawed_teacher_even_when_small(small_run):
     assert rows["cord"]["accuracy"] >= best_single
 
 
-def test_a_second_run_gives_the_same_numbers(small_run, tmp_path):
+def test_two_workers_give_the_numbers_of_one_thread(small_run, tmp_path):
+    # every job runs on one torch thread, side by side or one after another: the same numbers, bit for bit
     _, first = small_run
-    again = demo.run(demo.DemoConfig(out=str(tmp_path), **{**SMALL, "sections": ("cord", "sft")}))
+    threads = torch.get_num_threads()
+    again = demo.run(demo.DemoConfig(out=str(tmp_path), **{**SMALL, "threads": 2}))
+    assert again["timing"]["workers"] == 2
+    assert torch.get_num_threads() == threads  # the caller's setting comes back
+    assert list(again["rows"]) == list(first["rows"])
     for name, row in again["rows"].items():
         assert row["accuracy"] == first["rows"][name]["accuracy"], name
+        assert re.sub(r"; \d+ s$", "", row["detail"]) == re.sub(r"; \d+ s$", "", first["rows"][name]["detail"]), name
 
 
 def test_config_checks_its_fields():
@@ -65,4 +79,16 @@ def test_config_checks_its_fields():
         demo.DemoConfig(sections=("cord", "nope"))
     with pytest.raises(ValueError, match="n_distill \\+ n_eval"):
         demo.DemoConfig(n_distill=400, n_eval=400)
-    assert torch.get_num_threads() >= 1
+    with pytest.raises(ValueError, match="threads"):
+        demo.DemoConfig(threads=0)
+    # by default the demo uses every core it may run on
+    assert demo.DemoConfig().threads == len(os.sched_getaffinity(0))
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        demo.cli(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option, default in [("--sft-steps", 320), ("--n-eval", 192), ("--lr", 0.002), ("--out", "distillkit-demo"),
+                            ("--threads", len(os.sched_getaffinity(0))), ("--sections", "['cord', 'sft', 'mot'")]:
+        assert re.search(rf"{option} [A-Z_\[{{](?:(?!--).)*?\(default: {re.escape(str(default))}", text), option
