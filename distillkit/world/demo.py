@@ -71,6 +71,9 @@ class DemoConfig:
     vcrd_lr: float = field(default=5e-4, metadata={"help": "VCRD learning rate (distillation on rollouts: lower than SFT)"})
     vcrd_temperature: float = field(default=0.7, metadata={"help": "VCRD rollout sampling temperature"})
     qr_steps: int = field(default=120, metadata={"help": "QR-Distill optimizer steps per routing"})
+    cord_shard: int = field(default=40, metadata={
+        "help": "questions per CoRD job (a method's jobs run side by side; each question is decoded under a seed "
+                "of its own, so the split does not change the traces)"})
     sections: tuple = field(default=SECTIONS, metadata={"help": "which parts to run"})
     seed: int = field(default=0, metadata={"help": "every seed derives from it"})
     threads: int = field(default_factory=lambda: usable_cores(), metadata={
@@ -79,7 +82,7 @@ class DemoConfig:
 
     def __post_init__(self):
         for name in ("n_distill", "n_eval", "beam_size", "sft_steps", "sft_seeds", "batch_size", "mot_rounds", "vcrd_steps",
-                     "qr_steps", "threads"):
+                     "qr_steps", "cord_shard", "threads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected an integer >= 1")
         if not isinstance(self.vcrd_sft_steps, int) or self.vcrd_sft_steps < 0:
@@ -117,29 +120,46 @@ def question_rows(probs) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 # 1. CoRD vs greedy vs curation vs random
 # ----------------------------------------------------------------------------------------------
-def cord_method(cfg: DemoConfig, method: str, questions_path: str) -> dict:
-    """One CoRD run (``method``: cord, greedy, curation or random) over the distillation questions ->
-    cord.run's summary + {"path", "elapsed_s"} + :func:`step_check`."""
+def cord_shard(cfg: DemoConfig, method: str, questions: list[dict], shard: int) -> dict:
+    """One CoRD run (``method``: cord, greedy, curation or random) over a slice of the distillation
+    questions -> {"path": its records, "elapsed_s"}.
+
+    CoRD decodes every question on its own, under a seed of its id (cord.question_seed), so the slices'
+    records concatenated in order are those of one run over all the questions.
+    """
     from distillkit.methods import cord
     from distillkit.methods.meta_prover import MetaProver
     from distillkit.teachers.hf import HFTeacher
 
     teachers = [HFTeacher.from_pretrained(M.asset_path(n), name=n) for n in M.TEACHERS]
     prover = MetaProver.from_pretrained(M.asset_path(M.META_PROVER), backend="reference")
-    path = os.path.join(cfg.out, "traces", f"{method}.jsonl")
-    if os.path.exists(path):
-        os.remove(path)  # every number comes from this run
+    stem = os.path.join(cfg.out, "traces", "shards", f"{method}-{shard}")
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
+    for old in (stem + ".jsonl", stem + ".jsonl.run_config.json"):
+        if os.path.exists(old):
+            os.remove(old)  # every number comes from this run
     c = cord.CordConfig(
         teachers=[M.asset_path(n) for n in M.TEACHERS], teacher_names=list(M.TEACHERS),
-        meta_prover=M.asset_path(M.META_PROVER), input_path=questions_path, output_path=path,
-        method=method, beam_size=cfg.beam_size, max_steps=W.NUM_OPS + 1,
+        meta_prover=M.asset_path(M.META_PROVER), input_path=_write_jsonl(stem + ".questions.jsonl", questions),
+        output_path=stem + ".jsonl", method=method, beam_size=cfg.beam_size, max_steps=W.NUM_OPS + 1,
         token_budget=M.max_new_tokens(), max_step_tokens=16, max_answer_tokens=8, seed=cfg.seed,
-        scoring_backend="reference", progress=False, plot_path=os.path.join(cfg.out, f"cord_{method}_hit_rates.png"))
+        scoring_backend="reference", progress=False)
     t0 = time.perf_counter()
-    summary = cord.run(c, teachers=teachers, meta_prover=prover)
-    summary["elapsed_s"] = round(time.perf_counter() - t0, 1)
-    summary["path"] = path
-    summary.update(step_check(path))
+    cord.run(c, teachers=teachers, meta_prover=prover)
+    return {"path": c.output_path, "elapsed_s": time.perf_counter() - t0}
+
+
+def cord_merge(cfg: DemoConfig, method: str, shards: list[dict]) -> dict:
+    """The records of a method's slices, in order, as traces/<method>.jsonl -> cord's summary of them +
+    {"path", "elapsed_s": summed over the slices} + :func:`step_check`; writes the hit-rate plot."""
+    from distillkit.methods import cord
+
+    records = [r for s in shards for r in cord.load_done(s["path"])]
+    path = _write_jsonl(os.path.join(cfg.out, "traces", f"{method}.jsonl"), records)
+    summary = cord.summarize(records, list(M.TEACHERS))
+    summary["method"] = method
+    cord.write_summary(summary, path + ".summary.json", os.path.join(cfg.out, f"cord_{method}_hit_rates.png"))
+    summary.update(path=path, elapsed_s=round(sum(s["elapsed_s"] for s in shards), 1), **step_check(path))
     log.info("cord[%s]: accuracy %.3f, perplexity score %.3f (%.0f s)", method, summary["accuracy"],
              summary["mean_predictive_perplexity"], summary["elapsed_s"])
     return summary
@@ -418,7 +438,9 @@ def run_jobs(jobs: list[Job], workers: int) -> dict[str, tuple]:
                 raise ValueError(f"jobs: {[j.key for j in pending]} wait on jobs that are not listed before them")
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
-                done[running.pop(future)] = future.result()
+                key = running.pop(future)
+                done[key] = future.result()
+                log.info("demo: %d/%d jobs done (%s: %.0f s CPU)", len(done), len(jobs), key, done[key][3])
     return done
 
 
@@ -445,6 +467,12 @@ def section_times(jobs: list[Job], done: dict[str, tuple]) -> dict[str, dict]:
             for k, s in out.items()}
 
 
+def job_times(jobs: list[Job], done: dict[str, tuple], t0: float) -> dict[str, dict]:
+    """{job: {"start_s": after t0 (monotonic clock), "wall_s", "cpu_s"}}, to see what a schedule would give."""
+    return {j.key: {"start_s": round(done[j.key][1] - t0, 1), "wall_s": round(done[j.key][2], 1),
+                    "cpu_s": round(done[j.key][3], 1)} for j in jobs}
+
+
 def _trace_path(cfg: DemoConfig, name: str) -> str:
     return os.path.join(cfg.out, "traces", f"{name}.jsonl")
 
@@ -462,9 +490,16 @@ def plan_jobs(cfg: DemoConfig, distill, evals, q_distill: str) -> list[Job]:
     jobs = [Job(k, "teacher traces", teacher_traces, dict(cfg=cfg, name=n, probs=distill), cost=0.02 * cfg.n_distill)
             for k, n in zip(traces, M.TEACHERS)]
     if "cord" in cfg.sections:
-        jobs += [Job(f"cord: {m}", "cord", cord_method, dict(cfg=cfg, method=m, questions_path=q_distill),
-                     cost=0.2 * cfg.n_distill * (cfg.beam_size if m == "cord" else 1))
-                 for m in CORD_METHODS]
+        rows = question_rows(distill)
+        slices = [rows[i:i + cfg.cord_shard] for i in range(0, len(rows), cfg.cord_shard)]
+        for m in CORD_METHODS:
+            shards = tuple(f"cord: {m} shard{i}" for i in range(len(slices)))
+            jobs += [Job(k, "cord", cord_shard, dict(cfg=cfg, method=m, questions=qs, shard=i),
+                         cost=(1.0 if m == "cord" else 0.3) * cfg.beam_size / 4 * len(qs))
+                     for i, (k, qs) in enumerate(zip(shards, slices))]
+            jobs.append(Job(f"cord: {m}", "cord", cord_merge,
+                            lambda done, m=m, shards=shards: dict(cfg=cfg, method=m, shards=[done[k][0] for k in shards]),
+                            deps=shards, cost=1.0))
     if "sft" in cfg.sections or "mot" in cfg.sections:
         jobs.append(Job("student-base", "sft", evaluate_student, dict(cfg=cfg, eval_probs=evals), cost=0.02 * cfg.n_eval))
     if "sft" in cfg.sections:
@@ -557,8 +592,13 @@ def collect_rows(cfg: DemoConfig, done: dict[str, tuple]) -> tuple[dict[str, dic
 def run(cfg: DemoConfig) -> dict:
     """Runs the selected sections -> {"rows": {name: {"accuracy", "detail", ...}}, "cord", "config",
     "timing": {"wall_s", "cpu_s", "workers", "cpu_count", "sections": {name: {"jobs", "cpu_s", "wall_s"}},
-    "overhead_cpu_s"}, "elapsed_s", "report"}; writes report.md and results.json under cfg.out."""
-    t0, cpu0, children0 = time.perf_counter(), time.process_time(), _children_cpu_s()
+    "overhead_cpu_s", "jobs": {key: {"start_s", "wall_s", "cpu_s"}}}, "elapsed_s", "report"}; writes
+    report.md and results.json under cfg.out.
+
+    With threads > 1 the jobs run in spawned worker processes, which import the caller's main module:
+    a script that calls this needs the usual ``if __name__ == "__main__":`` guard.
+    """
+    t0, cpu0, children0 = time.monotonic(), time.process_time(), _children_cpu_s()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the jobs run here when cfg.threads == 1; in workers on one thread too
     try:
@@ -570,11 +610,12 @@ def run(cfg: DemoConfig) -> dict:
         done = run_jobs(jobs, min(cfg.threads, len(jobs)))
         rows, cord_runs = collect_rows(cfg, done)
         sections = section_times(jobs, done)
-        wall = time.perf_counter() - t0
+        wall = time.monotonic() - t0
         cpu = time.process_time() - cpu0 + _children_cpu_s() - children0
         timing = {"wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "workers": min(cfg.threads, len(jobs)),
                   "cpu_count": usable_cores(), "sections": sections,
-                  "overhead_cpu_s": round(cpu - sum(s["cpu_s"] for s in sections.values()), 1)}
+                  "overhead_cpu_s": round(cpu - sum(s["cpu_s"] for s in sections.values()), 1),
+                  "jobs": job_times(jobs, done, t0)}
         result = {"rows": rows, "cord": {k: {kk: v[kk] for kk in ("accuracy", "mean_predictive_perplexity",
                                                                  "mean_tokens_generated", "teacher_share")}
                                          for k, v in cord_runs.items()},
@@ -592,7 +633,8 @@ def cli(argv: list[str]) -> int:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     fields = DemoConfig.__dataclass_fields__
     for name in ("out", "n_distill", "n_eval", "beam_size", "sft_steps", "sft_seeds", "batch_size", "lr", "mot_rounds",
-                 "vcrd_steps", "vcrd_sft_steps", "vcrd_lr", "vcrd_temperature", "qr_steps", "seed", "threads"):
+                 "vcrd_steps", "vcrd_sft_steps", "vcrd_lr", "vcrd_temperature", "qr_steps", "cord_shard", "seed",
+                 "threads"):
         f = fields[name]
         default = f.default_factory() if f.default is MISSING else f.default
         p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default,

@@ -57,12 +57,14 @@ def test_cord_beats_a_single_flawed_teacher_even_when_small(small_run):
     assert rows["cord"]["accuracy"] >= best_single
 
 
-def test_two_workers_give_the_numbers_of_one_thread(small_run, tmp_path):
-    # every job runs on one torch thread, side by side or one after another: the same numbers, bit for bit
+def test_two_workers_and_cord_in_slices_give_the_numbers_of_one_thread(small_run, tmp_path):
+    # every job runs on one torch thread, side by side or one after another, and CoRD decodes each question
+    # under its own seed: the same numbers, bit for bit, from 2 workers and 3 CoRD slices per method
     _, first = small_run
     threads = torch.get_num_threads()
-    again = demo.run(demo.DemoConfig(out=str(tmp_path), **{**SMALL, "threads": 2}))
+    again = demo.run(demo.DemoConfig(out=str(tmp_path), **{**SMALL, "threads": 2, "cord_shard": 5}))
     assert again["timing"]["workers"] == 2
+    assert again["timing"]["sections"]["cord"]["jobs"] == len(demo.CORD_METHODS) * (3 + 1)  # 3 slices + merge
     assert torch.get_num_threads() == threads  # the caller's setting comes back
     assert list(again["rows"]) == list(first["rows"])
     for name, row in again["rows"].items():
@@ -81,6 +83,8 @@ def test_config_checks_its_fields():
         demo.DemoConfig(n_distill=400, n_eval=400)
     with pytest.raises(ValueError, match="threads"):
         demo.DemoConfig(threads=0)
+    with pytest.raises(ValueError, match="cord_shard"):
+        demo.DemoConfig(cord_shard=0)
     # by default the demo uses every core it may run on
     assert demo.DemoConfig().threads == len(os.sched_getaffinity(0))
 
