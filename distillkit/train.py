@@ -114,6 +114,12 @@ class Trainer:
     the model's device). params: what to optimise (default: every parameter requiring grad), either
     parameters or AdamW param groups (dicts with "params" and per-group options such as "lr"; every
     group follows the same warmup + cosine schedule, scaled to its own rate).
+
+    on_step: a callback ``on_step(step, metrics)`` called after every optimizer step, once that step's
+    metrics line and checkpoint (when ``save_every`` falls on it) are on disk: ``step`` is the number of
+    steps done, ``metrics`` the step's floats (loss, lr, grad_norm, ...). A callback may stop training by
+    raising, or even end the process; a run started again resumes from the last checkpoint with nothing
+    lost (the tests kill the process from here at a known step).
     """
 
     def __init__(self, model: nn.Module, config: TrainConfig, examples: Sequence, collate: Callable,
@@ -245,10 +251,11 @@ class Trainer:
             bar.set_postfix({k: f"{v:.4g}" for k, v in last.items() if k in ("loss", "grad_norm")})
             if self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps:
                 self._log({"step": self.step, **last})
-            if self.on_step is not None:
-                self.on_step(self.step, last)
-            if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < self.cfg.max_steps:
+            # the last step always checkpoints (a run resumed after it does nothing); a loop that never ran
+            # (resumed at max_steps) has nothing new to write
+            if self.step == self.cfg.max_steps or (self.cfg.save_every and self.step % self.cfg.save_every == 0):
                 self.save()
+            if self.on_step is not None:  # after the checkpoint: a callback that ends the process loses nothing
+                self.on_step(self.step, last)
         bar.close()
-        self.save()
         return {"step": self.step, **last}
