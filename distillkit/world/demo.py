@@ -65,9 +65,9 @@ class DemoConfig:
     batch_size: int = field(default=16, metadata={"help": "examples per SFT step"})
     lr: float = field(default=2e-3, metadata={"help": "student learning rate"})
     mot_rounds: int = field(default=3, metadata={"help": "MoT rounds (branch steps = sft_steps / rounds)"})
-    vcrd_steps: int = field(default=60, metadata={"help": "VCRD optimizer steps per weighting"})
+    vcrd_steps: int = field(default=60, metadata={"help": "VCRD optimizer steps per run (weighting x seed)"})
     vcrd_sft_steps: int = field(default=160, metadata={"help": "SFT steps of the student VCRD starts from (0: the base "
-                                                                "student; see vcrd_start)"})
+                                                                "student, on which VCRD barely moves)"})
     vcrd_lr: float = field(default=5e-4, metadata={"help": "VCRD learning rate (distillation on rollouts: lower than SFT)"})
     vcrd_temperature: float = field(default=0.7, metadata={"help": "VCRD rollout sampling temperature"})
     qr_steps: int = field(default=120, metadata={"help": "QR-Distill optimizer steps per routing"})
@@ -402,6 +402,9 @@ def _worker_init(log_level: int) -> None:
 
     hf_logging.disable_progress_bar()  # a "Loading weights" bar per model load would drown the log
     hf_logging.set_verbosity_error()   # the meta-prover loaded as QR's encoder reports its unused lm_head
+    import transformers.models.llama.modeling_llama  # noqa: F401  (imports count as start-up, not as a job's time)
+
+    import distillkit.teachers.hf  # noqa: F401
 
 
 def run_jobs(jobs: list[Job], workers: int) -> dict[str, tuple]:
