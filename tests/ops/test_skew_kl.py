@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import distillkit
+from _tolerance import assert_eager_budget, ulp
 from distillkit import BackendUnavailable
 from distillkit._backend import backends
 from distillkit.ops.skew_kl import skew_kl_rows
@@ -84,9 +85,9 @@ def _err(got, truth):
 
 
 def _assert_budget(what, got, plain, truth, out_dtype):
-    err, err_plain = _err(got, truth), _err(plain, truth)
-    floor = 4 * EPS[out_dtype] * max(1.0, truth.abs().max().item())
-    assert err <= 2 * err_plain + floor, f"{what}: error {err:.3e} > 2 x plain PyTorch {err_plain:.3e} + {floor:.1e}"
+    # per-token losses: one scale for the tensor (a KL near 0 is a cancellation); gradients: per token row
+    assert_eager_budget(got, plain, truth, out_dtype=out_dtype, scale="tensor" if what == "loss" else "row",
+                        what=what)
 
 
 @pytest.mark.parametrize("loss_name", list(LOSSES))
@@ -107,8 +108,9 @@ def test_matches_float64(backend, device, dtype, loss_name):
     assert grad.dtype == dtype and grad.shape == student.shape
     _assert_budget("loss", loss, plain_loss, true_loss, torch.float32)
     _assert_budget("grad", grad, plain_grad, true_grad, dtype)
-    # float32 arithmetic inside, whatever the input dtype
-    assert _err(loss, true_loss) <= 2e-6 * max(1.0, true_loss.abs().max().item())
+    # float32 arithmetic inside, whatever the input dtype: as accurate as plain PyTorch on float32 upcasts
+    plain32_loss, _ = _run(ref_fn, student.float(), teacher.float(), labels, upstream, upcast=False, **kw)
+    _assert_budget("loss", loss, plain32_loss, true_loss, torch.float32)
     assert (loss[labels == -100] == 0).all() and (grad[labels == -100] == 0).all()
 
 
@@ -126,9 +128,11 @@ def test_reductions_scale_the_gradient(backend, device, reduction, loss_name):
                           backend=backend)
         true_loss, true_grad = _truth(ref_fn, student, teacher, labels, upstream, weights=weights,
                                       reduction=reduction)
+        plain_loss, plain_grad = _run(ref_fn, student, teacher, labels, upstream, weights=weights,
+                                      reduction=reduction, upcast=False)
         assert loss.shape == ()
-        torch.testing.assert_close(loss.double(), true_loss, rtol=2e-6, atol=1e-7)
-        torch.testing.assert_close(grad.double(), true_grad, rtol=1e-4, atol=1e-7 * true_grad.abs().max().item())
+        _assert_budget("loss", loss, plain_loss, true_loss, torch.float32)
+        _assert_budget("grad", grad, plain_grad, true_grad, torch.float32)
 
 
 @pytest.mark.parametrize("backend,device", CASES)
@@ -168,21 +172,39 @@ def test_peaky_and_masked_vocabulary(backend, device, loss_name):
 def test_properties(backend, device):
     """Identical inputs give 0 and zero gradient; alpha = 0 is the plain (reverse) KL; alpha = 1 skew KL is 0."""
     student, teacher, labels = _inputs(_shape(backend, device), torch.float32, device, seed=4)
-    for fn in (distillkit.skew_kl, distillkit.skew_reverse_kl):
-        loss, grad = _run(fn, student, student, labels, torch.ones(labels.shape, device=device), alpha=0.2,
-                          reduction="none", backend=backend)
-        assert loss.abs().max() < 1e-6 and grad.abs().max() < 1e-6  # a few float32 roundings
+    ones = torch.ones(labels.shape, device=device)
+    # the exact results are 0 by cancellation: errors are measured on the scale of the cancelling terms,
+    # sum_v p |log p| per token for the loss and max_v p per token row for the gradient
+    p = torch.softmax(student.double(), -1)
+    loss_terms = (p * p.log().abs()).sum(-1).max().item()
+    grad_terms = p.amax(-1, keepdim=True)
+    for (fn, ref_fn) in LOSSES.values():
+        loss, grad = _run(fn, student, student, labels, ones, alpha=0.2, reduction="none", backend=backend)
+        plain_loss, plain_grad = _run(ref_fn, student, student, labels, ones, alpha=0.2, reduction="none",
+                                      upcast=False)
+        assert_eager_budget(loss, plain_loss, torch.zeros_like(loss, dtype=torch.float64), scale=loss_terms,
+                            what="identical-inputs loss")
+        assert_eager_budget(grad, plain_grad, torch.zeros_like(grad, dtype=torch.float64), scale=grad_terms,
+                            what="identical-inputs grad")
     log_q = torch.log_softmax(student.double(), -1)
     log_p = torch.log_softmax(teacher.double(), -1)
     forward_kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)
     reverse_kl = F.kl_div(log_p, log_q, log_target=True, reduction="none").sum(-1)
+    log_q32, log_p32 = torch.log_softmax(student, -1), torch.log_softmax(teacher, -1)  # plain PyTorch, float32
     kw = dict(alpha=0.0, reduction="none", backend=backend)
-    torch.testing.assert_close(distillkit.skew_kl(student, teacher, **kw).double(), forward_kl, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(distillkit.skew_reverse_kl(student, teacher, **kw).double(), reverse_kl, rtol=1e-5,
-                               atol=1e-6)
+    assert_eager_budget(distillkit.skew_kl(student, teacher, **kw), F.kl_div(log_q32, log_p32, log_target=True,
+                        reduction="none").sum(-1), forward_kl, scale="tensor", what="alpha=0 skew KL")
+    assert_eager_budget(distillkit.skew_reverse_kl(student, teacher, **kw), F.kl_div(log_p32, log_q32,
+                        log_target=True, reduction="none").sum(-1), reverse_kl, scale="tensor",
+                        what="alpha=0 skew reverse KL")
     loss, grad = _run(distillkit.skew_kl, student, teacher, None, torch.tensor(1.0, device=device), alpha=1.0,
                       backend=backend)
-    assert loss.abs() < 1e-6 and grad.abs().max() == 0
+    plain_loss, _ = _run(ref.skew_kl, student, teacher, None, torch.tensor(1.0, device=device), alpha=1.0,
+                         upcast=False)
+    q = torch.softmax(teacher.double(), -1)
+    assert_eager_budget(loss, plain_loss, torch.zeros((), dtype=torch.float64),
+                        scale=(q * q.log().abs()).sum(-1).mean().item(), what="alpha=1 skew KL")
+    assert grad.abs().max() == 0  # the mixture is the teacher itself: no path to the student at all
 
 
 @pytest.mark.parametrize("loss_name", list(LOSSES))
@@ -196,8 +218,11 @@ def test_no_grad_path_and_edge_batches(backend, device, loss_name):
     reverse = loss_name == "skew_reverse_kl"
     with_grad, _ = skew_kl_rows(rows_s, rows_t, scale, reverse=reverse, need_grad=True, backend=backend)
     without, _ = skew_kl_rows(rows_s, rows_t, scale, reverse=reverse, need_grad=False, backend=backend)
-    # the two kernels group the same float32 sums differently
-    torch.testing.assert_close(with_grad, without, rtol=1e-6, atol=1e-7)
+    # the two kernels group the same float32 sums differently: each within plain PyTorch's budget
+    truth = ref._per_token(rows_s.double(), rows_t.double(), 0.1, 1.0, True, reverse)
+    plain = ref._per_token(rows_s, rows_t, 0.1, 1.0, False, reverse)
+    assert_eager_budget(with_grad, plain, truth, scale="tensor", what="loss+gradient kernel")
+    assert_eager_budget(without, plain, truth, scale="tensor", what="loss-only kernel")
     all_ignored = torch.full_like(labels, -7)
     loss, grad = _run(fn, student, teacher, all_ignored, torch.tensor(1.0, device=device), ignore_index=-7,
                       backend=backend)
@@ -215,9 +240,12 @@ def test_mixed_dtypes_promote(backend, device):
     loss, grad = _run(distillkit.skew_kl, student, teacher32, labels, torch.tensor(1.0, device=device),
                       backend=backend)
     true_loss, true_grad = _truth(ref.skew_kl, student, teacher32, labels, torch.tensor(1.0, device=device))
-    assert grad.dtype == torch.bfloat16
-    torch.testing.assert_close(loss.double(), true_loss, rtol=2e-6, atol=1e-7)
-    torch.testing.assert_close(grad.double(), true_grad, rtol=2 * EPS[torch.bfloat16], atol=1e-9)
+    # plain PyTorch on the same mixed inputs promotes to float32; its gradient lands in bfloat16 as ours does
+    plain_loss, plain_grad = _run(ref.skew_kl, student, teacher32, labels, torch.tensor(1.0, device=device),
+                                  upcast=False)
+    assert grad.dtype == torch.bfloat16 and plain_grad.dtype == torch.bfloat16
+    _assert_budget("loss", loss, plain_loss, true_loss, torch.float32)
+    _assert_budget("grad", grad, plain_grad, true_grad, torch.bfloat16)
 
 
 @pytest.mark.skipif(not _AVAILABLE["cpu"][0], reason="distillkit._C not built")
@@ -332,10 +360,13 @@ def test_row_primitive(backend, device):
         kept = scale != 0
         true_d = torch.where(kept, true_d, torch.zeros_like(true_d))
         (true_dz,) = torch.autograd.grad((true_d * scale.double()).sum(), s64)
+        s32 = student[kept].clone().requires_grad_(True)  # plain PyTorch in float32 on the kept rows
+        plain_d = ref._per_token(s32, teacher[kept], 0.2, 0.8, False, reverse, detach)
+        (plain_dz,) = torch.autograd.grad((plain_d * scale[kept]).sum(), s32)
         assert d.dtype == torch.float32 and dz.dtype == torch.float32
         assert d[2] == 0 and (dz[2] == 0).all()
-        torch.testing.assert_close(d[kept].double(), true_d[kept].detach(), rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(dz[kept].double(), true_dz[kept], rtol=1e-4, atol=1e-7)
+        assert_eager_budget(d[kept], plain_d, true_d[kept], scale="tensor", what="D")
+        assert_eager_budget(dz[kept], plain_dz, true_dz[kept], what="dD/dz")
     d_only, none = skew_kl_rows(student, teacher, scale, need_grad=False, backend=backend)
     assert none is None and d_only[2] == 0
     with pytest.raises(ValueError, match="detach_mixture"):
@@ -390,11 +421,12 @@ def test_saturation_where_the_student_is_confidently_wrong(backend, device):
         q = torch.softmax(student.detach(), -1)[0, 0].item()
         loss = distillkit.skew_kl(student, teacher, alpha=0.1, backend=backend)
         (g,) = torch.autograd.grad(loss, student)
+        # analytic bounds on the distance from the asymptote (float64: roundings are far below them)
         assert loss.item() == pytest.approx(-math.log(0.1), abs=2 * q / 0.1)
         assert abs(g[0, 0].item()) <= 10 * q  # ~ (1 - alpha) q / alpha
         plain = distillkit.skew_kl(student, teacher, alpha=0.0, backend=backend)
         (g0,) = torch.autograd.grad(plain, student)
-        assert g0[0, 0].item() == pytest.approx(-1.0, abs=1e-3)
+        assert g0[0, 0].item() == pytest.approx(-1.0, abs=1e-3)  # analytic: g0 + 1 = q + (1 - p) < 2e-4 here
 
 
 @pytest.mark.parametrize("backend,device", [c for c in CASES if c[1] == "cpu"])
@@ -436,20 +468,41 @@ def test_undefined_rows_raise_on_every_backend(backend, device, which, reverse):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("alpha", [0.0, 1e-6, 1.0])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_alpha_ends_with_far_apart_distributions(backend, device, dtype, alpha, reverse):
+def test_alpha_ends_with_far_apart_distributions(backend, device, dtype, alpha, reverse, request):
     """alpha = 0 (plain KL) and near 0 with logits far apart (+-1e4, gaps of 100): the mixture underflows in
     probability space; the fused backends must still match the float64 log-space formula (finite)."""
+    if backend == "triton" and dtype == torch.float32 and alpha == 0.0 and not reverse:
+        # measured 2026-12-01 (interpreter): gradient error 6.3e-5 (row 2: p = 0.0069 off by ~1%) against plain
+        # PyTorch's 2.3e-8; the old fixed atol=1e-4 hid it. A kernel defect, not a tolerance question.
+        request.applymarker(pytest.mark.xfail(strict=True, reason="Triton skew-KL gradient at alpha=0 with "
+                                              "far-apart logits: ~2800x plain PyTorch's float32 error"))
     g = torch.Generator().manual_seed(11)
     s, t = torch.randn(4, 53, generator=g, dtype=torch.float64), torch.randn(4, 53, generator=g, dtype=torch.float64)
     s[0, 0], t[1, 3], s[2, 5], t[2, 1], t[3, 7], s[3, 7] = 100.0, 100.0, 1e4, -1e4, 1e4, -1e4
     f = distillkit.skew_reverse_kl if reverse else distillkit.skew_kl
-    s64 = s.clone().requires_grad_(True)
-    want = f(s64, t, alpha=alpha, reduction="none", backend="reference")
-    (want_g,) = torch.autograd.grad(want.sum(), s64)
-    got_s = s.to(dtype).requires_grad_(True)
-    got = f(got_s, t.to(dtype), alpha=alpha, reduction="none", backend=backend)
-    (got_g,) = torch.autograd.grad(got.sum(), got_s)
+    s, t = s.to(dtype), t.to(dtype)
+
+    def run(x, backend):
+        x = x.clone().requires_grad_(True)
+        if backend == "plain":  # the reference formulas in the input dtype
+            loss = (ref.skew_reverse_kl if reverse else ref.skew_kl)(x, t, alpha=alpha, reduction="none", upcast=False)
+        else:
+            loss = f(x, t.to(x.dtype), alpha=alpha, reduction="none", backend=backend)
+        return loss.detach(), torch.autograd.grad(loss.sum(), x)[0]
+
+    want, want_g = run(s.double(), "reference")
+    got, got_g = run(s, backend)
     assert torch.isfinite(got).all() and torch.isfinite(got_g).all()
-    tol = 1e-9 if dtype == torch.float64 else 1e-5
-    torch.testing.assert_close(got.double(), want, rtol=tol, atol=tol * (1 + want.abs().max().item()))
-    torch.testing.assert_close(got_g.double(), want_g, rtol=tol, atol=10 * tol)
+    if dtype == torch.float64:
+        # nothing wider than float64 to measure against: the bound is 2^-52 times the condition, the size of the
+        # log-probabilities (|logit| up to 1e4), with a factor 8 for the roundings per term
+        plain, plain_g, budget = want, want_g, dict(ulps=8 * float(s.abs().max()))
+    else:
+        (plain, plain_g), budget = run(s, "plain"), {}
+    # alpha = 1 gives exactly 0 (KL of a distribution with itself): losses are judged on the size of the
+    # cancelling terms sum_v p |log p|; gradient components are differences of probabilities, of size <= 1
+    p, q = torch.softmax(t.double(), -1), torch.softmax(s.double(), -1)
+    terms = max((p * p.log().abs().nan_to_num(0.0)).sum(-1).max().item(),
+                (q * q.log().abs().nan_to_num(0.0)).sum(-1).max().item(), want.abs().max().item())
+    assert_eager_budget(got, plain, want, scale=terms, what="loss", **budget)
+    assert_eager_budget(got_g, plain_g, want_g, scale=1.0, what="grad", **budget)
