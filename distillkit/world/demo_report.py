@@ -92,9 +92,14 @@ def plot_rows(rows: dict[str, dict], path: str) -> str | None:
 def timing_lines(timing: dict) -> list[str]:
     """The header's time table: per section, the jobs' summed CPU seconds and the wall-clock span from its
     first job's start to its last job's end (sections run side by side, so spans overlap)."""
+    where = ("one after another in this process" if timing["workers"] == 1 else
+             f"side by side in {timing['workers']} worker processes")
+    busy = timing["cpu_s"] / timing["wall_s"] if timing["wall_s"] else 0.0
+    # cores busy on average below the worker count: other programs shared the cores, or jobs waited on others
     lines = [f"Time: {timing['wall_s']:.0f} s wall, {timing['cpu_s']:.0f} s CPU in all (this process and its "
-             f"workers) on {timing['workers']} worker(s) with one torch thread each; {timing['cpu_count']} cores "
-             f"usable here.", "", "| section | jobs | CPU s | wall span s |", "|---|---:|---:|---:|"]
+             f"workers; {busy:.2f} cores busy on average); jobs ran {where}, each on one torch thread; "
+             f"{timing['cpu_count']} cores usable here.", "",
+             "| section | jobs | CPU s | wall span s |", "|---|---:|---:|---:|"]
     for name, s in timing["sections"].items():
         lines.append(f"| {name} | {s['jobs']} | {s['cpu_s']:.1f} | {s['wall_s']:.1f} |")
     lines.append(f"| overhead (worker start-up, imports, scheduling) | | {timing['overhead_cpu_s']:.1f} | |")
