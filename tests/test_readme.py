@@ -66,9 +66,20 @@ def test_drop_in_snippet_runs_and_equals_the_skew_kl_of_the_models_logits():
     loss = scope["loss"]
     assert student.lm_head.weight.grad is not None and student.lm_head.weight.grad.abs().sum() > 0
 
+    from _tolerance import assert_eager_budget
+
     with torch.no_grad():
-        s_logits = student(input_ids=ids, attention_mask=attention_mask).logits
-        t_logits = teacher(input_ids=ids, attention_mask=attention_mask).logits
+        s_out = student(input_ids=ids, attention_mask=attention_mask, output_hidden_states=True)
+        t_out = teacher(input_ids=ids, attention_mask=attention_mask, output_hidden_states=True)
+    # float64 truth from the snippet's inputs (last hidden states, lm_head weights)
+    s_exact = s_out.hidden_states[-1].double() @ student.lm_head.weight.double().T
+    t_exact = t_out.hidden_states[-1].double() @ teacher.lm_head.weight.double().T
+    # the models' own logits are those hidden states through lm_head (else the snippet feeds the wrong states)
+    for out, exact, model in ((s_out, s_exact, student), (t_out, t_exact, teacher)):
+        plain = out.hidden_states[-1] @ model.lm_head.weight.T
+        assert_eager_budget(out.logits, plain, exact, what="model logits")
     shifted = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
-    expected = distillkit.skew_kl(s_logits.double(), t_logits.double(), shifted, alpha=0.1, backend="reference")
-    torch.testing.assert_close(loss.double(), expected, rtol=1e-4, atol=1e-6)
+    expected = distillkit.skew_kl(s_exact, t_exact, shifted, alpha=0.1, backend="reference")
+    # plain PyTorch: skew KL in float32 on the models' full logits
+    plain = distillkit.skew_kl(s_out.logits, t_out.logits, shifted, alpha=0.1, backend="reference")
+    assert_eager_budget(loss, plain, expected, what="loss")

@@ -106,6 +106,7 @@ def test_bf16_checkpoints_stay_bf16(tmp_path):
     got = _load_dir(merge_checkpoints(paths, tmp_path / "out", progress=False))
     assert got["layers.0.w"].dtype == torch.bfloat16
     want = ((_tensors(0, torch.bfloat16)["layers.0.w"].float() + _tensors(1, torch.bfloat16)["layers.0.w"].float()) / 2)
+    # exact: the sum of two bf16 values and its halving are exact in float32, then one rounding to bf16
     torch.testing.assert_close(got["layers.0.w"], want.bfloat16(), rtol=0, atol=0)
 
 
