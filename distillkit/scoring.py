@@ -18,7 +18,9 @@ from typing import Sequence
 
 import torch
 
+from distillkit._errors import InputError
 from distillkit.ops import scoring as _ops
+from distillkit.ops._checks import first_nonfinite, nonfinite_rows
 from distillkit.reference.scoring import segment_mean_exp
 
 __all__ = ["answer_logprobs", "predictive_perplexity"]
@@ -28,83 +30,107 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 def _check_tensor(name: str, x) -> None:
     if not isinstance(x, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+        raise InputError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
 
 
 def _validate(hidden, weight, answer_ids, bias) -> None:
     for name, x in (("hidden", hidden), ("weight", weight), ("answer_ids", answer_ids)):
         _check_tensor(name, x)
     if hidden.dim() != 2:
-        raise ValueError(f"hidden: expected shape [M, H], got {tuple(hidden.shape)}")
+        raise InputError(f"hidden: expected shape [M, H], got {tuple(hidden.shape)}")
     if weight.dim() != 2:
-        raise ValueError(f"weight: expected shape [V, H], got {tuple(weight.shape)}")
+        raise InputError(f"weight: expected shape [V, H], got {tuple(weight.shape)}")
     m, h = hidden.shape
     v = weight.shape[0]
     if weight.shape[1] != h:
-        raise ValueError(f"weight: hidden size {weight.shape[1]} does not match hidden's H={h} "
+        raise InputError(f"weight: hidden size {weight.shape[1]} does not match hidden's H={h} "
                          f"(hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)})")
     if v == 0:
-        raise ValueError("weight: the vocabulary is empty (V=0)")
+        raise InputError("weight: the vocabulary is empty (V=0)")
     if hidden.dtype not in _FLOAT_DTYPES:
-        raise ValueError(f"hidden: expected a floating dtype {_FLOAT_DTYPES}, got {hidden.dtype}")
+        raise InputError(f"hidden: expected a floating dtype {_FLOAT_DTYPES}, got {hidden.dtype}")
     if weight.dtype != hidden.dtype:
-        raise ValueError(f"weight: dtype {weight.dtype} does not match hidden's dtype {hidden.dtype}")
+        raise InputError(f"weight: dtype {weight.dtype} does not match hidden's dtype {hidden.dtype}")
     if weight.device != hidden.device:
-        raise ValueError(f"weight: on {weight.device} but hidden is on {hidden.device}")
+        raise InputError(f"weight: on {weight.device} but hidden is on {hidden.device}")
     if answer_ids.dim() != 1 or answer_ids.shape[0] != m:
-        raise ValueError(f"answer_ids: expected shape [M]=[{m}], got {tuple(answer_ids.shape)}")
+        raise InputError(f"answer_ids: expected shape [M]=[{m}], got {tuple(answer_ids.shape)}")
     if answer_ids.dtype.is_floating_point or answer_ids.dtype.is_complex or answer_ids.dtype == torch.bool:
-        raise ValueError(f"answer_ids: expected an integer dtype (int64), got {answer_ids.dtype}")
+        raise InputError(f"answer_ids: expected an integer dtype (int64), got {answer_ids.dtype}")
     if answer_ids.device != hidden.device:
-        raise ValueError(f"answer_ids: on {answer_ids.device} but hidden is on {hidden.device}")
+        raise InputError(f"answer_ids: on {answer_ids.device} but hidden is on {hidden.device}")
     if bias is not None:
         _check_tensor("bias", bias)
         if bias.dim() != 1 or bias.shape[0] != v:
-            raise ValueError(f"bias: expected shape [V]=[{v}], got {tuple(bias.shape)}")
+            raise InputError(f"bias: expected shape [V]=[{v}], got {tuple(bias.shape)}")
         if not bias.dtype.is_floating_point:
-            raise ValueError(f"bias: expected a floating dtype, got {bias.dtype}")
+            raise InputError(f"bias: expected a floating dtype, got {bias.dtype}")
         if bias.device != hidden.device:
-            raise ValueError(f"bias: on {bias.device} but hidden is on {hidden.device}")
-    if m == 0:
+            raise InputError(f"bias: on {bias.device} but hidden is on {hidden.device}")
+    check_values(hidden, weight, answer_ids, bias)
+
+
+def check_values(hidden: torch.Tensor, weight: torch.Tensor, answer_ids: torch.Tensor,
+                 bias: torch.Tensor | None) -> None:
+    """The value check of every scoring backend: ids in [0, V); weight [V, H] and bias [V] finite everywhere (one
+    NaN or inf entry poisons the log-sum-exp of every row); hidden [M, H] finite (every row is scored).
+
+    One summing pass each (the weight's is one more read of [V, H] next to the kernel's). Raises InputError
+    naming the argument. CPU tensors only: on CUDA each check would cost a device sync.
+    """
+    if hidden.device.type != "cpu":
         return
-    # One reduction each over [M] / [M, H]: tiny next to reading the [V, H] weight.
+    v = weight.shape[0]
     bad = (answer_ids < 0) | (answer_ids >= v)
     if bool(bad.any()):
         i = int(bad.nonzero()[0, 0])
-        raise ValueError(f"answer_ids: id {int(answer_ids[i])} at position {i} is outside the vocabulary [0, {v})")
-    if bool(torch.isnan(hidden).any()):
-        raise ValueError("hidden: contains NaN")
+        raise InputError(f"answer_ids: id {int(answer_ids[i])} at position {i} is outside the vocabulary [0, {v})")
+    for name, w in (("weight", weight), ("bias", bias)):
+        where = None if w is None else first_nonfinite(w)
+        if where is not None:
+            raise InputError(f"{name}: entry [{where}] is {float(w[~torch.isfinite(w)][0])}; the lm_head must be "
+                             "finite (one NaN or inf entry makes every log-probability NaN)")
+    if hidden.numel():
+        bad = nonfinite_rows(hidden)
+        if bool(bad.any()):
+            raise InputError(f"hidden: row {int(bad.nonzero()[0, 0])} holds NaN or inf (every row of hidden is a "
+                             "scored position)")
 
 
 def _validate_cu_seqlens(cu_seqlens, m: int) -> torch.Tensor:
     if isinstance(cu_seqlens, torch.Tensor):
         if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype.is_complex or cu_seqlens.dtype == torch.bool:
-            raise ValueError(f"cu_seqlens: expected an integer dtype, got {cu_seqlens.dtype}")
+            raise InputError(f"cu_seqlens: expected an integer dtype, got {cu_seqlens.dtype} (float offsets would "
+                             "be truncated)")
         if cu_seqlens.dim() != 1:
-            raise ValueError(f"cu_seqlens: expected shape [C+1], got {tuple(cu_seqlens.shape)}")
+            raise InputError(f"cu_seqlens: expected shape [C+1], got {tuple(cu_seqlens.shape)}")
         cu = cu_seqlens.detach().to("cpu", torch.int64)
     else:
         try:
-            cu = torch.tensor(list(cu_seqlens), dtype=torch.int64)
+            cu = torch.as_tensor(cu_seqlens if hasattr(cu_seqlens, "__array__") else list(cu_seqlens))
         except (TypeError, ValueError, RuntimeError) as exc:
-            raise TypeError(f"cu_seqlens: expected a 1-D integer tensor or a sequence of ints ({exc})") from exc
+            raise InputError(f"cu_seqlens: expected a 1-D integer tensor or a sequence of ints ({exc})") from exc
+        if cu.dtype.is_floating_point or cu.dtype.is_complex or cu.dtype == torch.bool:
+            # converting would truncate 2.5 to 2 without a word
+            raise InputError(f"cu_seqlens: expected integers, got {cu.dtype} values {cu.tolist()[:8]}")
+        cu = cu.to(torch.int64)
         if cu.dim() != 1:
-            raise ValueError(f"cu_seqlens: expected shape [C+1], got {tuple(cu.shape)}")
+            raise InputError(f"cu_seqlens: expected shape [C+1], got {tuple(cu.shape)}")
     if cu.numel() == 0:
-        raise ValueError("cu_seqlens: expected at least one entry ([0] for no segments)")
+        raise InputError("cu_seqlens: expected at least one entry ([0] for no segments)")
     if int(cu[0]) != 0:
-        raise ValueError(f"cu_seqlens: must start at 0, got {int(cu[0])}")
+        raise InputError(f"cu_seqlens: must start at 0, got {int(cu[0])}")
     lengths = cu[1:] - cu[:-1]
     if bool((lengths < 0).any()):
         c = int((lengths < 0).nonzero()[0, 0])
-        raise ValueError(f"cu_seqlens: must be non-decreasing; cu_seqlens[{c + 1}]={int(cu[c + 1])} < "
+        raise InputError(f"cu_seqlens: must be non-decreasing; cu_seqlens[{c + 1}]={int(cu[c + 1])} < "
                          f"cu_seqlens[{c}]={int(cu[c])}")
     if bool((lengths == 0).any()):
         c = int((lengths == 0).nonzero()[0, 0])
-        raise ValueError(f"cu_seqlens: segment {c} is empty (cu_seqlens[{c}] == cu_seqlens[{c + 1}] == "
+        raise InputError(f"cu_seqlens: segment {c} is empty (cu_seqlens[{c}] == cu_seqlens[{c + 1}] == "
                          f"{int(cu[c])}); every candidate needs at least one answer token")
     if int(cu[-1]) != m:
-        raise ValueError(f"cu_seqlens: last entry must equal M={m} (rows of hidden), got {int(cu[-1])}")
+        raise InputError(f"cu_seqlens: last entry must equal M={m} (rows of hidden), got {int(cu[-1])}")
     return cu
 
 
@@ -128,8 +154,10 @@ def answer_logprobs(hidden: torch.Tensor, weight: torch.Tensor, answer_ids: torc
         vocabulary is processed in chunks with an online log-sum-exp, so memory stays O(M + chunk).
 
     Raises:
-        ValueError naming the argument: shape/dtype/device mismatch, ids outside [0, V), NaN in hidden.
-        TypeError: an argument is not a tensor. BackendUnavailable: the named backend cannot run here.
+        InputError (a ValueError and a TypeError) naming the argument: not a tensor, shape/dtype/device
+        mismatch; and on CPU tensors (on CUDA a check would cost a device sync), ids outside [0, V), NaN or
+        inf anywhere in weight or bias (it would poison every row's log-sum-exp), NaN or inf in hidden.
+        BackendUnavailable: the named backend cannot run here.
     """
     _validate(hidden, weight, answer_ids, bias)
     return _ops.answer_logprobs(hidden, weight, answer_ids, bias=bias, backend=backend)
@@ -147,19 +175,19 @@ def predictive_perplexity(hidden: torch.Tensor, weight: torch.Tensor, answer_ids
 
     Args:
         hidden, weight, answer_ids, bias, backend: as in answer_logprobs.
-        cu_seqlens: [C+1] integer tensor (any device) or sequence of ints; starts at 0, strictly
+        cu_seqlens: [C+1] integer tensor (any device), or sequence / array of ints; starts at 0, strictly
             increasing (no empty segment), last entry == M.
 
     Returns:
         float32 [C] on hidden's device, detached (runs under no_grad).
 
     Raises:
-        ValueError naming the argument, as answer_logprobs, plus bad cu_seqlens (not starting at 0,
-        decreasing, an empty segment, last entry != M).
+        InputError naming the argument, as answer_logprobs, plus bad cu_seqlens (not integers: float
+        offsets are refused, never truncated; not starting at 0, decreasing, an empty segment, last entry != M).
     """
     _check_tensor("hidden", hidden)
     if hidden.dim() != 2:
-        raise ValueError(f"hidden: expected shape [M, H], got {tuple(hidden.shape)}")
+        raise InputError(f"hidden: expected shape [M, H], got {tuple(hidden.shape)}")
     cu = _validate_cu_seqlens(cu_seqlens, hidden.shape[0])
     lp = answer_logprobs(hidden, weight, answer_ids, bias=bias, backend=backend)
     return segment_mean_exp(lp, cu).to(torch.float32)

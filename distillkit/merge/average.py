@@ -70,8 +70,8 @@ def _copy_exact(name: str, target: torch.Tensor, parts: list[torch.Tensor]) -> N
     first = parts[0]
     for k, p in enumerate(parts[1:], start=1):
         if not torch.equal(p, first):
-            raise InputError(f"sources[{k}][{name!r}] is a non-floating tensor ({p.dtype}) that differs from sources[0]; "
-                             "such tensors cannot be averaged")
+            raise InputError(f"sources[{k}][{name!r}] is a non-floating tensor ({p.dtype}) that differs from "
+                             "sources[0]; such tensors cannot be averaged")
     if target.data_ptr() != first.data_ptr():
         with torch.no_grad():
             target.copy_(first)

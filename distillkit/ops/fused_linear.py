@@ -29,6 +29,7 @@ import torch
 
 from distillkit._backend import BACKENDS, select_backend
 from distillkit._errors import InputError
+from distillkit.ops._checks import first_index as _first, first_nonfinite, nonfinite_rows
 
 __all__ = ["fused_linear_skew_kl", "fused_linear_skew_reverse_kl", "default_chunk_size"]
 
@@ -153,6 +154,9 @@ def fused_linear_skew_op(student_hidden: torch.Tensor, student_weight: torch.Ten
     loss_rows, g_h, g_w, g_b = _chunked(student_hidden, student_weight, student_bias, teacher_hidden,
                                         teacher_weight, teacher_bias, scale, alpha, temperature, reverse,
                                         detach_mixture, chunk_size, backend, flags)
+    # NaN in D marks a row whose logits are undefined (e.g. a half-precision GEMM that overflowed); free to read
+    check_values(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, None,
+                 scale, 0, rows=loss_rows)
     return _scaled_loss(loss_rows, scale, reduce), loss_rows, g_h, g_w, g_b
 
 
@@ -167,6 +171,32 @@ def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weig
             torch.empty_like(student_weight) if flags & _GRAD_WEIGHT else student_hidden.new_empty((0,)),
             torch.empty_like(student_bias) if flags & _GRAD_BIAS and student_bias is not None
             else student_hidden.new_empty((0,)))
+
+
+@torch.library.custom_op("distillkit::fused_linear_checked_weights", mutates_args=())
+def _checked_weights_op(student_hidden: torch.Tensor, student_weight: torch.Tensor,
+                        student_bias: Optional[torch.Tensor], teacher_hidden: torch.Tensor,
+                        teacher_weight: torch.Tensor, teacher_bias: Optional[torch.Tensor],
+                        labels: Optional[torch.Tensor], weights: Optional[torch.Tensor],
+                        ignore_index: int) -> torch.Tensor:
+    """The value check every backend goes through (:func:`check_values`); returns a copy of weights [N] (ones
+    when None) that the op then uses, so that a compiled graph keeps the check: a custom op's body runs
+    eagerly there too."""
+    check_values(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
+                 weights, ignore_index)
+    if weights is None:
+        dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+        return torch.ones(student_hidden.shape[0], dtype=dtype, device=student_hidden.device)
+    return weights.clone()
+
+
+@_checked_weights_op.register_fake
+def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels, weights,
+      ignore_index):
+    if weights is None:
+        dtype = torch.float64 if student_hidden.dtype == torch.float64 else torch.float32
+        return student_hidden.new_empty((student_hidden.shape[0],), dtype=dtype)
+    return torch.empty_like(weights)
 
 
 def _setup_context(ctx, inputs, output):
@@ -218,7 +248,7 @@ def _check_tensor(name, x, dims):
     if x.dtype not in _FLOAT_DTYPES:
         raise InputError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if x.dim() not in dims:
-        raise ValueError(f"{name} must have {' or '.join(str(d) for d in dims)} dimensions, got {tuple(x.shape)}")
+        raise InputError(f"{name} must have {' or '.join(str(d) for d in dims)} dimensions, got {tuple(x.shape)}")
 
 
 def _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, weights, student_bias,
@@ -233,25 +263,25 @@ def _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, la
             raise InputError(f"{w_name} ({w.dtype}) must have the dtype of {h_name} ({h.dtype})")
     lead = student_hidden.shape[:-1]
     if teacher_hidden.shape[:-1] != lead:
-        raise ValueError(f"teacher_hidden {tuple(teacher_hidden.shape)} must have the tokens of student_hidden "
+        raise InputError(f"teacher_hidden {tuple(teacher_hidden.shape)} must have the tokens of student_hidden "
                          f"{tuple(student_hidden.shape)} (same leading shape)")
     if student_weight.shape[1] != student_hidden.shape[-1]:
-        raise ValueError(f"student_weight {tuple(student_weight.shape)} must be [V, H_s] with H_s = "
+        raise InputError(f"student_weight {tuple(student_weight.shape)} must be [V, H_s] with H_s = "
                          f"student_hidden.shape[-1] = {student_hidden.shape[-1]}")
     if teacher_weight.shape[1] != teacher_hidden.shape[-1]:
-        raise ValueError(f"teacher_weight {tuple(teacher_weight.shape)} must be [V, H_t] with H_t = "
+        raise InputError(f"teacher_weight {tuple(teacher_weight.shape)} must be [V, H_t] with H_t = "
                          f"teacher_hidden.shape[-1] = {teacher_hidden.shape[-1]}")
     vocab = student_weight.shape[0]
     if teacher_weight.shape[0] != vocab:
-        raise ValueError(f"vocabulary mismatch: student_weight has V={vocab}, teacher_weight has "
+        raise InputError(f"vocabulary mismatch: student_weight has V={vocab}, teacher_weight has "
                          f"V={teacher_weight.shape[0]}")
     if vocab < 1:
-        raise ValueError("student_weight must have V >= 1 rows")
+        raise InputError("student_weight must have V >= 1 rows")
     for name, b in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
         if b is not None:
             _check_tensor(name, b, (1,))
             if b.shape[0] != vocab:
-                raise ValueError(f"{name} must be [V={vocab}], got {tuple(b.shape)}")
+                raise InputError(f"{name} must be [V={vocab}], got {tuple(b.shape)}")
     tensors = [("student_weight", student_weight), ("teacher_hidden", teacher_hidden),
                ("teacher_weight", teacher_weight), ("student_bias", student_bias), ("teacher_bias", teacher_bias)]
     from distillkit.ops.skew_kl import check_options, check_token_tensors
@@ -259,10 +289,57 @@ def _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, la
     check_token_tensors(labels, weights, lead, "the tokens' shape")
     for name, x in (*tensors, ("labels", labels), ("weights", weights)):
         if x is not None and x.device != student_hidden.device:
-            raise ValueError(f"{name} is on {x.device}, student_hidden on {student_hidden.device}")
+            raise InputError(f"{name} is on {x.device}, student_hidden on {student_hidden.device}")
     check_options(alpha, temperature, ignore_index, reduction)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        raise InputError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+
+
+def check_values(student_hidden: torch.Tensor, student_weight: torch.Tensor, student_bias: torch.Tensor | None,
+                 teacher_hidden: torch.Tensor, teacher_weight: torch.Tensor, teacher_bias: torch.Tensor | None,
+                 labels: torch.Tensor | None, weights: torch.Tensor | None, ignore_index: int, rows=None) -> None:
+    """The value check of every fused-linear backend. Hidden states [N, H], lm_head weights [V, H], biases [V]
+    or None, labels and weights [N] or None.
+
+    rows=None (before the op, every backend): weights free of NaN; both lm_head weights finite; each bias free
+    of NaN and +inf and not all -inf (a -inf entry masks a vocabulary entry); both hidden states finite at the
+    rows that count (label kept, weight not 0; the other rows may hold anything). Each is one vectorised
+    reduction, O(N H + V H) reads next to the O(N H V) GEMMs.
+    rows=D [N] float: the fused backends' per-row divergence, where NaN marks a row whose logits are undefined
+    all the same (weights is then the row scale: its zeros are the rows that count for nothing).
+
+    Raises InputError naming the argument. CPU tensors only: on CUDA each check would cost a device sync.
+    Called from the custom ops' bodies, so it runs under torch.compile too.
+    """
+    if student_hidden.device.type != "cpu":
+        return
+    if rows is not None:
+        bad = torch.isnan(rows) & (weights != 0)
+        if bool(bad.any()):
+            raise InputError(f"row {_first(bad)} (flattened) of the student or teacher logits holds NaN or +inf, or "
+                             "is all -inf: check student_hidden/teacher_hidden and the lm_head weights")
+        return
+    counts = torch.ones(student_hidden.shape[0], dtype=torch.bool, device=student_hidden.device)
+    if weights is not None:
+        if bool(torch.isnan(weights).any()):
+            raise InputError(f"weights[{_first(torch.isnan(weights))}] (flattened) is NaN")
+        counts &= weights != 0
+    if labels is not None:
+        counts &= labels != ignore_index
+    for name, w in (("student_weight", student_weight), ("teacher_weight", teacher_weight)):
+        where = first_nonfinite(w)
+        if where is not None:
+            raise InputError(f"{name}[{where}] is {float(w[~torch.isfinite(w)][0])}: the lm_head weight must be "
+                             "finite (one non-finite entry makes every row's logits NaN or inf)")
+    for name, b in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
+        if b is not None and not bool(torch.isfinite(b.amax())):  # the max is NaN, +inf, or -inf if all are
+            raise InputError(f"{name} holds NaN or +inf, or is all -inf: no row of logits would be defined")
+    for name, h in (("student_hidden", student_hidden), ("teacher_hidden", teacher_hidden)):
+        if h.shape[0] and h.shape[-1]:
+            bad = nonfinite_rows(h) & counts
+            if bool(bad.any()):
+                raise InputError(f"{name} row {_first(bad)} (flattened) holds NaN or inf, and that token counts "
+                                 "(its label is kept and its weight is not 0)")
 
 
 def _row_scale(labels, weights, ignore_index, reduction, n, device, dtype):
@@ -306,29 +383,24 @@ def _fused_linear_skew(student_hidden, student_weight, teacher_hidden, teacher_w
               teacher_bias, alpha, temperature, ignore_index, reduction, chunk_size)
     op = "fused_linear_skew_reverse_kl" if reverse else "fused_linear_skew_kl"
     name = _select_backend(op, str(student_hidden.device), backend)
-    if name == "reference":
-        from distillkit.reference import fused_linear as ref
-
-        return ref.fused_linear_skew(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, weights,
-                                     student_bias=student_bias, teacher_bias=teacher_bias, alpha=alpha,
-                                     temperature=temperature, ignore_index=ignore_index, reduction=reduction,
-                                     reverse=reverse, detach_mixture=detach_mixture)
     lead = student_hidden.shape[:-1]
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])
     h_t = teacher_hidden.detach().reshape(-1, teacher_hidden.shape[-1])
     n = h_s.shape[0]
+    checked = _checked_weights_op(h_s.detach(), student_weight.detach(),
+                                  None if student_bias is None else student_bias.detach(), h_t,
+                                  teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(),
+                                  None if labels is None else labels.reshape(-1),
+                                  None if weights is None else weights.detach().reshape(-1), int(ignore_index))
+    if name == "reference":
+        from distillkit.reference import fused_linear as ref
+
+        return ref.fused_linear_skew(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+                                     checked.reshape(lead), student_bias=student_bias, teacher_bias=teacher_bias,
+                                     alpha=alpha, temperature=temperature, ignore_index=ignore_index,
+                                     reduction=reduction, reverse=reverse, detach_mixture=detach_mixture)
     acc_dtype = torch.float64 if h_s.dtype == torch.float64 else torch.float32
-    scale = _row_scale(labels, weights, ignore_index, reduction, n, h_s.device, acc_dtype)
-    if h_s.device.type == "cpu" and not torch.compiler.is_compiling():
-        # O(N H + V H) reads next to O(N H V) GEMM work; on CUDA they would cost a device sync, so not there.
-        # Hidden states are checked at the rows that count (skipped rows may hold anything).
-        kept = scale.detach() != 0
-        for arg, x in (("weights", weights), ("student_hidden", h_s[kept]),
-                       ("teacher_hidden", teacher_hidden.reshape(n, -1)[kept]),
-                       ("student_weight", student_weight), ("teacher_weight", teacher_weight),
-                       ("student_bias", student_bias), ("teacher_bias", teacher_bias)):
-            if x is not None and bool(torch.isnan(x).any()):
-                raise ValueError(f"{arg} contains NaN")
+    scale = _row_scale(labels, checked, ignore_index, reduction, n, h_s.device, acc_dtype)
     # the teacher is a constant: its tensors never carry autograd history into the op
     t_w = teacher_weight.detach()
     t_b = None if teacher_bias is None else teacher_bias.detach()
@@ -345,12 +417,6 @@ def _fused_linear_skew(student_hidden, student_weight, teacher_hidden, teacher_w
         h_s, s_w, student_bias, h_t.contiguous(), t_w.contiguous(), t_b, scale, float(alpha),
         float(temperature), bool(reverse), bool(detach_mixture), int(max(1, min(rows, max(n, 1)))), name,
         reduction != "none", grad_flags)
-    if h_s.device.type == "cpu" and not torch.compiler.is_compiling():
-        bad = torch.isnan(loss_rows) & (scale != 0)
-        if bool(bad.any()):
-            row = int(bad.nonzero()[0, 0])
-            raise ValueError(f"row {row} (flattened) of the student or teacher logits holds NaN or +inf, or is "
-                             "all -inf: check student_hidden/teacher_hidden and the lm_head weights")
     return loss.reshape(lead) if reduction == "none" else loss
 
 
@@ -379,7 +445,15 @@ def fused_linear_skew_kl(student_hidden: torch.Tensor, student_weight: torch.Ten
 
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or the tokens' shape for reduction="none".
-        Gradients for student_hidden, student_weight and student_bias come in their own dtypes.
+        Gradients for student_hidden, student_weight and student_bias come in their own dtypes. No tokens
+        ([0, H] or [B, 0, H]): loss 0 and zero gradients.
+
+    Raises:
+        InputError naming the argument, the same on every backend: shapes, dtypes, devices, options; and on CPU
+        tensors (:func:`check_values`; on CUDA a check would cost a device sync) NaN weights, a NaN or inf entry
+        in either lm_head weight, a bias holding NaN or +inf or all -inf, NaN or inf hidden states at a token
+        that counts (tokens that count for nothing may hold anything), or a row whose logits come out undefined.
+        The value checks run inside custom ops, so they run under torch.compile too.
     """
     return _fused_linear_skew(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, weights,
                               student_bias, teacher_bias, alpha, temperature, ignore_index, reduction, chunk_size,

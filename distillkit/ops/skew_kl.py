@@ -17,6 +17,7 @@ requires grad is refused with a pointer to ``backend="reference"``.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 
@@ -72,13 +73,13 @@ def skew_kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, sca
     fused-linear losses; :func:`skew_kl` wraps it with autograd.
     """
     if detach_mixture and not reverse:
-        raise ValueError("detach_mixture applies to the skew reverse KL only (reverse=True)")
+        raise InputError("detach_mixture applies to the skew reverse KL only (reverse=True)")
     if student_logits.dim() != 2 or teacher_logits.shape != student_logits.shape:
-        raise ValueError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
+        raise InputError(f"student_logits {tuple(student_logits.shape)} and teacher_logits "
                          f"{tuple(teacher_logits.shape)} must both be [N, V]")
     acc_dtype = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
     if scale.shape != student_logits.shape[:1] or scale.dtype != acc_dtype or scale.device != student_logits.device:
-        raise ValueError(f"scale must be [N={student_logits.shape[0]}] {acc_dtype} on {student_logits.device}, got "
+        raise InputError(f"scale must be [N={student_logits.shape[0]}] {acc_dtype} on {student_logits.device}, got "
                          f"{tuple(scale.shape)} {scale.dtype} on {scale.device}")
     name = _pick_backend("skew_kl_rows", student_logits.device, backend)
     student = student_logits.contiguous()
@@ -117,6 +118,7 @@ def _skew_kl_loss_op(student: torch.Tensor, teacher: torch.Tensor, scale: torch.
                      backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss: sum_i scale_i D_i if reduce else scale_i D_i [N]; D [N])."""
     d, _ = _fused_rows(student, teacher, scale, alpha, temperature, reverse, detach_mixture, False, backend)
+    check_values(student, teacher, None, scale, 0, rows=d)  # NaN in D marks an undefined row; free to read
     per_row = d * scale  # skipped rows hold D = 0
     return (per_row.sum() if reduce else per_row), d
 
@@ -125,6 +127,31 @@ def _skew_kl_loss_op(student: torch.Tensor, teacher: torch.Tensor, scale: torch.
 def _(student, teacher, scale, alpha, temperature, reverse, detach_mixture, reduce, backend):
     n = student.shape[0]
     return (scale.new_empty(()) if reduce else scale.new_empty((n,))), scale.new_empty((n,))
+
+
+@torch.library.custom_op("distillkit::skew_kl_checked_weights", mutates_args=())
+def _checked_weights_op(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
+                        weights: Optional[torch.Tensor], ignore_index: int, check_rows: bool) -> torch.Tensor:
+    """The value check every backend goes through (check_rows: the logits rows too, for the reference backend;
+    the fused ones read them off their per-row loss). Returns a copy of weights [N] (ones when None), which
+    the op then uses, so that a compiled graph keeps the check: a custom op's body runs eagerly there too."""
+    check_values(student, teacher, labels, weights, ignore_index)
+    if check_rows:
+        check_values(student, teacher, labels, weights, ignore_index, rows="logits")
+    if weights is None:
+        return torch.ones(student.shape[0], dtype=_acc_dtype(student.dtype), device=student.device)
+    return weights.clone()
+
+
+@_checked_weights_op.register_fake
+def _(student, teacher, labels, weights, ignore_index, check_rows):
+    if weights is None:
+        return student.new_empty((student.shape[0],), dtype=_acc_dtype(student.dtype))
+    return torch.empty_like(weights)
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _setup_context(ctx, inputs, output):
@@ -159,19 +186,19 @@ def _validate(student_logits, teacher_logits, labels, weights, alpha, temperatur
         if x.dtype not in _FLOAT_DTYPES:
             raise InputError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
         if x.dim() < 1 or x.shape[-1] < 1:
-            raise ValueError(f"{name} must have shape [..., V] with V >= 1, got {tuple(x.shape)}")
+            raise InputError(f"{name} must have shape [..., V] with V >= 1, got {tuple(x.shape)}")
     if student_logits.shape[-1] != teacher_logits.shape[-1]:
-        raise ValueError(f"vocabulary mismatch: student_logits has V={student_logits.shape[-1]}, "
+        raise InputError(f"vocabulary mismatch: student_logits has V={student_logits.shape[-1]}, "
                          f"teacher_logits has V={teacher_logits.shape[-1]}")
     if student_logits.shape != teacher_logits.shape:
-        raise ValueError(f"teacher_logits shape {tuple(teacher_logits.shape)} must equal student_logits shape "
+        raise InputError(f"teacher_logits shape {tuple(teacher_logits.shape)} must equal student_logits shape "
                          f"{tuple(student_logits.shape)}")
     if student_logits.device != teacher_logits.device:
-        raise ValueError(f"student_logits is on {student_logits.device}, teacher_logits on {teacher_logits.device}")
+        raise InputError(f"student_logits is on {student_logits.device}, teacher_logits on {teacher_logits.device}")
     check_token_tensors(labels, weights, student_logits.shape[:-1], "student_logits.shape[:-1]")
     for name, x in (("labels", labels), ("weights", weights)):
         if x is not None and x.device != student_logits.device:
-            raise ValueError(f"{name} is on {x.device}, student_logits on {student_logits.device}")
+            raise InputError(f"{name} is on {x.device}, student_logits on {student_logits.device}")
     check_options(alpha, temperature, ignore_index, reduction)
 
 
@@ -183,26 +210,26 @@ def check_token_tensors(labels, weights, lead, lead_name: str) -> None:
         if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
             raise InputError(f"labels must be an integer tensor, got {labels.dtype}")
         if labels.shape != lead:
-            raise ValueError(f"labels shape {tuple(labels.shape)} must equal {lead_name} = {tuple(lead)}")
+            raise InputError(f"labels shape {tuple(labels.shape)} must equal {lead_name} = {tuple(lead)}")
     if weights is not None:
         if not isinstance(weights, torch.Tensor) or not weights.is_floating_point():
             raise InputError(f"weights must be a floating torch.Tensor or None, got "
                              f"{getattr(weights, 'dtype', type(weights).__name__)}")
         if weights.shape != lead:
-            raise ValueError(f"weights shape {tuple(weights.shape)} must equal {lead_name} = {tuple(lead)}")
+            raise InputError(f"weights shape {tuple(weights.shape)} must equal {lead_name} = {tuple(lead)}")
 
 
 def check_options(alpha, temperature, ignore_index, reduction) -> None:
     """The scalar options every skew-KL op takes (logits-level and fused-linear)."""
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
+        raise InputError(f"alpha must be a number in [0, 1], got {alpha!r}")
     if (isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not math.isfinite(temperature)
             or temperature <= 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        raise InputError(f"temperature must be a finite number > 0, got {temperature!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise InputError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if reduction not in _reference.REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_reference.REDUCTIONS}, got {reduction!r}")
+        raise InputError(f"reduction must be one of {_reference.REDUCTIONS}, got {reduction!r}")
 
 
 def _row_scale(labels, weights, ignore_index, reduction, n, device, dtype):
@@ -219,71 +246,74 @@ def _row_scale(labels, weights, ignore_index, reduction, n, device, dtype):
     return scale
 
 
-def _check_weights(weights):
-    """NaN weights; run on CPU only, where the check costs no device sync."""
-    if weights is not None and bool(torch.isnan(weights).any()):
-        row = int(torch.isnan(weights.reshape(-1)).nonzero()[0, 0])
-        raise InputError(f"weights[{row}] (flattened) is NaN")
+def check_values(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
+                 weights: torch.Tensor | None, ignore_index: int, rows=None) -> None:
+    """The value check of every skew-KL backend. student, teacher [N, V]; labels, weights [N] or None.
 
+    rows=None: labels in [0, V) or ignore_index, weights free of NaN (before the kernel).
+    rows="logits": the reference backend's row check, one max-reduction over each logits tensor.
+    rows=D [N] float: the fused kernels' per-row divergence, where NaN marks the same rows (weights is then the
+    row scale: its zeros are the rows that count for nothing).
 
-def _check_rows(student_logits, teacher_logits, labels, weights, ignore_index):
-    """The reference backend's value check (the fused ones read NaN off their per-row loss): a kept row
-    with NaN or +inf, or all -inf, in either logits tensor has no defined loss."""
-    vocab = student_logits.shape[-1]
-    bad = torch.zeros(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device).reshape(-1)
-    for x in (student_logits.detach().reshape(-1, vocab), teacher_logits.detach().reshape(-1, vocab)):
-        bad |= torch.isnan(x).any(-1) | torch.isposinf(x).any(-1) | torch.isneginf(x).all(-1)
-    kept = torch.ones_like(bad) if labels is None else labels.reshape(-1) != ignore_index
+    A row that counts (label kept, weight not 0) with NaN or +inf, or all -inf, in either logits tensor has no
+    defined loss: InputError naming the row; rows that count for nothing may hold anything. CPU tensors only:
+    on CUDA each check would cost a device sync. Called from the custom ops' bodies, so it runs under
+    torch.compile too.
+    """
+    if student.device.type != "cpu":
+        return
+    vocab = student.shape[-1]
+    if rows is None:
+        if labels is not None:
+            bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+            if bool(bad.any()):
+                row = int(bad.nonzero()[0, 0])
+                raise InputError(f"labels[{row}] (flattened) = {int(labels[row])} is neither ignore_index="
+                                 f"{ignore_index} nor a token id in [0, {vocab})")
+        if weights is not None and bool(torch.isnan(weights).any()):
+            row = int(torch.isnan(weights).nonzero()[0, 0])
+            raise InputError(f"weights[{row}] (flattened) is NaN")
+        return
+    if isinstance(rows, str):  # a row's max is NaN if one entry is, +inf if one is, -inf if all are
+        bad = ~torch.isfinite(student.amax(-1)) | ~torch.isfinite(teacher.amax(-1))
+    else:
+        bad = torch.isnan(rows)
+    if labels is not None:
+        bad &= labels != ignore_index
     if weights is not None:
-        kept &= weights.reshape(-1) != 0
-    scale = kept.to(torch.float32)
-    _check_values(vocab, None if labels is None else labels.reshape(-1), torch.where(bad, float("nan"), 0.0),
-                  scale, ignore_index)
-
-
-def _check_values(vocab, labels_1d, rows_d, scale, ignore_index):
-    """Value checks that need the data; run on CPU only, where they cost no device sync."""
-    if labels_1d is not None:
-        bad = (labels_1d != ignore_index) & ((labels_1d < 0) | (labels_1d >= vocab))
-        if bool(bad.any()):
-            row = int(bad.nonzero()[0, 0])
-            raise ValueError(f"labels[{row}] = {int(labels_1d[row])} is neither ignore_index={ignore_index} nor a "
-                             f"token id in [0, {vocab})")
-    nan_rows = torch.isnan(rows_d) & (scale != 0)
-    if bool(nan_rows.any()):
-        row = int(nan_rows.nonzero()[0, 0])
-        raise ValueError(f"student_logits or teacher_logits row {row} (flattened) holds NaN or +inf, or is all -inf")
+        bad &= weights != 0
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise InputError(f"student_logits or teacher_logits row {row} (flattened) holds NaN or +inf, or is all -inf")
 
 
 def _skew_kl(student_logits, teacher_logits, labels, weights, alpha, temperature, ignore_index, reduction, backend,
              reverse, detach_mixture):
     _validate(student_logits, teacher_logits, labels, weights, alpha, temperature, ignore_index, reduction)
-    if student_logits.device.type == "cpu" and not torch.compiler.is_compiling():
-        _check_weights(weights)
     op = "skew_reverse_kl" if reverse else "skew_kl"
     name = _pick_backend(op, student_logits.device, backend)
+    lead_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
+    labels_1d = None if labels is None else labels.reshape(-1)
+    weights_1d = None if weights is None else weights.detach().reshape(-1)
     if name == "reference":
-        if student_logits.device.type == "cpu" and not torch.compiler.is_compiling():
-            _check_rows(student_logits, teacher_logits, labels, weights, ignore_index)
+        checked = _checked_weights_op(student_logits.detach().reshape(-1, vocab),
+                                      teacher_logits.detach().reshape(-1, vocab), labels_1d, weights_1d,
+                                      int(ignore_index), True).reshape(lead_shape)
         kw = dict(alpha=alpha, temperature=temperature, ignore_index=ignore_index, reduction=reduction)
         if reverse:
-            return _reference.skew_reverse_kl(student_logits, teacher_logits, labels, weights,
+            return _reference.skew_reverse_kl(student_logits, teacher_logits, labels, checked,
                                               detach_mixture=detach_mixture, **kw)
-        return _reference.skew_kl(student_logits, teacher_logits, labels, weights, **kw)
+        return _reference.skew_kl(student_logits, teacher_logits, labels, checked, **kw)
     if teacher_logits.requires_grad and torch.is_grad_enabled():
-        raise ValueError(f"teacher_logits requires grad, but the fused {op} treats the teacher as a constant: pass "
+        raise InputError(f"teacher_logits requires grad, but the fused {op} treats the teacher as a constant: pass "
                          f"teacher_logits.detach(), or backend='reference' to differentiate through the teacher")
     dtype = torch.promote_types(student_logits.dtype, teacher_logits.dtype)
-    lead_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
     student = student_logits.to(dtype).reshape(-1, vocab).contiguous()
     teacher = teacher_logits.to(dtype).reshape(-1, vocab).contiguous()
-    acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-    scale = _row_scale(labels, weights, ignore_index, reduction, student.shape[0], student.device, acc_dtype)
-    loss, rows_d = _skew_kl_loss_op(student, teacher, scale, float(alpha), float(temperature), reverse,
-                                    detach_mixture, reduction != "none", name)
-    if student.device.type == "cpu" and not torch.compiler.is_compiling():
-        labels_1d = labels.reshape(-1) if labels is not None else None
-        _check_values(vocab, labels_1d, rows_d, scale, ignore_index)
+    checked = _checked_weights_op(student.detach(), teacher, labels_1d, weights_1d, int(ignore_index), False)
+    scale = _row_scale(labels, checked, ignore_index, reduction, student.shape[0], student.device, _acc_dtype(dtype))
+    loss, _ = _skew_kl_loss_op(student, teacher, scale, float(alpha), float(temperature), reverse, detach_mixture,
+                               reduction != "none", name)
     return loss if reduction != "none" else loss.reshape(lead_shape)
 
 
@@ -313,8 +343,11 @@ def skew_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
         the loss in float32 (float64 for float64 inputs) on every backend: a scalar, or [...] for
         reduction="none".
 
-    On CPU, NaN or +inf in a kept row, or labels out of range, raise ValueError (on CUDA they are not
-    checked, to avoid a device sync; NaN then propagates into the loss). Ignored rows may hold anything.
+    Bad values raise InputError naming the argument, the same on every backend: labels out of range, NaN
+    weights, and a row that counts (label kept, weight not 0) with NaN or +inf, or all -inf, in either
+    logits tensor. Rows that count for nothing may hold anything: loss and gradient 0 there. No tokens
+    ([0, V]): loss 0. The value checks run on CPU tensors only, eagerly and under torch.compile alike (they
+    run inside the custom ops); on CUDA they would cost a device sync, so NaN there propagates into the loss.
     """
     return _skew_kl(student_logits, teacher_logits, labels, weights, alpha, temperature, ignore_index, reduction,
                     backend, reverse=False, detach_mixture=False)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from distillkit.reference.skew_kl import _per_token, _reduce
+from distillkit.reference.skew_kl import _per_token, _reduce, skipped_rows, zero_skipped
 
 
 def skew_divergence_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, *, alpha: float,
@@ -48,13 +48,8 @@ def fused_linear_skew(student_hidden: torch.Tensor, student_weight: torch.Tensor
     lead = student_hidden.shape[:-1]
     # rows that count for nothing (ignored label, or weight 0) may hold anything, NaN and inf included: they
     # enter as zeros, so they cannot reach the weight gradient through 0 * NaN
-    skip = torch.zeros(lead, dtype=torch.bool, device=student_hidden.device)
-    if labels is not None:
-        skip |= labels == ignore_index
-    if weights is not None:
-        skip |= weights == 0
-    student_hidden = torch.where(skip.unsqueeze(-1), torch.zeros_like(student_hidden), student_hidden)
-    teacher_hidden = torch.where(skip.unsqueeze(-1), torch.zeros_like(teacher_hidden), teacher_hidden)
+    skip = skipped_rows(lead, labels, weights, ignore_index, student_hidden.device)
+    student_hidden, teacher_hidden = zero_skipped(student_hidden, skip), zero_skipped(teacher_hidden, skip)
     z_s = _logits(student_hidden, student_weight, student_bias, compute_dtype)
     with torch.no_grad():
         z_t = _logits(teacher_hidden, teacher_weight, teacher_bias, compute_dtype)

@@ -10,6 +10,8 @@ alpha = 0 gives the plain forward KL(p || q) and reverse KL(q || p); identical d
 ``weights`` multiply the per-token losses; "mean" divides by the number of kept tokens.
 Terms with a zero probability in the first argument contribute 0 (0 * log 0 = 0), so -inf logits
 (masked vocabulary entries) are allowed. Tokens whose label equals ``ignore_index`` are excluded.
+Rows that count for nothing (ignored, or weight 0) may hold anything, NaN and inf included: they give a
+loss of exactly 0 and a gradient of exactly 0, as on the fused backends.
 
 These functions have the signatures of ``distillkit.ops.skew_kl`` (plus ``upcast``) and are what every
 backend is tested against in float64. They differentiate through both logits tensors.
@@ -43,14 +45,35 @@ def _log_mix(a: float, log_a: torch.Tensor, b: float, log_b: torch.Tensor, prese
     return torch.logaddexp(with_a, with_b)
 
 
+def skipped_rows(lead_shape, labels: torch.Tensor | None, weights: torch.Tensor | None, ignore_index: int,
+                 device: torch.device) -> torch.Tensor | None:
+    """Bool [lead_shape]: the tokens that count for nothing (label == ignore_index, or weight 0); None if none can."""
+    if labels is None and weights is None:
+        return None
+    skip = torch.zeros(lead_shape, dtype=torch.bool, device=device)
+    if labels is not None:
+        skip = skip | (labels == ignore_index)
+    if weights is not None:
+        skip = skip | (weights.detach() == 0)
+    return skip
+
+
+def zero_skipped(x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+    """x [..., D] with the rows where skip [...] is True replaced by zeros (their gradient is then exactly 0)."""
+    return x if skip is None else torch.where(skip.unsqueeze(-1), torch.zeros((), dtype=x.dtype, device=x.device), x)
+
+
 def _reduce(per_token: torch.Tensor, labels: torch.Tensor | None, weights: torch.Tensor | None,
             ignore_index: int, reduction: str) -> torch.Tensor:
+    skip = skipped_rows(per_token.shape, labels, weights, ignore_index, per_token.device)
+    zero = torch.zeros((), dtype=per_token.dtype, device=per_token.device)
     if weights is not None:
-        per_token = per_token * weights.detach().to(per_token.dtype)  # weights are constants (the spec)
+        # weights are constants (the spec); a skipped row's weight (NaN at an ignored token) never multiplies
+        per_token = per_token * torch.where(skip, zero, weights.detach().to(per_token.dtype))
+    if skip is not None:
+        per_token = torch.where(skip, zero, per_token)
     if labels is not None:
-        keep = labels != ignore_index
-        per_token = torch.where(keep, per_token, torch.zeros_like(per_token))
-        count = keep.sum()
+        count = (labels != ignore_index).sum()
     else:
         count = per_token.numel()
     if reduction == "none":
@@ -82,7 +105,9 @@ def skew_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     upcast: compute half-precision inputs in float32 (False gives plain PyTorch in the input dtype,
     the baseline of the tests' error budget). Returns a scalar, or [...] for reduction="none".
     """
-    per_token = _per_token(student_logits, teacher_logits, alpha, temperature, upcast, reverse=False)
+    skip = skipped_rows(student_logits.shape[:-1], labels, weights, ignore_index, student_logits.device)
+    per_token = _per_token(zero_skipped(student_logits, skip), zero_skipped(teacher_logits, skip), alpha, temperature,
+                           upcast, reverse=False)
     return _reduce(per_token, labels, weights, ignore_index, reduction)
 
 
@@ -92,6 +117,7 @@ def skew_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
                     upcast: bool = True) -> torch.Tensor:
     """KL(q || (1 - alpha) p + alpha q), eager. Arguments as in :func:`skew_kl`; detach_mixture stops the
     gradient through (1 - alpha) p + alpha q."""
-    per_token = _per_token(student_logits, teacher_logits, alpha, temperature, upcast, reverse=True,
-                           detach_mixture=detach_mixture)
+    skip = skipped_rows(student_logits.shape[:-1], labels, weights, ignore_index, student_logits.device)
+    per_token = _per_token(zero_skipped(student_logits, skip), zero_skipped(teacher_logits, skip), alpha, temperature,
+                           upcast, reverse=True, detach_mixture=detach_mixture)
     return _reduce(per_token, labels, weights, ignore_index, reduction)
