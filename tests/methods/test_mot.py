@@ -56,6 +56,8 @@ def test_teacher_datasets_keep_only_correct_traces(setup):
     assert all(" + " in ex.prompt for ex in a)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # a MoT round trained twice: 59 s measured
 def test_round_equals_manual_sft_then_average(setup):
     root, student, data, evals = setup
     cfg = _cfg(root, student, data, evals, "mot")
@@ -79,6 +81,8 @@ def test_round_equals_manual_sft_then_average(setup):
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # two rounds of branch training and a TIES merge: 84 s measured
 def test_rerun_skips_finished_rounds_and_ties_merge(setup):
     root, student, data, evals = setup
     cfg = _cfg(root, student, data, evals, "ties", merge="ties", density=0.5, rounds=2, steps_per_round=2)
@@ -95,6 +99,8 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(600)  # torchrun with 2 ranks plus a single run: 179 s measured
 def test_torchrun_two_ranks_equals_single_process(setup):
     root, student, data, evals = setup
     single = _cfg(root, student, data, evals, "single", eval_data=None)

@@ -316,6 +316,8 @@ def _final_state(path):
     return AutoModelForCausalLM.from_pretrained(path).state_dict()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # full VCRD runs, killed and resumed: 101 s measured
 def test_run_writes_metrics_model_and_resumes_exactly(ckpts, monkeypatch):
     cfg = _run_cfg(ckpts, "full")
     summary = vcrd.run(cfg)
