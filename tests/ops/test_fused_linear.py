@@ -9,6 +9,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import distillkit  # noqa: E402
+from _tolerance import assert_eager_budget  # noqa: E402
 from distillkit._backend import backends  # noqa: E402
 from distillkit.losses import FusedLinearSkewKLLoss, FusedLinearSkewReverseKLLoss  # noqa: E402
 from distillkit.ops import fused_linear as fl  # noqa: E402
@@ -68,14 +69,11 @@ def _reference64(c, labels, weights, upstream, **kw):
     return _run(ref.fused_linear_skew, c, labels, weights, upstream, dtype=torch.float64, **kw)
 
 
-def _assert_close_to_64(got, want64, baseline, what, slack=2.0):
-    """got's error vs float64 is at most `slack` x plain PyTorch's (baseline) error in the same dtype,
-    with a floor of a few float32 ulps of the value's scale."""
-    got, base = got.double(), baseline.double()
-    err = (got - want64).abs().max().item()
-    base_err = (base - want64).abs().max().item()
-    floor = 4 * torch.finfo(torch.float32).eps * max(want64.abs().max().item(), 1e-30)
-    assert err <= slack * base_err + floor, f"{what}: error {err:.3e} vs PyTorch {base_err:.3e} (floor {floor:.1e})"
+def _assert_close_to_64(got, want64, baseline, what):
+    """got's error vs float64 is at most 2 x plain PyTorch's (baseline) error in the same dtype, with a
+    floor of a few float32 ulps (the kernels accumulate in float32 whatever the input dtype); one scale for
+    the whole tensor (per row, Triton's weight gradient measured 2.1e-6 against PyTorch's 6.4e-7 + floor)."""
+    assert_eager_budget(got, baseline, want64, out_dtype=torch.float32, scale="tensor", what=what)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -114,9 +112,15 @@ def test_equals_logits_level_op(backend, reverse):
         return op(z_s, z_t, labels, weights=weights, **kw)
 
     want_loss, want_grads = _run(logits_level, c, labels, weights, 3.0, **kw)
-    torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-6)
-    for g, w in zip(got_grads, want_grads):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+    # both paths are float32 computations of one quantity: each within plain PyTorch's float32 budget
+    kw.pop("backend")
+    up = torch.tensor(3.0, dtype=torch.float64)
+    true_loss, true_grads = _reference64(c, labels, weights, up, reverse=reverse, **kw)
+    base_loss, base_grads = _run(ref.fused_linear_skew, c, labels, weights, 3.0, reverse=reverse, **kw)
+    for path, loss, grads in (("fused", got_loss, got_grads), ("logits-level", want_loss, want_grads)):
+        _assert_close_to_64(loss, true_loss, base_loss, "loss")
+        for name, g, w, b in zip(STUDENT, grads, true_grads, base_grads):
+            _assert_close_to_64(g, w, b, f"{path} grad {name}")
 
 
 @pytest.mark.parametrize("backend", FAST)
@@ -128,9 +132,10 @@ def test_detach_mixture(backend):
         want_loss, want_grads = _reference64(c, labels, weights, up, reverse=True, **kw)
         got_loss, got_grads = _run(distillkit.fused_linear_skew_reverse_kl, c, labels, weights, 1.0, backend=backend,
                                    chunk_size=5, **kw)
-        torch.testing.assert_close(got_loss.double(), want_loss, rtol=1e-5, atol=1e-6)
-        for g, w in zip(got_grads, want_grads):
-            torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-6)
+        base_loss, base_grads = _run(ref.fused_linear_skew, c, labels, weights, 1.0, reverse=True, **kw)
+        _assert_close_to_64(got_loss, want_loss, base_loss, "loss")
+        for name, g, w, b in zip(STUDENT, got_grads, want_grads, base_grads):
+            _assert_close_to_64(g, w, b, f"grad {name}")
 
 
 @pytest.mark.parametrize("backend", [b for b in FAST if b != "triton"])
@@ -155,13 +160,14 @@ def test_3d_input_and_chunk_sizes(backend):
     c, labels, weights = _case(lead=(3, 7), h_s=16, vocab=301, seed=8)
     up = _upstream("none", labels.shape)
     want_loss, want_grads = _reference64(c, labels, weights, up, reduction="none")
+    base_loss, base_grads = _run(ref.fused_linear_skew, c, labels, weights, up.float(), reduction="none")
     for chunk in (1, 4, 21, 100, None):  # one row, not dividing N, exactly N, more than N, automatic
         got_loss, got_grads = _run(distillkit.fused_linear_skew_kl, c, labels, weights, up.float(), backend=backend,
                                    reduction="none", chunk_size=chunk)
         assert got_loss.shape == (3, 7)
-        torch.testing.assert_close(got_loss.double(), want_loss, rtol=1e-5, atol=1e-6)
-        for g, w in zip(got_grads, want_grads):
-            torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-6)
+        _assert_close_to_64(got_loss, want_loss, base_loss, "loss")
+        for name, g, w, b in zip(STUDENT, got_grads, want_grads, base_grads):
+            _assert_close_to_64(g, w, b, f"grad {name} (chunk {chunk})")
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
@@ -205,6 +211,8 @@ def test_gradcheck_float64():
         def f(sh, sw, sb):
             return FUNCS[reverse](sh, sw, th, tw, labels, weights, student_bias=sb, alpha=0.2, temperature=0.7,
                                   reduction=reduction, chunk_size=2, backend=backend)
+        # float64 finite differences: truncation ~eps^2 |f'''| plus rounding ~2^-52 |f| / eps, both ~1e-10 here,
+        # far below these bounds (and a wrong gradient is off by O(1))
         assert torch.autograd.gradcheck(f, (sh, sw, sb), eps=1e-6, atol=1e-6, rtol=1e-5)
 
 
