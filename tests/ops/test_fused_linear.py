@@ -343,7 +343,8 @@ def test_autocast_with_float32_parameters():
             want.backward()
             torch.testing.assert_close(loss, want)
             torch.testing.assert_close(a.grad, b16.grad.float())
-            torch.testing.assert_close(w.grad, w16.grad.float(), rtol=1e-2, atol=1e-3)
+            # the same bf16 computation on both sides (the autocast path's weight gradient is bf16, then cast)
+            torch.testing.assert_close(w.grad, w16.grad.float(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
