@@ -78,7 +78,7 @@ def test_round_equals_manual_sft_then_average(setup):
     average_(branches[0], branches)
     merged = AutoModelForCausalLM.from_pretrained(root / "mot" / "final")
     for (name, want), got in zip(branches[0].state_dict().items(), merged.state_dict().values()):
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=name)  # the same computations, same process: exact
 
 
 @pytest.mark.slow
@@ -116,7 +116,8 @@ def test_torchrun_two_ranks_equals_single_process(setup):
     a = AutoModelForCausalLM.from_pretrained(root / "single" / "final").state_dict()
     b = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
     for k in a:
-        torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-7, msg=k)
+        # each rank trains its branch alone, as the single process does; a two-term mean rounds the same in any order
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=0, msg=k)
 
 
 def test_bad_config(setup):
