@@ -217,6 +217,24 @@ def test_cpu_chunk_sizes(chunk):
 
 
 @pytest.mark.skipif(not _AVAILABLE["cpu"][0], reason=_AVAILABLE["cpu"][1])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_worker_counts(threads, dtype):
+    # workers claim vocabulary chunks from a shared counter: one worker, two, and more workers than
+    # cores (an uneven claim) must all give the float64 answer; 41 chunks of 31 rows, the last ragged
+    from distillkit import _C
+
+    hidden, weight, ids, bias = make_inputs(19, 1271, 33, dtype, seed=9)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = _C.answer_logprobs_cpu(hidden, weight, ids, bias, 31)
+    finally:
+        torch.set_num_threads(before)
+    check_close(out, hidden, weight, ids, bias)
+
+
+@pytest.mark.skipif(not _AVAILABLE["cpu"][0], reason=_AVAILABLE["cpu"][1])
 def test_cpu_does_not_materialise_logits():
     """M=1024, V=32000: [M, V] float32 logits are 131 MB; the cpu backend must stay far below that."""
     from _util import peak_extra_bytes
