@@ -7,6 +7,9 @@ same run (bytes read + written). Goals: CPU backend >= 0.8 of copy bandwidth and
 baseline; GPU >= 0.9 of copy bandwidth.
 
     pytest bench/bench_merge.py -q -s      (DISTILLKIT_BENCH_PARAMS overrides the model size)
+
+Cases: K in {2, 4} x {fp32, bf16} by default; the anchor and tiny profiles (bench/shapes.py) run K=4 bf16 alone,
+at 1e9 parameters and at a toy size.
 """
 from __future__ import annotations
 
@@ -21,8 +24,9 @@ from distillkit._backend import backends, runnable_backends
 from distillkit.ops.merge import average_group_
 
 DEV = device()
-PARAMS = int(os.environ.get("DISTILLKIT_BENCH_PARAMS", shapes.GPU_MERGE_PARAMS if DEV.type == "cuda" else shapes.CPU_MERGE_PARAMS))
-DTYPES = [torch.bfloat16, torch.float32] if DEV.type == "cuda" else [torch.float32, torch.bfloat16]
+PARAMS = int(os.environ.get("DISTILLKIT_BENCH_PARAMS", shapes.merge_params(DEV.type == "cuda")))
+KS, DTYPES = shapes.merge_cases(DEV.type == "cuda", [torch.bfloat16, torch.float32] if DEV.type == "cuda"
+                                else [torch.float32, torch.bfloat16])
 ROWS: list[Row] = []
 _COPY = {}
 
@@ -62,7 +66,7 @@ def _run(provider, target, sources, weights):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("k", KS)
 def test_merge(benchmark, k, dtype):
     if "bw" not in _COPY:
         _COPY["bw"] = copy_bandwidth_gbs(dev=DEV)
