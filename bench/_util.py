@@ -17,7 +17,18 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
+# bench/gpu_check.py points this elsewhere, so a dry run never overwrites the recorded results
+RESULTS_DIR = os.environ.get("DISTILLKIT_BENCH_RESULTS") or os.path.join(os.path.dirname(__file__), "results")
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def compiled(fn):
+    """fn through torch.compile (static shapes); DISTILLKIT_BENCH_COMPILE_BACKEND picks the backend (default
+    inductor; the CPU dry run uses aot_eager, which traces the same graph without generating code)."""
+    return torch.compile(fn, backend=os.environ.get("DISTILLKIT_BENCH_COMPILE_BACKEND", "inductor"), dynamic=False)
 
 
 def device() -> torch.device:
@@ -93,9 +104,15 @@ def median_time_s(fn, dev: torch.device | None = None, *, warmup: int = 1, repea
     return times[len(times) // 2]
 
 
+def _tiny() -> bool:
+    """The toy profile (bench/shapes.py) checks code paths: its rate measurements shrink too."""
+    return os.environ.get("DISTILLKIT_BENCH_SHAPES") == "tiny"
+
+
 def copy_bandwidth_gbs(nbytes: int = 1 << 28, dev: torch.device | None = None) -> float:
     """Measured copy bandwidth in GB/s, counting bytes read plus bytes written."""
     dev = dev or device()
+    nbytes = min(nbytes, 1 << 22) if _tiny() else nbytes
     n = nbytes // 4
     src = torch.randn(n, device=dev)
     dst = torch.empty_like(src)
@@ -106,6 +123,7 @@ def copy_bandwidth_gbs(nbytes: int = 1 << 28, dev: torch.device | None = None) -
 def matmul_flops(dtype: torch.dtype = torch.float32, n: int = 2048, dev: torch.device | None = None) -> float:
     """Measured dense matmul rate in FLOP/s for n x n x n in `dtype`."""
     dev = dev or device()
+    n = min(n, 256) if _tiny() else n
     a = torch.randn(n, n, device=dev, dtype=dtype)
     b = torch.randn(n, n, device=dev, dtype=dtype)
     t = median_time_s(lambda: a @ b, dev, warmup=1, repeats=3)

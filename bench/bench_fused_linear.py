@@ -8,9 +8,11 @@ separate backward timing would only show the final scaling):
                    mixture, autograd (the baseline every ratio is taken against, measured in the same run)
   fused-<backend>  distillkit.fused_linear_skew_kl / _reverse_kl with the row primitive on <backend>
                    (every backend available here except the Triton interpreter, which is a test vehicle)
+  compiled         the eager loss through torch.compile (GPU and the tiny profile; bench/_util.compiled)
   liger-jsd        Liger-Kernel's LigerFusedLinearJSD when `liger_kernel` imports (a different divergence,
                    same shape of work: for scale only)
-Shapes (bench/shapes.py): CPU N=4096, H=512, V=32000 fp32; GPU N=8192, H=4096, V=128256 bf16.
+Shapes (bench/shapes.py): CPU N=4096, H=512, V=32000 fp32; GPU (and the anchor profile) N=8192, H=4096,
+V=128256 bf16; the tiny profile a toy size on either.
 Roofline: the 8NHV FLOPs of the four GEMMs (student + teacher logits 2 x 2NHV, grad_hidden 2NHV,
 grad_weight 2NHV; i.e. 6NHV for the student head fwd+bwd, 2NHV for the teacher head fwd) divided by the
 dense matmul rate measured in the same run: the fraction of time a GEMM-bound op could not do better than.
@@ -101,12 +103,14 @@ def _step(fn, tensors):
 
 def test_fused_linear_full():
     dev = _util.device()
+    _, (n, h, v) = shapes.loss_shape(dev.type == "cuda", "fused-linear-cpu")
     if dev.type == "cuda":
-        n, h, v = shapes.GPU_LOSS["llama3-8b"]
         dtype, repeats, slow_repeats = torch.bfloat16, 10, 3
     else:
-        n, h, v = shapes.CPU_LOSS["fused-linear-cpu"]
         dtype, repeats, slow_repeats = torch.float32, 3, 1
+    if shapes.profile() == "tiny":
+        repeats = slow_repeats = 1
+    with_compiled = dev.type == "cuda" or shapes.profile() == "tiny"
     tensors = _make(n, h, v, dtype, dev)
     sh, sw, th, tw, labels = tensors
     rate = _util.matmul_flops(dtype, n=2048 if dev.type == "cpu" else 8192, dev=dev)
@@ -122,6 +126,10 @@ def test_fused_linear_full():
     for case, reverse in (("skl", False), ("srkl", True)):
         eager_run = _step(lambda: eager_loss(sh, sw, th, tw, labels, reverse), tensors)
         candidates = [("eager", "eager", eager_run, slow_repeats)]
+        if with_compiled:
+            compiled_loss = _util.compiled(eager_loss)
+            candidates.append(("compiled", "torch.compile", _step(
+                lambda: compiled_loss(sh, sw, th, tw, labels, reverse), tensors), slow_repeats))
         op = distillkit.fused_linear_skew_reverse_kl if reverse else distillkit.fused_linear_skew_kl
         for prov, backend in fused.items():
             run = _step(lambda backend=backend: op(sh, sw, th, tw, labels, alpha=ALPHA, backend=backend), tensors)

@@ -8,7 +8,8 @@ Each candidate is beam prefix (P tokens) + proposed step (S tokens) + answer pro
              "reuse": MetaProver running each beam prefix once and the candidates' suffixes on a
              copy of its KV cache.
   shapes     CPU: hidden 256, 4 layers, V=32000 fp32, P=384, S=48, B=K=4;
-             GPU: hidden 1024, 8 layers, V=128256 bf16, P=2048, S=128, B=K=4.
+             GPU: hidden 1024, 8 layers, V=128256 bf16, P=2048, S=128, B=K=4 (bench/shapes.py; the tiny
+             profile a toy model).
   metrics    tokens run through the model body, median time, peak extra memory, ratio to eager
              (same run), roofline fraction = FLOPs of the minimal work (body over the reuse token
              count + lm_head at the answer rows) at the dense matmul rate measured in this run / time.
@@ -22,17 +23,14 @@ import random
 import pytest
 import torch
 
+import shapes
 from _util import Row, device, matmul_flops, median_time_s, peak_extra_bytes, report
 from distillkit.methods.meta_prover import MetaProver
 from distillkit.world.tiny import build_tokenizer, tiny_causal_lm
 
 DEV = device()
-if DEV.type == "cuda":
-    SHAPE = dict(hidden=1024, layers=8, heads=16, vocab=128256, prefix=2048, step=128, beams=4, teachers=4,
-                 batch=4, dtype=torch.bfloat16)
-else:
-    SHAPE = dict(hidden=256, layers=4, heads=4, vocab=32000, prefix=384, step=48, beams=4, teachers=4,
-                 batch=8, dtype=torch.float32)
+SHAPE = dict(shapes.meta_prover_shape(DEV.type == "cuda"),
+             dtype=torch.bfloat16 if DEV.type == "cuda" else torch.float32)
 ANSWER = "1234"
 ROWS: list[Row] = []
 

@@ -2,9 +2,11 @@
 
 Kernel section: log softmax(hidden @ W.T)[m, id_m] for M answer rows.
   providers  every backend runnable on this device (the Triton interpreter is skipped: it is a test
-             vehicle) and "eager": full logits (in the input dtype, then float32) + log_softmax + gather.
+             vehicle), "eager": full logits (in the input dtype, then float32) + log_softmax + gather, and
+             on a GPU (and in the tiny profile) "compiled": eager through torch.compile.
   shapes     CPU: V=32000, H=512 fp32 (llama-tiny); GPU: llama3-8b (V=128256, H=4096) and qwen2.5-7b
-             (V=152064, H=3584) bf16; M in {64, 1024}.
+             (V=152064, H=3584) bf16; M in {64, 1024}. Profiles (bench/shapes.py): anchor = llama3-8b
+             alone, tiny = a toy head.
   metrics    median time, peak extra memory of a warm call, ratios to eager (same run), roofline fraction = time to
              read W once at the copy bandwidth measured in this run / kernel time (GPU goal: kernel
              <= 1.5x that time, i.e. fraction >= 0.67), and gemm_fraction = 2*M*V*H FLOPs at the
@@ -20,18 +22,15 @@ import functools
 import pytest
 import torch
 
-import shapes  # noqa: F401  (named shapes live there; the scoring shapes are the lm_heads below)
-from _util import Row, copy_bandwidth_gbs, device, matmul_flops, median_time_s, peak_extra_bytes, report
+import shapes
+from _util import Row, compiled, copy_bandwidth_gbs, device, matmul_flops, median_time_s, peak_extra_bytes, report
 from distillkit._backend import backends, runnable_backends
 from distillkit.scoring import answer_logprobs
 
 DEV = device()
-if DEV.type == "cuda":
-    LM_HEADS = {"llama3-8b": (128256, 4096), "qwen2.5-7b": (152064, 3584)}
-    DTYPE = torch.bfloat16
-else:
-    LM_HEADS = {"llama-tiny": (32000, 512)}
-    DTYPE = torch.float32
+LM_HEADS = shapes.lm_heads(DEV.type == "cuda")
+DTYPE = torch.bfloat16 if DEV.type == "cuda" else torch.float32
+WITH_COMPILED = DEV.type == "cuda" or shapes.profile() == "tiny"
 ANSWER_ROWS = (64, 1024)
 KERNEL_ROWS: list[Row] = []
 _MEASURED: dict[str, float] = {}
@@ -53,7 +52,7 @@ def _kernel_providers() -> tuple[str, ...]:
         else:
             why = "the interpreter is for tests" if name == "triton" and table[name][0] else table[name][1]
             print(f"[bench_scoring] backend {name} skipped: {why}")
-    return (*names, "eager")
+    return (*names, "eager", *(["compiled"] if WITH_COMPILED else []))
 
 
 def _rates():
@@ -81,12 +80,15 @@ def test_kernel(benchmark, head, m):
     for name in _kernel_providers():
         if name == "eager":
             fn = lambda: eager_answer_logprobs(hidden, weight, ids)  # noqa: E731
+        elif name == "compiled":
+            fn = lambda f=compiled(eager_answer_logprobs): f(hidden, weight, ids)  # noqa: E731
         else:
             fn = lambda name=name: answer_logprobs(hidden, weight, ids, backend=name)  # noqa: E731
         fn()  # warm: a first call's one-time setup (OpenMP worker arenas, BLAS buffers) is not working memory
         peak, outs[name] = peak_extra_bytes(fn, DEV)
         t = median_time_s(fn, DEV, warmup=0, repeats=repeats)
-        rows[name] = Row("scoring_kernel", case, name, "eager" if name == "eager" else name, t, peak,
+        rows[name] = Row("scoring_kernel", case, name, {"eager": "eager", "compiled": "torch.compile"}.get(name, name),
+                         t, peak,
                          roofline_fraction=t_read / t,
                          extra={"gemm_fraction": t_gemm / t, "W_read_ms": t_read * 1e3, "gemm_floor_ms": t_gemm * 1e3,
                                 "copy_GBs": copy_gbs, "matmul_TFLOPs": flops / 1e12})
@@ -106,7 +108,7 @@ def test_kernel_report():
         pytest.skip("no kernel rows measured")
     report(KERNEL_ROWS, "scoring_kernel")
     for r in KERNEL_ROWS:
-        if r.provider == "eager":
+        if r.provider in ("eager", "compiled"):
             continue
         line = (f"  {r.case} {r.provider}: {r.time_s * 1e3:.2f} ms = {r.time_s / r.extra['W_read_ms'] * 1e3:.1f}x one "
                 f"W read ({r.extra['W_read_ms']:.2f} ms), {r.extra['gemm_fraction']:.0%} of the GEMM floor "

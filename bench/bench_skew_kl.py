@@ -2,7 +2,10 @@
 
     pytest bench/bench_skew_kl.py -q -s
 
-Shapes: bench/shapes.py (CPU: llama-tiny's N x V in float32; GPU: llama3-8b's in bfloat16). Modes:
+Shapes: bench/shapes.py (CPU: llama-tiny's N x V in float32; GPU: llama3-8b's in bfloat16; the profile
+DISTILLKIT_BENCH_SHAPES=anchor|tiny picks issue 19's anchor or a toy copy of it). Providers: eager (the
+reference formulas), on a GPU and in the tiny profile also "compiled" (the same eager function through
+torch.compile, backend from DISTILLKIT_BENCH_COMPILE_BACKEND, default inductor), and the fused backends. Modes:
 "forward" (no gradient kept) and "full" (forward + backward of the mean loss). Each row names the
 backend that ran, its time relative to eager measured in this run, and a roofline fraction: the
 fused minimum of bytes (read both logits; in "full" also write the gradient) over the measured copy
@@ -19,16 +22,17 @@ import distillkit
 from distillkit.reference import skew_kl as reference
 
 DEV = _util.device()
+CASE_NAME, (N, _, V) = shapes.loss_shape(DEV.type == "cuda", "llama-tiny")
 if DEV.type == "cuda":
-    CASE_NAME = "llama3-8b"
-    N, _, V = shapes.GPU_LOSS[CASE_NAME]
     DTYPE, ROUNDS = torch.bfloat16, 10
-    PROVIDERS = ["eager", "auto", "triton", "cuda"]
+    PROVIDERS = ["eager", "compiled", "auto", "triton", "cuda"]
 else:
-    CASE_NAME = "llama-tiny"
-    N, _, V = shapes.CPU_LOSS[CASE_NAME]
     DTYPE, ROUNDS = torch.float32, 3
     PROVIDERS = ["eager", "auto", "cpu"]
+if shapes.profile() == "tiny":  # a code-path check of the GPU run's providers, one round
+    ROUNDS = 1
+    if "compiled" not in PROVIDERS:
+        PROVIDERS.insert(1, "compiled")
 LOSSES = {"skew_kl": (distillkit.skew_kl, reference.skew_kl),
           "skew_reverse_kl": (distillkit.skew_reverse_kl, reference.skew_reverse_kl)}
 _ROWS: dict[tuple[str, str], list[_util.Row]] = {}
@@ -36,12 +40,14 @@ _COPY_GBS: list[float] = []
 
 
 def _backend_of(provider: str) -> str | None:
-    return {"eager": "reference", "auto": None}.get(provider, provider)
+    return {"eager": "reference", "compiled": "reference", "auto": None}.get(provider, provider)
 
 
 def _chosen_backend(provider: str) -> str:
     from distillkit._backend import select_backend
 
+    if provider == "compiled":
+        return "torch.compile"
     return select_backend("skew_kl", DEV, _backend_of(provider))
 
 
@@ -75,15 +81,17 @@ def test_skew_kl(benchmark, inputs, loss_name, mode, provider):
     except BackendUnavailable as exc:
         pytest.skip(str(exc))
 
+    fn = {"eager": eager, "compiled": _util.compiled(eager)}.get(provider, fused)
+
     def run():
         if mode == "forward":
             with torch.no_grad():
-                return (eager if provider == "eager" else fused)(student, teacher, labels, **kwargs)
+                return fn(student, teacher, labels, **kwargs)
         s = student.detach().requires_grad_(True)
-        (eager if provider == "eager" else fused)(s, teacher, labels, **kwargs).backward()
+        fn(s, teacher, labels, **kwargs).backward()
         return s.grad
 
-    kwargs = {} if provider == "eager" else {"backend": _backend_of(provider)}
+    kwargs = {} if provider in ("eager", "compiled") else {"backend": _backend_of(provider)}
     try:
         peak, _ = _util.peak_extra_bytes(run, DEV)
     except torch.cuda.OutOfMemoryError:
