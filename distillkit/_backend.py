@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Iterable
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -122,42 +123,136 @@ def _fits_device(name: str, device: torch.device) -> tuple[bool, str]:
     return True, ""
 
 
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A bound a backend's kernel keeps: ``sizes[arg] <= most`` (e.g. top_k held in an on-chip buffer)."""
+    arg: str
+    most: int
+    why: str
+
+    def problem(self, sizes: dict) -> str | None:
+        value = sizes.get(self.arg)
+        if value is None or value <= self.most:
+            return None
+        return f"{self.arg}={value} exceeds this kernel's limit {self.arg} <= {self.most} ({self.why})"
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One backend of an op: its launcher ``run`` and what it supports (dtypes, size limits); devices and
+    "needs the extension built / triton / a GPU" come from the backend's name (see backends())."""
+    name: str
+    run: Optional[Callable] = None
+    dtypes: tuple = FLOAT_DTYPES
+    limits: tuple = ()
+
+    def problem(self, device: torch.device, dtype: torch.dtype | None, sizes: dict) -> str | None:
+        """Why this backend cannot run on tensors of ``device``/``dtype`` with ``sizes`` here, or None."""
+        ok, why = _fits_device(self.name, device)
+        if not ok:
+            return why
+        ok, why = _STATUS[self.name]()
+        if not ok:
+            return why
+        if dtype is not None and dtype not in self.dtypes:
+            return f"dtype {_dtype_name(dtype)} not supported (supports {', '.join(map(_dtype_name, self.dtypes))})"
+        for limit in self.limits:
+            why = limit.problem(sizes)
+            if why:
+                return why
+        return None
+
+    def supports(self) -> str:
+        """One line: the dtypes and limits this backend declares (devices follow from its name)."""
+        parts = [_DEVICES[self.name], "/".join(map(_dtype_name, self.dtypes))]
+        parts += [f"{lim.arg} <= {lim.most}" for lim in self.limits]
+        return "; ".join(parts)
+
+
+_DEVICES = {"cuda": "CUDA tensors", "triton": "CUDA tensors (CPU under TRITON_INTERPRET=1)",
+            "cpu": "CPU tensors", "reference": "any device"}
+OPS: dict[str, "Op"] = {}
+
+
+class Op:
+    """An op's backends, in preference order, each with what it supports; :meth:`select` picks one.
+
+    Automatic choice: CUDA tensors go cuda > triton > cpu > reference, CPU tensors cpu > reference, skipping a
+    backend that cannot run (with its reason kept). ``DISTILLKIT_BACKEND`` names a default, ``backend=``
+    overrides it; a named backend that cannot run raises BackendUnavailable with the reason, except that a
+    size limit under the environment default falls back to automatic choice (the variable is a preference).
+    """
+
+    def __init__(self, name: str, backends: Iterable[Backend], register: bool = True):
+        self.name = name
+        self.backends = {b.name: b for b in sorted(backends, key=lambda b: BACKENDS.index(b.name))}
+        if register:
+            OPS[name] = self
+
+    def problem(self, name: str, device: torch.device, dtype=None, sizes=None) -> str | None:
+        if name not in self.backends:
+            return f"{self.name} has no {name} implementation"
+        return self.backends[name].problem(device, dtype, sizes or {})
+
+    def select(self, device: torch.device | str, dtype: torch.dtype | None = None, backend: str | None = None,
+               label: str | None = None, **sizes) -> Backend:
+        """The backend that runs this op on tensors of ``device`` (and ``dtype``, ``sizes``); see the class doc.
+        ``label`` names the caller in messages (default: the op's name)."""
+        device = torch.device(device)
+        label = label or self.name
+        requested = backend if backend is not None else (os.environ.get("DISTILLKIT_BACKEND") or None)
+        if requested is not None:
+            src = "backend=" if backend is not None else "DISTILLKIT_BACKEND="
+            if requested not in BACKENDS:
+                raise InputError(f"{src}{requested!r}: expected one of {BACKENDS} or None")
+            why = self.problem(requested, device, dtype, sizes)
+            if why is None:
+                return self.backends[requested]
+            limited = requested in self.backends and any(lim.problem(sizes)
+                                                         for lim in self.backends[requested].limits)
+            if backend is not None or not limited:
+                raise BackendUnavailable(f"{label}: {src}{requested!r} cannot run: {why}")
+        order = ("cuda", "triton", "cpu", "reference") if device.type == "cuda" else ("cpu", "reference")
+        reasons = []
+        for name in order:
+            why = self.problem(name, device, dtype, sizes)
+            if why is None:
+                return self.backends[name]
+            reasons.append(f"{name}: {why}")
+        raise BackendUnavailable(f"{label}: no backend runs on {device}: " + "; ".join(reasons))
+
+    def table(self) -> list[tuple[str, bool, str, str]]:
+        """[(backend, runs here, reason, supports)] for every backend of BACKENDS, device-independent."""
+        rows = []
+        for name in BACKENDS:
+            if name not in self.backends:
+                rows.append((name, False, f"{self.name} has no {name} implementation", ""))
+                continue
+            ok, why = _STATUS[name]()
+            rows.append((name, ok, why, self.backends[name].supports()))
+        return rows
+
+
+def dispatch(op: Op | str, tensors, backend: str | None = None, **sizes) -> Backend:
+    """The backend of ``op`` (an Op or a registered op's name) for ``tensors`` (a tensor or a sequence whose
+    first entry gives device and dtype); raises BackendUnavailable listing every candidate and its reason."""
+    op = OPS[op] if isinstance(op, str) else op
+    first = tensors if isinstance(tensors, torch.Tensor) else next(iter(tensors))
+    return op.select(first.device, first.dtype, backend, **sizes)
+
+
 def select_backend(op: str, device: torch.device, backend: str | None = None,
                    implemented: Iterable[str] = BACKENDS) -> str:
-    """Picks the backend that runs ``op`` on tensors living on ``device``.
-
-    ``backend`` (else ``DISTILLKIT_BACKEND``) names one explicitly; it must be available, implemented
-    for ``op`` and fit the device, or this raises BackendUnavailable with the reason. With none named,
-    the first backend of the preference order that runs here is chosen.
-    """
-    implemented = tuple(implemented)
-    requested = backend if backend is not None else (os.environ.get("DISTILLKIT_BACKEND") or None)
-    if requested is not None:
-        if requested not in BACKENDS:
-            src = "backend=" if backend is not None else "DISTILLKIT_BACKEND="
-            raise InputError(f"{src}{requested!r}: expected one of {BACKENDS} or None")
-        ok, why = _why_not(op, requested, device, implemented)
-        if not ok:
-            src = "backend=" if backend is not None else "DISTILLKIT_BACKEND="
-            raise BackendUnavailable(f"{op}: {src}{requested!r} cannot run: {why}")
-        return requested
-    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
-    reasons = []
-    for name in order:
-        ok, why = _why_not(op, name, device, implemented)
-        if ok:
-            return name
-        reasons.append(f"{name}: {why}")
-    raise BackendUnavailable(f"{op}: no backend runs on {device}: " + "; ".join(reasons))
-
-
-def _why_not(op: str, name: str, device: torch.device, implemented: tuple[str, ...]) -> tuple[bool, str]:
-    if name not in implemented:
-        return False, f"{op} has no {name} implementation"
-    ok, why = _fits_device(name, device)
-    if not ok:
-        return False, why
-    return _STATUS[name]()
+    """Picks the backend that runs an op named ``op`` with backends ``implemented`` on tensors of ``device``
+    (:meth:`Op.select` for an op declared on the spot; ops declare theirs once with :class:`Op`)."""
+    return Op(op, [Backend(n) for n in implemented], register=False).select(device, backend=backend).name
 
 
 def backend_problem(name: str, device: torch.device | str) -> str | None:

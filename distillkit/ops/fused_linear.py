@@ -27,13 +27,13 @@ from typing import Optional
 
 import torch
 
-from distillkit._backend import BACKENDS, select_backend
+from distillkit._backend import FLOAT_DTYPES as _FLOAT_DTYPES, Op
 from distillkit._errors import InputError
 from distillkit.ops._checks import first_index as _first, first_nonfinite, nonfinite_rows
+from distillkit.ops.skew_kl import SKEW_KL, _acc_dtype, _row_scale, check_options, check_token_tensors, skew_kl_rows
 
 __all__ = ["fused_linear_skew_kl", "fused_linear_skew_reverse_kl", "default_chunk_size"]
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # logits elements per chunk (each of z_S, z_T, dz): 64 MB fp32 on CPU (~512 rows at V = 32000: three
 # such buffers + the [V, H] float32 accumulator stay under 10% of the eager loss's peak, while the
 # per-chunk costs, re-reading both weights and the accumulator, stay small next to the GEMMs);
@@ -81,8 +81,6 @@ def _accumulate_grad_weight(acc: torch.Tensor, dlogits: torch.Tensor, hidden: to
 
 
 def _row_divergence(z_s, z_t, scale, alpha, temperature, reverse, detach_mixture, need_grad, backend):
-    from distillkit.ops.skew_kl import skew_kl_rows
-
     return skew_kl_rows(z_s, z_t, scale, alpha=alpha, temperature=temperature, reverse=reverse,
                         detach_mixture=detach_mixture, need_grad=need_grad, backend=backend)
 
@@ -284,8 +282,6 @@ def _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, la
                 raise InputError(f"{name} must be [V={vocab}], got {tuple(b.shape)}")
     tensors = [("student_weight", student_weight), ("teacher_hidden", teacher_hidden),
                ("teacher_weight", teacher_weight), ("student_bias", student_bias), ("teacher_bias", teacher_bias)]
-    from distillkit.ops.skew_kl import check_options, check_token_tensors
-
     check_token_tensors(labels, weights, lead, "the tokens' shape")
     for name, x in (*tensors, ("labels", labels), ("weights", weights)):
         if x is not None and x.device != student_hidden.device:
@@ -342,24 +338,14 @@ def check_values(student_hidden: torch.Tensor, student_weight: torch.Tensor, stu
                                  "(its label is kept and its weight is not 0)")
 
 
-def _row_scale(labels, weights, ignore_index, reduction, n, device, dtype):
-    """scale_t = w_t * kept_t (/ number of kept tokens for "mean"), [N] in ``dtype``, no host sync."""
-    scale = torch.ones(n, dtype=dtype, device=device) if weights is None else weights.reshape(-1).to(dtype)
-    if labels is not None:
-        kept = labels.reshape(-1) != ignore_index
-        scale = torch.where(kept, scale, torch.zeros_like(scale))
-        count = kept.sum()
-    else:
-        count = torch.tensor(n, device=device)
-    if reduction == "mean":
-        scale = scale / count.clamp(min=1).to(dtype)  # no kept token: loss 0, never NaN
-    return scale
+# the same kernels as the logits-level op: the fused backends run its row launcher chunk by chunk
+FUSED_LINEAR = Op("fused_linear_skew_kl", SKEW_KL.backends.values())
 
 
 @torch.compiler.assume_constant_result
 def _select_backend(op: str, device: str, backend: Optional[str]) -> str:
     # evaluated eagerly under torch.compile (it reads thread counts and the environment)
-    return select_backend(op, torch.device(device), backend, implemented=BACKENDS)
+    return FUSED_LINEAR.select(torch.device(device), backend=backend, label=op).name
 
 
 def _fused_linear_skew(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, weights,
@@ -399,8 +385,7 @@ def _fused_linear_skew(student_hidden, student_weight, teacher_hidden, teacher_w
                                      checked.reshape(lead), student_bias=student_bias, teacher_bias=teacher_bias,
                                      alpha=alpha, temperature=temperature, ignore_index=ignore_index,
                                      reduction=reduction, reverse=reverse, detach_mixture=detach_mixture)
-    acc_dtype = torch.float64 if h_s.dtype == torch.float64 else torch.float32
-    scale = _row_scale(labels, checked, ignore_index, reduction, n, h_s.device, acc_dtype)
+    scale = _row_scale(labels, checked, ignore_index, reduction, n, h_s.device, _acc_dtype(h_s.dtype))
     # the teacher is a constant: its tensors never carry autograd history into the op
     t_w = teacher_weight.detach()
     t_b = None if teacher_bias is None else teacher_bias.detach()

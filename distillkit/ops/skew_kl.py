@@ -21,28 +21,29 @@ from typing import Optional
 
 import torch
 
-from distillkit._backend import BACKENDS, extension, select_backend
+from distillkit._backend import FLOAT_DTYPES as _FLOAT_DTYPES, Backend, Op, extension
 from distillkit._errors import InputError
 from distillkit.reference import skew_kl as _reference
 
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# ---- launchers, one per backend, and the op's declaration --------------------------------------------
+# student, teacher [N, V] one float dtype, contiguous; scale [N] float32 (float64 for float64 logits)
+# -> (D [N] in scale's dtype, d(sum scale D)/dstudent [N, V], or an empty tensor when need_grad is False)
+
+def _rows_cpu(student, teacher, scale, alpha, temperature, reverse, detach_mixture, need_grad):
+    return extension().skew_kl_forward_cpu(student, teacher, scale, alpha, 1.0 / temperature, reverse,
+                                           detach_mixture, need_grad)
 
 
-# ---- the fused row primitive (also used by distillkit.ops.fused_linear) ------------------------------
+def _rows_cuda(student, teacher, scale, alpha, temperature, reverse, detach_mixture, need_grad):
+    return extension().skew_kl_forward_cuda(student, teacher, scale, alpha, 1.0 / temperature, reverse,
+                                            detach_mixture, need_grad)
 
-def _fused_rows(student, teacher, scale, alpha, temperature, reverse, detach_mixture, need_grad, backend):
-    inv_t = 1.0 / float(temperature)
-    if backend == "cpu":
-        return extension().skew_kl_forward_cpu(student, teacher, scale, alpha, inv_t, reverse, detach_mixture,
-                                               need_grad)
-    if backend == "cuda":
-        return extension().skew_kl_forward_cuda(student, teacher, scale, alpha, inv_t, reverse, detach_mixture,
-                                                need_grad)
-    if backend == "triton":
-        from distillkit.kernels.skew_kl import skew_kl_forward
 
-        return skew_kl_forward(student, teacher, scale, alpha, inv_t, reverse, detach_mixture, need_grad)
-    raise ValueError(f"backend={backend!r} is not a fused backend")
+def _rows_triton(student, teacher, scale, alpha, temperature, reverse, detach_mixture, need_grad):
+    from distillkit.kernels.skew_kl import skew_kl_forward  # triton loads on first use only
+
+    return skew_kl_forward(student, teacher, scale, alpha, 1.0 / temperature, reverse, detach_mixture, need_grad)
 
 
 def _reference_rows(student, teacher, scale, alpha, temperature, reverse, detach_mixture, need_grad):
@@ -58,6 +59,15 @@ def _reference_rows(student, teacher, scale, alpha, temperature, reverse, detach
             return d.detach(), None
         (dz,) = torch.autograd.grad((d * scale).sum(), s)
     return d.detach(), torch.where(kept.unsqueeze(-1), dz, torch.zeros_like(dz))
+
+
+SKEW_KL = Op("skew_kl", [Backend("cuda", _rows_cuda), Backend("triton", _rows_triton), Backend("cpu", _rows_cpu),
+                         Backend("reference", _reference_rows)])
+
+
+def _fused_rows(student, teacher, scale, alpha, temperature, reverse, detach_mixture, need_grad, backend):
+    return SKEW_KL.backends[backend].run(student, teacher, scale, alpha, float(temperature), reverse,
+                                         detach_mixture, need_grad)
 
 
 def skew_kl_rows(student_logits: torch.Tensor, teacher_logits: torch.Tensor, scale: torch.Tensor, *,
@@ -151,6 +161,7 @@ def _(student, teacher, labels, weights, ignore_index, check_rows):
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The accumulation dtype of every op: float64 for float64 inputs, float32 otherwise."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -176,7 +187,7 @@ _skew_kl_loss_op.register_autograd(_backward, setup_context=_setup_context)
 @torch.compiler.assume_constant_result
 def _pick_backend(op: str, device: torch.device, backend: str | None) -> str:
     # evaluated once while torch.compile traces (it reads the environment and the extension's state)
-    return select_backend(op, device, backend, implemented=BACKENDS)
+    return SKEW_KL.select(device, backend=backend, label=op).name
 
 
 def _validate(student_logits, teacher_logits, labels, weights, alpha, temperature, ignore_index, reduction):
@@ -233,7 +244,8 @@ def check_options(alpha, temperature, ignore_index, reduction) -> None:
 
 
 def _row_scale(labels, weights, ignore_index, reduction, n, device, dtype):
-    """scale_i = weight_i * kept_i (/ the number of kept tokens for "mean"), [N] in dtype, no host sync."""
+    """scale_i = weight_i * kept_i (/ the number of kept tokens for "mean"), [N] in dtype, no host sync.
+    labels, weights: [...] of N tokens, or None. Shared with distillkit.ops.fused_linear."""
     scale = torch.ones(n, dtype=dtype, device=device) if weights is None else weights.reshape(-1).to(dtype)
     if labels is None:
         count = torch.tensor(n, device=device)
