@@ -171,7 +171,7 @@ def error_line(exc: BaseException, code: int) -> str:
     if isinstance(exc, KeyboardInterrupt):
         return "interrupted"
     if _is_instance(exc, "yaml", "YAMLError"):
-        from distillkit.config import yaml_error_line
+        from distillkit.pipeline.config import yaml_error_line
 
         mark = getattr(exc, "problem_mark", None)
         return (f"{mark.name}: " if mark is not None and mark.name else "") + yaml_error_line(exc)

@@ -31,13 +31,14 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 from distillkit._errors import InputError
-from distillkit.config import checked_config, debug_enabled, field_help
-from distillkit.answers import answers_match, extract_answer, normalize_answer  # noqa: F401 (re-exported)
+from distillkit.pipeline.config import checked_config, debug_enabled, field_help
+from distillkit.pipeline.answers import answers_match, extract_answer, normalize_answer  # noqa: F401 (re-exported)
 from distillkit.methods.meta_prover import DEFAULT_TEMPLATE
 from distillkit.methods.segmentation import (
     END_MARKER, SEGMENTATIONS, Segmentation, make_segmentation,
 )
-from distillkit.runs import append_record, begin_run, read_records  # noqa: F401 (append_record re-exported)
+from distillkit.pipeline.data import fill_prompt
+from distillkit.pipeline.runs import append_record, begin_run, read_records  # noqa: F401 (append_record re-exported)
 from distillkit.teachers.base import Proposal, StringStop, Teacher
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ class CordConfig:
 
     @classmethod
     def from_yaml(cls, path: str, **overrides) -> "CordConfig":
-        from distillkit.config import load_config  # values coerced to the field types (lr: 1e-4 is a float)
+        from distillkit.pipeline.config import load_config  # values coerced to the field types (lr: 1e-4 is a float)
 
         return load_config(cls, path, **{k: v for k, v in overrides.items() if v is not None})
 
@@ -295,7 +296,7 @@ def write_answer(teachers: Sequence[Teacher], beam: Beam, *, cfg: CordConfig, se
 
 
 def _prompt(cfg: CordConfig, seg: Segmentation, question: str) -> str:
-    return cfg.prompt_template.replace("{question}", question) if cfg.prompt_template else seg.prompt(question)
+    return fill_prompt(cfg.prompt_template, question=question) if cfg.prompt_template else seg.prompt(question)
 
 
 def decode_one(question: str, answer: str, teachers: Sequence[Teacher], scorer: Scorer, cfg: CordConfig, *,
@@ -433,7 +434,7 @@ def read_questions(path: str, limit: int | None = None) -> list[dict]:
 
 
 def load_done(path: str) -> list[dict]:
-    """Records already written to ``path`` (see :func:`distillkit.runs.read_records`): every complete
+    """Records already written to ``path`` (see :func:`distillkit.pipeline.runs.read_records`): every complete
     record with an "id" is kept; blank lines, unparsable lines and records without an id are skipped
     and stay in the file; a torn final fragment is moved to ``<path>.torn``; a last record missing
     only its newline gets it."""

@@ -23,9 +23,9 @@ from typing import Sequence
 import torch
 
 from distillkit._errors import InputError
-from distillkit.config import config_field as _help
-from distillkit.config import parse_config
-from distillkit.train import save_pretrained_atomic
+from distillkit.pipeline.config import config_field as _help
+from distillkit.pipeline.config import parse_config
+from distillkit.pipeline.train import save_pretrained_atomic
 
 log = logging.getLogger(__name__)
 MERGES = ("average", "ties", "dare", "dare_ties")
@@ -89,8 +89,8 @@ def _device(cfg: MotConfig) -> torch.device:
 
 def load_teacher_datasets(cfg: MotConfig):
     """Teacher-specific datasets, keeping only traces whose final answer is correct."""
-    from distillkit.data import load_examples
-    from distillkit.answers import answers_match, extract_answer
+    from distillkit.pipeline.data import load_examples
+    from distillkit.pipeline.answers import answers_match, extract_answer
 
     datasets = []
     for k, path in enumerate(cfg.teacher_data):
@@ -104,8 +104,8 @@ def load_teacher_datasets(cfg: MotConfig):
 
 def train_branch(model, tokenizer, examples, cfg: MotConfig, round_idx: int, k: int):
     """Trains ``model`` in place for S steps on one teacher's data (resumable in its own directory)."""
-    from distillkit.data import SFTCollator, sft_loss
-    from distillkit.train import TrainConfig, Trainer
+    from distillkit.pipeline.data import SFTCollator, sft_loss
+    from distillkit.pipeline.train import TrainConfig, Trainer
 
     tcfg = TrainConfig(output_dir=branch_dir(cfg, round_idx, k), max_steps=cfg.steps_per_round,
                        batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
@@ -181,8 +181,8 @@ def merge_round_distributed(cfg: MotConfig, tokenizer, datasets, round_idx: int,
 
 
 def evaluate_round(cfg: MotConfig, tokenizer, round_idx: int, device, datasets) -> dict:
-    from distillkit.data import SFTCollator, read_questions_for_eval
-    from distillkit.evaluate import answer_accuracy, mean_loss
+    from distillkit.pipeline.data import SFTCollator, read_questions_for_eval
+    from distillkit.pipeline.evaluate import answer_accuracy, mean_loss
 
     model = _load(round_dir(cfg, round_idx), device)
     metrics: dict = {"round": round_idx + 1}
@@ -205,9 +205,9 @@ def _rounds_grow(old, new) -> bool:
 def begin_mot_run(cfg: MotConfig, distributed: bool) -> None:
     """Refuses a config that differs from the one output_dir's run was started with (InputError naming
     the fields; ``overwrite`` moves the old run aside instead) and records it (see
-    :mod:`distillkit.runs`). May change: overwrite, progress, and rounds upwards. Under torchrun rank 0
+    :mod:`distillkit.pipeline.runs`). May change: overwrite, progress, and rounds upwards. Under torchrun rank 0
     checks and records; every rank raises the same error."""
-    from distillkit.runs import begin_dir_run
+    from distillkit.pipeline.runs import begin_dir_run
 
     def begin():
         begin_dir_run(cfg, cfg.output_dir, extendable={"rounds": _rounds_grow}, previous_from="mot_metrics.json")
@@ -235,7 +235,7 @@ def run(cfg: MotConfig) -> list[dict]:
     raise its rounds; another config raises InputError naming the fields, unless ``overwrite``."""
     import torch.distributed as dist
 
-    from distillkit.data import read_questions_for_eval
+    from distillkit.pipeline.data import read_questions_for_eval
     from distillkit.teachers.hf import load_tokenizer
 
     device = _device(cfg)

@@ -40,11 +40,11 @@ from typing import Any, Sequence
 import torch
 
 from distillkit._errors import InputError
-from distillkit.config import config_field as _help
-from distillkit.config import parse_config
-from distillkit.data import DEFAULT_PROMPT, Example
+from distillkit.pipeline.config import config_field as _help
+from distillkit.pipeline.config import parse_config
+from distillkit.pipeline.data import DEFAULT_PROMPT, Example, fill_prompt
 from distillkit.methods.qr_router import ROUTINGS
-from distillkit.runs import begin_dir_run
+from distillkit.pipeline.runs import begin_dir_run
 from distillkit.teachers.base import Teacher
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,6 @@ BACKENDS = ("hf", "vllm")
 PATHS_NAME = "paths.jsonl"
 SUMMARY_NAME = "qr_summary.json"
 ROUTER_NAME = "router.pt"
-_FIELD = re.compile(r"\{(question|answer|response)\}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -284,12 +283,6 @@ def _device(cfg: QRDistillConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def fill(template: str, **values: Any) -> str:
-    """``template`` with {question}, {answer}, {response} replaced in one pass (other braces, and
-    braces inside the values, are left alone)."""
-    return _FIELD.sub(lambda m: str(values[m.group(1)]) if m.group(1) in values else m.group(0), template)
-
-
 # ----------------------------------------------------------------------------------------------
 # 1. Paths
 # ----------------------------------------------------------------------------------------------
@@ -320,7 +313,7 @@ def propose_paths(q: dict, teachers: Sequence[Teacher], cfg: QRDistillConfig, pe
                   if any(path_key(q["id"], s, names[t], j) in pending for j in range(cfg.paths_per_style))]
         if not styles:
             continue
-        prompts = [fill(templates[s], question=q["question"]) for s in styles]
+        prompts = [fill_prompt(templates[s], question=q["question"]) for s in styles]
         props = teacher.propose(prompts, n=cfg.paths_per_style, max_new_tokens=cfg.max_new_tokens, stop=cfg.stop,
                                 temperature=cfg.temperature, seed=question_seed(cfg.seed, q["id"]) + 7919 * t)
         for style, prompt, row in zip(styles, prompts, props):
@@ -360,7 +353,7 @@ def judge_paths(judge: Teacher, records: list[dict], cfg: QRDistillConfig) -> li
     """Adds judge_output, judge_score and judge_valid (None: unreadable verdict) to every record."""
     if not records:
         return records
-    prompts = [fill(cfg.judge_prompt, question=r["question"], answer=r["answer"], response=r["response"])
+    prompts = [fill_prompt(cfg.judge_prompt, question=r["question"], answer=r["answer"], response=r["response"])
                for r in records]
     outs = judge.propose(prompts, n=1, max_new_tokens=cfg.judge_max_new_tokens, stop=None, temperature=0.0)
     for rec, (prop,) in zip(records, outs):
@@ -373,7 +366,7 @@ def imported_records(cfg: QRDistillConfig) -> list[dict]:
     """Path records built from ``paths_input`` (answer verdicts recomputed, judge fields not yet set).
     A record without "id" is keyed ``path<i>`` (its index among the file's records); one without a
     reference answer raises InputError naming its line."""
-    from distillkit.data import check_reference_answer, read_jsonl_lines
+    from distillkit.pipeline.data import check_reference_answer, read_jsonl_lines
 
     out, seen = [], set()
     for i, (lineno, rec) in enumerate(read_jsonl_lines(cfg.paths_input)):
@@ -388,7 +381,7 @@ def imported_records(cfg: QRDistillConfig) -> list[dict]:
             raise InputError(f"{where}: duplicate id {key!r}")
         seen.add(key)
         q = {"id": rec.get("qid", key), "question": rec["question"], "answer": rec["answer"]}
-        prompt = rec.get("prompt") or (fill(cfg.templates()[style], question=rec["question"])
+        prompt = rec.get("prompt") or (fill_prompt(cfg.templates()[style], question=rec["question"])
                                        if style in cfg.templates() else "")
         out.append(make_path_record(q, style=style, teacher=str(rec.get("teacher", "given")), sample=0,
                                     prompt=prompt, response=str(rec["response"]), key=key))
@@ -421,7 +414,7 @@ def collect_paths(cfg: QRDistillConfig, *, teachers: Sequence[Teacher] | None = 
     from tqdm.auto import tqdm
 
     from distillkit.methods.cord import read_questions
-    from distillkit.runs import append_record, read_records
+    from distillkit.pipeline.runs import append_record, read_records
 
     path = cfg.paths_file()
     os.makedirs(cfg.output_dir, exist_ok=True)
@@ -508,7 +501,7 @@ class PathItem:
 def build_items(records: Sequence[dict], cfg: QRDistillConfig) -> list[PathItem]:
     items = []
     for i, r in enumerate(records):
-        prompt = r["prompt"] if cfg.use_style_prompt and r.get("prompt") else fill(cfg.prompt_template,
+        prompt = r["prompt"] if cfg.use_style_prompt and r.get("prompt") else fill_prompt(cfg.prompt_template,
                                                                                     question=r["question"])
         items.append(PathItem(Example(str(r["id"]), prompt, r["response"], str(r["answer"]), True), r["style"], i))
     return items
@@ -521,7 +514,7 @@ class QRCollator:
     "route_features": [B, d_enc] float32 (when features are given)}."""
 
     def __init__(self, tokenizers: Sequence, max_length: int, features: torch.Tensor | None = None):
-        from distillkit.data import SFTCollator
+        from distillkit.pipeline.data import SFTCollator
 
         self.tokenizers = list(tokenizers)
         self.collators = {id(t): SFTCollator(t, max_length) for t in self.tokenizers}
@@ -610,7 +603,7 @@ def build_model(cfg: QRDistillConfig, students: Sequence, router_in_dim: int | N
 def make_trainer(model, cfg: QRDistillConfig, items: Sequence[PathItem], collate):
     """The shared Trainer over the container (students + router + projections + regressor)."""
     from distillkit.methods.qr_router import qr_loss
-    from distillkit.train import TrainConfig, Trainer
+    from distillkit.pipeline.train import TrainConfig, Trainer
 
     tcfg = TrainConfig(output_dir=cfg.output_dir, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
                        grad_accum=cfg.grad_accum, lr=cfg.lr, weight_decay=cfg.weight_decay,
@@ -664,8 +657,8 @@ def routing_summary(model, features: torch.Tensor | None, items: Sequence[PathIt
 
 
 def evaluate_students(model, tokenizers, cfg: QRDistillConfig) -> dict:
-    from distillkit.data import read_questions_for_eval
-    from distillkit.evaluate import answer_accuracy
+    from distillkit.pipeline.data import read_questions_for_eval
+    from distillkit.pipeline.evaluate import answer_accuracy
 
     questions = read_questions_for_eval(cfg.eval_data, cfg.eval_limit)
     return {name: answer_accuracy(student, tok, questions, prompt_template=cfg.prompt_template,
@@ -684,14 +677,14 @@ def _write_json(path: str, obj) -> None:
 # Run
 # ----------------------------------------------------------------------------------------------
 # may differ between a run and its resume: how often a checkpoint / metrics line is written (the trainer
-# resumes exactly from any checkpoint); overwrite and progress always may (distillkit.runs)
+# resumes exactly from any checkpoint); overwrite and progress always may (distillkit.pipeline.runs)
 RESUME_FREE_FIELDS = ("save_every", "log_every")
 
 
 def check_inputs(cfg: QRDistillConfig) -> None:
     """Reads the questions (or paths_input) and eval_data, raising InputError naming the line of a bad
     record, before any model is loaded."""
-    from distillkit.data import read_questions_for_eval
+    from distillkit.pipeline.data import read_questions_for_eval
     from distillkit.methods.cord import read_questions
 
     if cfg.paths_input:
@@ -711,7 +704,7 @@ def run(cfg: QRDistillConfig, *, teachers: Sequence[Teacher] | None = None, judg
     Returns the summary written to qr_summary.json.
 
     A rerun must use the config the run was started with (recorded in output_dir/run_config.json; see
-    :mod:`distillkit.runs`): another raises InputError naming the fields, unless ``overwrite`` (then the
+    :mod:`distillkit.pipeline.runs`): another raises InputError naming the fields, unless ``overwrite`` (then the
     old output_dir is moved aside and the run starts afresh)."""
     device = _device(cfg)
     check_inputs(cfg)

@@ -45,9 +45,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from distillkit._errors import InputError
-from distillkit.config import config_field as _help
-from distillkit.config import parse_config
-from distillkit.train import save_pretrained_atomic
+from distillkit.pipeline.config import config_field as _help
+from distillkit.pipeline.config import parse_config
+from distillkit.pipeline.train import save_pretrained_atomic
 
 log = logging.getLogger(__name__)
 WEIGHTINGS = ("uniform", "ratio", "clamped_ratio", "r_s", "r_s_minus_r_t")
@@ -529,7 +529,7 @@ def _device(cfg: VcrdConfig) -> torch.device:
 def load_prompts(cfg: VcrdConfig) -> list[str]:
     """The prompts file's questions in ``cfg.prompt_template``; InputError naming the line (and id) of a
     record without a text question. The answer is not needed: VCRD trains on rollouts."""
-    from distillkit.data import read_jsonl_lines
+    from distillkit.pipeline.data import fill_prompt, read_jsonl_lines
 
     rows = read_jsonl_lines(cfg.prompts)
     if not rows:
@@ -541,7 +541,7 @@ def load_prompts(cfg: VcrdConfig) -> list[str]:
             rid = f" (id {r['id']!r})" if "id" in r else ""
             raise InputError(f"prompts={cfg.prompts!r}: line {lineno}{rid}: question={question!r}: expected a "
                              "non-empty string")
-        out.append(cfg.prompt_template.format(question=question))
+        out.append(fill_prompt(cfg.prompt_template, question=question))
     return out
 
 
@@ -586,7 +586,7 @@ def _write_json(path: str, obj) -> None:
 
 
 # may differ between a run and its resume: how often a checkpoint / metrics line is written (the trainer
-# resumes exactly from any checkpoint); overwrite and progress always may (distillkit.runs)
+# resumes exactly from any checkpoint); overwrite and progress always may (distillkit.pipeline.runs)
 RESUME_FREE_FIELDS = ("save_every", "log_every")
 
 
@@ -595,12 +595,12 @@ def run(cfg: VcrdConfig) -> dict:
     accuracy when eval_data is given; returns (and writes to vcrd_summary.json) the summary.
 
     A rerun must use the config the run was started with (recorded in output_dir/run_config.json;
-    see :mod:`distillkit.runs`): a different one raises InputError naming the fields, unless
+    see :mod:`distillkit.pipeline.runs`): a different one raises InputError naming the fields, unless
     ``overwrite`` (then the old output_dir is moved aside and the run starts afresh)."""
-    from distillkit.train import TrainConfig, Trainer
+    from distillkit.pipeline.train import TrainConfig, Trainer
 
-    from distillkit.data import read_questions_for_eval
-    from distillkit.runs import begin_dir_run
+    from distillkit.pipeline.data import read_questions_for_eval
+    from distillkit.pipeline.runs import begin_dir_run
 
     device = _device(cfg)
     # the input files are checked, and the config compared with the run's, before any model loads
@@ -631,7 +631,7 @@ def run(cfg: VcrdConfig) -> dict:
         if finished_before and "eval" in previous:  # same eval fields: the run config guarantees it
             summary["eval"] = previous["eval"]
         else:
-            from distillkit.evaluate import answer_accuracy
+            from distillkit.pipeline.evaluate import answer_accuracy
 
             acc = answer_accuracy(student, tokenizer, questions, prompt_template=cfg.prompt_template,
                                   max_new_tokens=cfg.max_new_tokens)

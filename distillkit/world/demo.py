@@ -34,6 +34,7 @@ from typing import Callable
 
 import torch
 
+from distillkit.pipeline.data import fill_prompt
 from distillkit.world import models as M
 from distillkit.world import problems as W
 from distillkit.world.demo_report import (PAPER_ORDERINGS, check_orderings, explain, format_table,  # noqa: F401
@@ -182,7 +183,7 @@ def step_check(path: str) -> dict:
 def teacher_traces(cfg: DemoConfig, name: str, probs) -> dict:
     """One teacher's greedy traces of the distillation questions (its own dataset, for MoT/union) ->
     {"path", "accuracy"}."""
-    from distillkit.evaluate import generate
+    from distillkit.pipeline.evaluate import generate
 
     model, tok = M.load_model(name)
     texts = generate(model, tok, [p.prompt for p in probs], max_new_tokens=M.max_new_tokens(), batch_size=128)
@@ -197,8 +198,8 @@ def teacher_traces(cfg: DemoConfig, name: str, probs) -> dict:
 # 2./3. student SFT and MoT
 # ----------------------------------------------------------------------------------------------
 def correct_examples(paths: list[str]):
-    from distillkit.answers import answers_match, extract_answer
-    from distillkit.data import load_examples
+    from distillkit.pipeline.answers import answers_match, extract_answer
+    from distillkit.pipeline.data import load_examples
 
     ok = lambda resp, ans: answers_match(extract_answer(resp), ans)  # noqa: E731
     return [ex for p in paths for ex in load_examples(p, only_correct=True, is_correct=ok)]
@@ -213,8 +214,8 @@ def evaluate_student(cfg: DemoConfig, eval_probs) -> float:
 def sft_seed(cfg: DemoConfig, name: str, trace_paths: list[str], seed: int, eval_probs) -> dict:
     """Fine-tunes student-base on the correct traces in ``trace_paths`` for sft_steps steps with data
     order ``seed`` -> {"examples", "accuracy"} (no correct trace: student-base's own accuracy)."""
-    from distillkit.data import SFTCollator, sft_loss
-    from distillkit.train import TrainConfig, Trainer
+    from distillkit.pipeline.data import SFTCollator, sft_loss
+    from distillkit.pipeline.train import TrainConfig, Trainer
 
     examples = correct_examples(trace_paths)
     if not examples:
@@ -305,8 +306,8 @@ def vcrd_start(cfg: DemoConfig, teacher: str, teacher_traces: str, eval_probs) -
     sits at its ceiling -log(alpha) with a gradient proportional to q (it vanishes), so the confidently
     wrong tokens are exactly the ones it cannot correct.
     """
-    from distillkit.data import SFTCollator, sft_loss
-    from distillkit.train import TrainConfig, Trainer, save_pretrained_atomic
+    from distillkit.pipeline.data import SFTCollator, sft_loss
+    from distillkit.pipeline.train import TrainConfig, Trainer, save_pretrained_atomic
 
     model, tok = M.load_model(M.STUDENT)
     start = M.asset_path(M.STUDENT)
@@ -341,7 +342,7 @@ def run_qr(cfg: DemoConfig, routing: str, questions_path: str, teacher_paths: li
                 if line.strip():
                     rec = json.loads(line)
                     rows.append({**rec, "id": f"{t}|{rec['id']}", "qid": rec["id"], "teacher": t, "style": "cot",
-                                 "prompt": W.PROMPT_TEMPLATE.format(question=rec["question"])})
+                                 "prompt": fill_prompt(W.PROMPT_TEMPLATE, question=rec["question"])})
     # one file per routing: the two routings may run side by side
     paths_file = _write_jsonl(os.path.join(cfg.out, "traces", f"qr_paths-{routing}.jsonl"), rows)
     student_dirs = []

@@ -9,10 +9,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from distillkit.data import SFTCollator, load_examples, sft_loss
+from distillkit.pipeline.data import SFTCollator, load_examples, sft_loss
 from distillkit.merge import average_
 from distillkit.methods.mot import MotConfig, load_teacher_datasets, run
-from distillkit.train import TrainConfig, Trainer
+from distillkit.pipeline.train import TrainConfig, Trainer
 from distillkit.world.tiny import build_tokenizer, save_tiny_checkpoint
 
 
@@ -133,7 +133,7 @@ def test_bad_config(setup):
 def test_example_config_loads_and_names_unknown_fields(tmp_path):
     from pathlib import Path
 
-    from distillkit.config import load_config
+    from distillkit.pipeline.config import load_config
 
     cfg = load_config(MotConfig, str(Path(__file__).resolve().parents[2] / "configs" / "mot.yaml"))
     assert cfg.rounds == 3 and len(cfg.teacher_data) == 3

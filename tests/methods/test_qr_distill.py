@@ -12,14 +12,14 @@ import torch
 import yaml
 
 from _tolerance import assert_eager_budget, ulp
-from distillkit.data import Example, SFTCollator
+from distillkit.pipeline.data import Example, SFTCollator
 from distillkit.methods import qr_router as qr
 from distillkit.methods.qr_distill import (
     DEFAULT_STYLES, STYLE_TEMPLATES, PathItem, QRCollator, QRDistillConfig, collect_paths, filter_paths,
     parse_judgement, path_key, run,
 )
 from distillkit.teachers.base import Proposal, Teacher
-from distillkit.train import TrainConfig, Trainer
+from distillkit.pipeline.train import TrainConfig, Trainer
 from distillkit.world.tiny import build_tokenizer, save_tiny_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -289,7 +289,7 @@ def test_router_gradient_flows_through_the_students_losses(world):
 
 
 def _pretrain(student, tok, texts, steps=25):
-    from distillkit.data import sft_loss
+    from distillkit.pipeline.data import sft_loss
 
     exs = [Example(f"t{i}", "Q:", t, "0") for i, t in enumerate(texts)]
     opt = torch.optim.Adam(student.parameters(), lr=1e-2)
@@ -564,7 +564,7 @@ def test_config_errors_name_the_field(world, kw, field):
 
 
 def test_shipped_yaml_is_a_valid_config():
-    from distillkit.config import load_config
+    from distillkit.pipeline.config import load_config
 
     cfg = load_config(QRDistillConfig, os.path.join(REPO, "configs", "qr_distill.yaml"))
     assert cfg.routing == "learned" and len(cfg.students) == 2 and cfg.styles == DEFAULT_STYLES

@@ -397,7 +397,7 @@ def test_cli_reports_bad_yaml_fields(tmp_path, capsys):
     assert "lambda" in capsys.readouterr().err
     # the shipped config parses (its paths are placeholders; no model is loaded here)
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from distillkit.config import load_config
+    from distillkit.pipeline.config import load_config
 
     cfg = load_config(VcrdConfig, os.path.join(root, "configs", "vcrd.yaml"))
     assert cfg.weighting in WEIGHTINGS and len(cfg.clip) == 2

@@ -3,7 +3,7 @@ import dataclasses
 
 import pytest
 
-from distillkit.config import build_parser, config_field, load_config
+from distillkit.pipeline.config import build_parser, config_field, load_config
 
 
 @dataclasses.dataclass
@@ -81,7 +81,7 @@ def test_optional_list_and_mapping_fields():
 
 
 def test_field_roles_by_metadata_or_name():
-    from distillkit.config import field_role, looks_local
+    from distillkit.pipeline.config import field_role, looks_local
 
     @dataclasses.dataclass
     class Cfg:

@@ -1,4 +1,4 @@
-"""Resumable-run plumbing (distillkit.runs): JSONL resume keeps every complete record, a torn tail is
+"""Resumable-run plumbing (distillkit.pipeline.runs): JSONL resume keeps every complete record, a torn tail is
 kept aside, and a rerun's config is compared with the one the run was started with."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import os
 import pytest
 
 from distillkit import InputError
-from distillkit.runs import (
+from distillkit.pipeline.runs import (
     RUN_CONFIG_NAME, append_record, begin_dir_run, begin_run, config_differences, read_records,
 )
 
@@ -25,7 +25,7 @@ def test_every_complete_record_survives_and_only_the_torn_tail_moves(tmp_path, c
     torn = b'{"id": "q9", "v'
     body = _rec(0) + b"\n" + _rec(1) + b"   \n" + middle_bad + b"[1, 2]\n" + _rec(2) + b'{"v": 7}\n' + _rec(3)
     path.write_bytes(body + torn)
-    with caplog.at_level(logging.WARNING, logger="distillkit.runs"):
+    with caplog.at_level(logging.WARNING, logger="distillkit.pipeline.runs"):
         got = read_records(str(path), key="id")
     assert [r["id"] for r in got] == ["q0", "q1", "q2", "q3"]
     assert path.read_bytes() == body  # only the torn tail was cut

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from _tolerance import assert_eager_budget
-from distillkit.data import Example, SFTCollator, sft_loss
-from distillkit.train import TrainConfig, Trainer, cosine_with_warmup
+from distillkit.pipeline.data import Example, SFTCollator, sft_loss
+from distillkit.pipeline.train import TrainConfig, Trainer, cosine_with_warmup
 from distillkit.world.tiny import build_tokenizer, tiny_causal_lm
 
 
@@ -83,10 +83,10 @@ def test_bad_config():
 _SCRIPT = textwrap.dedent("""
     import os, signal, sys, torch
     torch.set_num_threads(1)  # as the tests' one_thread fixture: tiny models, no OpenMP spin-waits on a shared CPU
-    sys.path.insert(0, {tests!r})
+    sys.path[:0] = [{tests!r}, os.path.dirname({tests!r})]  # test_train, and tests/_tolerance it imports
     from test_train import _examples, _model
-    from distillkit.data import SFTCollator, sft_loss
-    from distillkit.train import TrainConfig, Trainer
+    from distillkit.pipeline.data import SFTCollator, sft_loss
+    from distillkit.pipeline.train import TrainConfig, Trainer
     from distillkit.world.tiny import build_tokenizer
     tok = build_tokenizer()
     model = _model(tok)
@@ -140,3 +140,20 @@ def test_param_groups_keep_their_own_rate(tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(body_before, body))
     with pytest.raises(ValueError, match="nothing to optimise"):
         Trainer(model, cfg, _examples(8), SFTCollator(tok), sft_loss, params=[])
+
+
+def test_resume_keeps_metrics_after_a_bad_line(tmp_path):
+    """Resuming at step 4 drops only the metric records after step 4: a line that does not parse in the middle
+    of metrics.jsonl stays, and every complete record up to step 4 after it stays too (it used to cut the file
+    at the first bad line); a torn last line is kept aside in metrics.jsonl.torn, not lost."""
+    tok = build_tokenizer()
+    out = tmp_path / "run"
+    out.mkdir()
+    lines = ['{"step": 1, "loss": 3.0}', '{"step": 2, "loss": 2.', '{"step": 3, "loss": 2.5}',
+             '{"step": 4, "loss": 2.0}', '{"step": 5, "loss": 1.5}', '{"step": 6, "lo']
+    (out / "metrics.jsonl").write_text("\n".join(lines))
+    trainer = Trainer(_model(tok), TrainConfig(output_dir=str(out), progress=False), _examples(), SFTCollator(tok),
+                      sft_loss)
+    trainer._truncate_metrics(4)
+    assert (out / "metrics.jsonl").read_text().splitlines() == lines[:4]
+    assert (out / "metrics.jsonl.torn").read_text() == lines[5] + "\n"

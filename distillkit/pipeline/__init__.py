@@ -1,0 +1,3 @@
+"""The pipeline's plumbing shared by every method: configs (``config``), data and prompts (``data``),
+the trainer (``train``), evaluation (``evaluate``), answer extraction (``answers``) and JSONL outputs
+with resume (``runs``)."""
