@@ -26,9 +26,8 @@ import os
 import torch
 
 import _util
-import shapes
-
 import distillkit
+import shapes
 from distillkit._backend import backends
 
 ALPHA = 0.1

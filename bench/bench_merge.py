@@ -131,7 +131,8 @@ def _llama_shapes() -> dict[str, tuple[int, ...]]:
         p = f"model.layers.{layer}."
         shapes_.update({p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,)})
         shapes_.update({p + f"self_attn.{n}_proj.weight": (h, h) for n in "qkvo"})
-        shapes_.update({p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h), p + "mlp.down_proj.weight": (h, i)})
+        shapes_.update({p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                        p + "mlp.down_proj.weight": (h, i)})
     shapes_.update({"model.norm.weight": (h,), "lm_head.weight": (v, h)})
     return shapes_
 

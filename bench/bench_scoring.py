@@ -42,7 +42,7 @@ def eager_answer_logprobs(hidden, weight, ids):
     return torch.log_softmax(logits, dim=-1).gather(1, ids.view(-1, 1)).squeeze(1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _kernel_providers() -> tuple[str, ...]:
     table = backends()
     names = []
@@ -81,7 +81,7 @@ def test_kernel(benchmark, head, m):
         if name == "eager":
             fn = lambda: eager_answer_logprobs(hidden, weight, ids)  # noqa: E731
         elif name == "compiled":
-            fn = lambda f=compiled(eager_answer_logprobs): f(hidden, weight, ids)  # noqa: E731
+            fn = functools.partial(compiled(eager_answer_logprobs), hidden, weight, ids)
         else:
             fn = lambda name=name: answer_logprobs(hidden, weight, ids, backend=name)  # noqa: E731
         fn()  # warm: a first call's one-time setup (OpenMP worker arenas, BLAS buffers) is not working memory
@@ -113,7 +113,8 @@ def test_kernel_report():
         line = (f"  {r.case} {r.provider}: {r.time_s * 1e3:.2f} ms = {r.time_s / r.extra['W_read_ms'] * 1e3:.1f}x one "
                 f"W read ({r.extra['W_read_ms']:.2f} ms), {r.extra['gemm_fraction']:.0%} of the GEMM floor "
                 f"({r.extra['gemm_floor_ms']:.1f} ms), {r.ratio_to_eager:.2f}x eager time, "
-                f"peak {r.peak_bytes / 2**20:.2f} MiB = {r.extra['peak_ratio_to_eager']:.3f}x eager's, |diff vs eager| {r.extra['max_abs_diff_vs_eager']:.1e}")
+                f"peak {r.peak_bytes / 2**20:.2f} MiB = {r.extra['peak_ratio_to_eager']:.3f}x eager's, "
+                f"|diff vs eager| {r.extra['max_abs_diff_vs_eager']:.1e}")
         if DEV.type == "cuda" and r.provider in ("cuda", "triton"):
             line += "  [goal <= 1.5x W read: " + ("meets]" if r.roofline_fraction >= 1 / 1.5 else "MISSES]")
         print(line)

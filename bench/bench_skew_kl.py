@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import _util
-import shapes
 import distillkit
+import shapes
 from distillkit.reference import skew_kl as reference
 
 DEV = _util.device()

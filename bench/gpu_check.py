@@ -133,7 +133,8 @@ def environment(dry_run: bool) -> dict:
         env["triton"] = triton.__version__
     except Exception as exc:  # noqa: BLE001
         env["triton"] = f"does not import: {exc.__class__.__name__}"
-    for key, cmd in (("driver", ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"]),
+    for key, cmd in (("driver", ["nvidia-smi", "--query-gpu=name,driver_version,memory.total",
+                                 "--format=csv,noheader"]),
                      ("nvcc", ["nvcc", "--version"]), ("git", ["git", "rev-parse", "--short", "HEAD"])):
         try:
             out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=20, check=False)
@@ -183,7 +184,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("out_dir", nargs="?", default=os.environ.get("OUT") or os.path.join(REPO, "gpu_check_out"))
     p.add_argument("--dry-run", action="store_true", help="CPU check of this script: tiny shapes, interpreter")
-    p.add_argument("--budget-s", type=float, default=None, help="overall deadline in seconds (default 480: the GPU budget, build included)")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="overall deadline in seconds (default 480: the GPU budget, build included)")
     p.add_argument("--skip-install", action="store_true", help="use the distillkit already installed")
     p.add_argument("--only", help="comma-separated suites to run (default all: " + ",".join(SUITES) + ")")
     args = p.parse_args(argv)

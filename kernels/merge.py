@@ -11,7 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-_TL_DTYPE = {torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+_TL_DTYPE = {
+    torch.float32: tl.float32, torch.float64: tl.float64, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
+}
 
 
 @triton.jit
@@ -68,7 +70,8 @@ def average_group_(targets: list[torch.Tensor], sources: list[list[torch.Tensor]
     first_chunk = torch.cumsum(nchunks, 0) - nchunks
     chunk_start = (torch.arange(int(nchunks.sum()), dtype=torch.int64) - first_chunk[chunk_tensor.long()]) * block
     w = torch.tensor(weights, dtype=torch.float64)  # cast to the accumulator in the kernel
-    ptrs, numel, chunk_tensor, chunk_start, w = (x.to(dev, non_blocking=True) for x in (ptrs, numel, chunk_tensor, chunk_start, w))
+    ptrs, numel, chunk_tensor, chunk_start, w = (
+        x.to(dev, non_blocking=True) for x in (ptrs, numel, chunk_tensor, chunk_start, w))
     grid = (chunk_tensor.numel(),)
     if grid[0] == 0:
         return

@@ -9,7 +9,8 @@ One program per row streams the row in blocks of BLOCK:
            exactly the BLOCK largest of both), sort again. After the first blocks of a row most blocks are
            skipped by the max test.
   w = exp(clamp(gamma * (z_T[a_S] - m - log s - log(sum_{i<top_k} exp(2 (top_i - m)) / s^2 + eps)), lo, hi))
-BLOCK = max(next_pow2(top_k), 512) on a GPU, 32 under the CPU interpreter (top_k <= 1024). Bytes per row: 2 V itemsize read, 4 written.
+BLOCK = max(next_pow2(top_k), 512) on a GPU, 32 under the CPU interpreter (top_k <= 1024).
+Bytes per row: 2 V itemsize read, 4 written.
 NaN inputs or an all -inf teacher row give a NaN weight; the Python wrapper raises on it.
 """
 from __future__ import annotations

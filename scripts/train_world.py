@@ -1,4 +1,5 @@
-"""Trains the tiny models shipped in distillkit/world/assets/ (CPU, one thread: 17 minutes measured on a busy 2-core machine).
+"""Trains the tiny models shipped in distillkit/world/assets/ (CPU, one thread: 17 minutes measured on a busy
+2-core machine).
 
     nice -n 5 python scripts/train_world.py --out distillkit/world/assets          # the shipped run
     python scripts/train_world.py --out /tmp/world --scale 0.1                      # a quick smoke run
