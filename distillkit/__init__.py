@@ -17,8 +17,8 @@ _LAZY = {
     "skew_reverse_kl": "distillkit.ops.skew_kl",
     "fused_linear_skew_kl": "distillkit.ops.fused_linear",
     "fused_linear_skew_reverse_kl": "distillkit.ops.fused_linear",
-    "answer_logprobs": "distillkit.scoring",
-    "predictive_perplexity": "distillkit.scoring",
+    "answer_logprobs": "distillkit.ops.scoring",
+    "predictive_perplexity": "distillkit.ops.scoring",
 }
 _SUBMODULES = ("merge", "losses", "validity", "scoring", "teachers", "methods", "world", "reference", "ops")
 

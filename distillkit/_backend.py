@@ -6,8 +6,10 @@ Backends, in order of preference for automatic choice:
   cpu        distillkit._C (C++ CPU kernels)
   reference  eager PyTorch, always
 
-Automatic choice looks at the device of the op's tensors: CUDA tensors go cuda > triton > reference,
-CPU tensors go cpu > reference (the Triton interpreter is never chosen automatically: it is a test
+Each op declares its backends once (:class:`Op`, :class:`Backend`: launcher, dtypes, size limits);
+:func:`dispatch` / :meth:`Op.select` pick one, and `distillkit info` prints the same declarations.
+Automatic choice looks at the device of the op's tensors: CUDA tensors go cuda > triton > cpu > reference
+(cpu never fits them), CPU tensors go cpu > reference (the Triton interpreter is never chosen automatically: it is a test
 vehicle, not a fast path). ``DISTILLKIT_BACKEND`` sets the default for every op; an op's ``backend=``
 argument overrides it. A backend asked for by name that cannot run raises ``BackendUnavailable``
 naming the reason; a missing extension is reported here, on use, never at import.
@@ -171,13 +173,13 @@ class Backend:
 
     def supports(self) -> str:
         """One line: the dtypes and limits this backend declares (devices follow from its name)."""
-        parts = [_DEVICES[self.name], "/".join(map(_dtype_name, self.dtypes))]
+        short = {"float16": "f16", "bfloat16": "bf16", "float32": "f32", "float64": "f64"}
+        parts = [_DEVICES[self.name], "/".join(short.get(_dtype_name(d), _dtype_name(d)) for d in self.dtypes)]
         parts += [f"{lim.arg} <= {lim.most}" for lim in self.limits]
         return "; ".join(parts)
 
 
-_DEVICES = {"cuda": "CUDA tensors", "triton": "CUDA tensors (CPU under TRITON_INTERPRET=1)",
-            "cpu": "CPU tensors", "reference": "any device"}
+_DEVICES = {"cuda": "cuda", "triton": "cuda (cpu: interpreter)", "cpu": "cpu", "reference": "any device"}
 OPS: dict[str, "Op"] = {}
 
 

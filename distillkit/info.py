@@ -1,4 +1,5 @@
-"""`distillkit info` / `python -m distillkit.info`: the backend table with versions."""
+"""`distillkit info` / `python -m distillkit.info`: the backend table with versions, then per op the backends it
+declares (what each supports, and whether and why not it runs here)."""
 from __future__ import annotations
 
 import argparse
@@ -24,7 +25,24 @@ def info_text() -> str:
     ]
     for name, (ok, why) in backends().items():
         lines.append(f"{name:<10} {'yes' if ok else 'no':<10} {why}")
+    for op in _ops():
+        rows = op.table()
+        width = max(len(r[3]) for r in rows) + 1
+        lines += ["", f"op {op.name}", f"  {'backend':<10} {'runs here':<10} {'supports':<{width}} reason"]
+        for name, ok, why, supports in rows:
+            lines.append(f"  {name:<10} {'yes' if ok else 'no':<10} {supports or '-':<{width}} {why}")
     return "\n".join(lines)
+
+
+def _ops():
+    """Every op's declaration (distillkit._backend.OPS), its module imported (no kernel, no triton, loads)."""
+    import importlib
+
+    from distillkit._backend import OPS
+
+    for module in ("skew_kl", "fused_linear", "validity", "scoring", "merge"):
+        importlib.import_module(f"distillkit.ops.{module}")
+    return list(OPS.values())
 
 
 def cli(argv: Sequence[str] | None = None) -> int:

@@ -64,3 +64,46 @@ def test_import_is_light():
             "if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "[]"
+
+
+def test_op_declares_limits_and_dtypes(monkeypatch):
+    """A size limit refuses a named backend with the reason, and moves the automatic choice (and the
+    DISTILLKIT_BACKEND default) on; an unsupported dtype is a reason too; no fit lists every candidate."""
+    monkeypatch.delenv("DISTILLKIT_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    op = _backend.Op("toy", [_backend.Backend("triton", limits=(_backend.Limit("top_k", 8, "on-chip buffer"),)),
+                             _backend.Backend("reference", dtypes=(torch.float32,))], register=False)
+    assert op.select(CPU, torch.float32, "triton", top_k=8).name == "triton"
+    with pytest.raises(BackendUnavailable, match=r"toy: backend='triton' cannot run: top_k=9 exceeds .*top_k <= 8"):
+        op.select(CPU, torch.float32, "triton", top_k=9)
+    monkeypatch.setenv("DISTILLKIT_BACKEND", "triton")
+    assert op.select(CPU, torch.float32, top_k=9).name == "reference"  # the variable is a preference
+    monkeypatch.delenv("DISTILLKIT_BACKEND")
+    with pytest.raises(BackendUnavailable, match=r"no backend runs on cpu: cpu: toy has no cpu implementation; "
+                                                 r"reference: dtype float16 not supported"):
+        _backend.dispatch(op, [torch.zeros(2, dtype=torch.float16)])
+    rows = {name: (ok, supports) for name, ok, _, supports in op.table()}
+    assert rows["cuda"] == (False, "") and "top_k <= 8" in rows["triton"][1] and rows["reference"][0]
+
+
+def test_validity_top_k_beyond_a_kernel_limit(monkeypatch):
+    from distillkit.ops.validity import VALIDITY, resolve_backend
+
+    monkeypatch.delenv("DISTILLKIT_BACKEND", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert resolve_backend(CPU, "triton", top_k=1024) == "triton"
+    with pytest.raises(BackendUnavailable, match="top_k=1025 exceeds"):
+        resolve_backend(CPU, "triton", top_k=1025)
+    cuda = torch.device("cuda")  # only the declaration is read: which limit each fast kernel keeps
+    assert VALIDITY.backends["cuda"].limits[0].problem({"top_k": 2049}) and not \
+        VALIDITY.backends["cuda"].limits[0].problem({"top_k": 2048})
+    assert "cannot run" in str(pytest.raises(BackendUnavailable, resolve_backend, cuda, "cpu").value)
+
+
+def test_info_prints_every_op_with_reasons():
+    from distillkit.info import info_text
+
+    text = info_text()
+    for op in ("skew_kl", "fused_linear_skew_kl", "teacher_likelihood_validity", "answer_logprobs", "merge.average_"):
+        assert f"op {op}\n" in text
+    assert "top_k <= 1024" in text and "top_k <= 2048" in text

@@ -314,3 +314,33 @@ def test_non_tensor_argument():
     hidden, weight, ids, _ = _good()
     with pytest.raises(TypeError, match="answer_ids"):
         distillkit.answer_logprobs(hidden, weight, ids.tolist())
+
+
+def test_unchanged_weight_is_checked_once_and_an_in_place_change_again(monkeypatch):
+    """The [V, H] value check runs once per unchanged lm_head (CoRD scores many batches with one weight); an
+    in-place write (which bumps the tensor's _version) is checked again and refused."""
+    from distillkit.ops import scoring as ops_scoring
+
+    reads = []
+    real = ops_scoring.first_nonfinite
+    monkeypatch.setattr(ops_scoring, "first_nonfinite", lambda x: reads.append(tuple(x.shape)) or real(x))
+    hidden, weight, ids, bias = make_inputs(6, 97, 9, torch.float32, seed=3)
+    first = distillkit.answer_logprobs(hidden, weight, ids, bias=bias, backend="reference")
+    for _ in range(3):
+        again = distillkit.answer_logprobs(hidden, weight, ids, bias=bias, backend="reference")
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    assert reads.count((97, 9)) == 1 and reads.count((97,)) == 1, reads
+    with torch.no_grad():
+        weight[4, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"weight: entry \[4, 2\]"):
+        distillkit.answer_logprobs(hidden, weight, ids, bias=bias, backend="reference")
+    with torch.no_grad():
+        weight[4, 2] = 0.5
+        bias[7] = float("inf")
+    with pytest.raises(ValueError, match=r"bias: entry \[7\]"):
+        distillkit.answer_logprobs(hidden, weight, ids, bias=bias, backend="reference")
+    # a copy (another tensor object) is checked on its own
+    bad = weight.clone()
+    bad[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"weight: entry \[0, 0\]"):
+        distillkit.answer_logprobs(hidden, bad, ids, backend="reference")
