@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+import distillkit
+
 # bench/gpu_check.py points this elsewhere, so a dry run never overwrites the recorded results
 RESULTS_DIR = os.environ.get("DISTILLKIT_BENCH_RESULTS") or os.path.join(os.path.dirname(__file__), "results")
 
@@ -148,6 +150,7 @@ def environment() -> dict:
         "cpu": _cpu_model(),
         "machine": platform.machine(),
         "cpu_threads": torch.get_num_threads(),
+        "distillkit": distillkit.__version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
     }

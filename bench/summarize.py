@@ -42,7 +42,7 @@ def table(runs: list[dict]) -> str:
         by_device.setdefault(run["device"], []).append(run)
     for device, dev_runs in by_device.items():
         env = dev_runs[0]["environment"]
-        versions = ", ".join(f"{k} {env[k]}" for k in ("torch", "triton", "cuda", "driver") if env.get(k))
+        versions = ", ".join(f"{k} {env[k]}" for k in ("distillkit", "torch", "triton", "cuda", "driver") if env.get(k))
         out += [f"**{device}** ({versions}; {env.get('date', 'date not recorded')})", "",
                 "| suite | case | provider | backend | time | peak extra memory | roofline | time / eager |",
                 "|---|---|---|---|---:|---:|---:|---:|"]
