@@ -1,29 +1,24 @@
-"""VCRD validity weights: every backend runnable here against the float64 formula (distillkit.reference)."""
+"""VCRD validity weights: every (backend, device) runnable here (tests/ops/conftest.py) against the float64
+formula (distillkit.reference)."""
 import math
-import os
 
 import pytest
 import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1") if not torch.cuda.is_available() else None
+from _tolerance import assert_eager_budget
+from distillkit import validity
+from distillkit.reference import validity as ref
 
-from _tolerance import assert_eager_budget  # noqa: E402
-from distillkit import validity  # noqa: E402
-from distillkit._backend import backends  # noqa: E402
-from distillkit.reference import validity as ref  # noqa: E402
-
-AVAILABLE = [name for name, (ok, _) in backends().items() if ok]
-CPU_BACKENDS = [b for b in ("reference", "cpu", "triton") if b in AVAILABLE]
-FAST_CPU = [b for b in ("cpu", "triton") if b in AVAILABLE]
+FAST = pytest.mark.backends("cpu", "triton", "cuda")
 
 
-def _logits(n, vocab, dtype=torch.float32, seed=0, scale=3.0):
+def _logits(n, vocab, dtype=torch.float32, seed=0, scale=3.0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     teacher = (torch.randn(n, vocab, generator=g) * scale).to(dtype)
     student = torch.randn(n, vocab, generator=g)
     # a unique student maximum per row, so that argmax is tie-free in every dtype
     student[torch.arange(n), torch.randint(0, vocab, (n,), generator=g)] += 8.0
-    return teacher, student.to(dtype)
+    return teacher.to(device), student.to(dtype).to(device)
 
 
 def _expected(teacher, student, **kw):
@@ -33,38 +28,36 @@ def _expected(teacher, student, **kw):
 def _check(got, teacher, student, **kw):
     """got's elementwise relative error vs float64 within twice plain PyTorch's float32 error (each weight is
     an independent positive number, hence relative per element)."""
+    got, teacher, student = got.cpu(), teacher.cpu(), student.cpu()
     eager = ref.teacher_likelihood_validity(teacher, student, compute_dtype=torch.float32, **kw)
     assert_eager_budget(got, eager, _expected(teacher, student, **kw), scale="element")
 
 
-def _vocab_cases(backend):
+def _vocab_cases(interpreted):
     # the Triton interpreter is slow: small rows there
-    return [(2, 97), (1, 301)] if backend == "triton" else [(7, 97), (33, 1271), (4, 32003)]
+    return [(2, 97), (1, 301)] if interpreted else [(7, 97), (33, 1271), (4, 32003)]
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("top_k", [1, 40, 128])
-def test_matches_float64_formula(backend, top_k):
-    if backend == "triton" and top_k == 1:
+def test_matches_float64_formula(backend, device, interpreted, top_k):
+    if interpreted and top_k == 1:
         pytest.skip("the interpreter is slow; top_k=1 takes the same path as top_k=40 (one 32/64-wide buffer)")
-    for n, vocab in _vocab_cases(backend):
-        teacher, student = _logits(n, vocab, seed=vocab + top_k)
+    for n, vocab in _vocab_cases(interpreted):
+        teacher, student = _logits(n, vocab, seed=vocab + top_k, device=device)
         top_k = min(top_k, vocab)
         # the default clip, and one wide enough to see the ratio (only that one in the slow interpreter)
-        for clip in [(1e-4, 1e4)] if backend == "triton" else [(0.5, 2.0), (1e-4, 1e4)]:
+        for clip in [(1e-4, 1e4)] if interpreted else [(0.5, 2.0), (1e-4, 1e4)]:
             got = validity.teacher_likelihood_validity(teacher, student, top_k=top_k, clip=clip, backend=backend)
             assert got.dtype == torch.float32 and got.shape == (n,)
             _check(got, teacher, student, top_k=top_k, clip=clip)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_unclipped_range_and_options(backend):
+def test_unclipped_range_and_options(backend, device, interpreted):
     # a wide clip keeps the ratio itself visible (the default clip saturates on random logits)
-    teacher, student = _logits(3 if backend == "triton" else 16, 211 if backend != "triton" else 67, seed=3,
-                               scale=1.0)
+    teacher, student = _logits(3 if interpreted else 16, 67 if interpreted else 211, seed=3, scale=1.0, device=device)
     teacher[:, :3] += 4.0  # a peaky teacher: p_T(a_S) / sum top-k p^2 spans both sides of 1
     options = [(0.5, (1e-3, 1e3), 1e-8), (1.0, (1e-6, 1e6), 0.0), (0.0, (0.5, 2.0), 1e-8), (2.0, (0.7, 0.7), 1e-3)]
-    for gamma, clip, eps in options[1:] if backend == "triton" else options:
+    for gamma, clip, eps in options[1:] if interpreted else options:
         got = validity.teacher_likelihood_validity(teacher, student, top_k=17, gamma=gamma, clip=clip, eps=eps,
                                                    backend=backend)
         _check(got, teacher, student, top_k=17, gamma=gamma, clip=clip, eps=eps)
@@ -73,36 +66,34 @@ def test_unclipped_range_and_options(backend):
     assert not bool(((got - 0.7).abs() > 1e-6).any())  # clip (0.7, 0.7) pins every weight (to ~8 float32 ulp)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_top_k_beyond_row_support_and_full_vocab(backend):
+def test_top_k_beyond_row_support_and_full_vocab(backend, device, interpreted):
     # masked vocabulary: row r has only r + 1 finite teacher logits, fewer than top_k
-    n, vocab = (3, 70) if backend == "triton" else (6, 97)
-    teacher, student = _logits(n, vocab, seed=11)
+    n, vocab = (3, 70) if interpreted else (6, 97)
+    teacher, student = _logits(n, vocab, seed=11, device=device)
     for r in range(n):
         teacher[r, r + 1:] = -math.inf
-    for top_k in (4, vocab) if backend == "triton" else (4, 64, vocab):
+    for top_k in (4, vocab) if interpreted else (4, 64, vocab):
         got = validity.teacher_likelihood_validity(teacher, student, top_k=top_k, clip=(1e-4, 1e4), backend=backend)
         _check(got, teacher, student, top_k=top_k, clip=(1e-4, 1e4))
     # the student's greedy token masked for the teacher: p_T(a_S) = 0 gives the low clip
     student[:, vocab - 1] = 100.0
     got = validity.teacher_likelihood_validity(teacher, student, top_k=3, backend=backend)
-    torch.testing.assert_close(got, torch.full((n,), 0.5))
+    torch.testing.assert_close(got.cpu(), torch.full((n,), 0.5))
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_inputs_and_3d(backend, dtype):
-    t = 1 if backend == "triton" else 5
-    teacher, student = _logits(2 * t, 301, dtype=dtype, seed=5)
+def test_half_inputs_and_3d(backend, device, interpreted, dtype):
+    t = 1 if interpreted else 5
+    teacher, student = _logits(2 * t, 301, dtype=dtype, seed=5, device=device)
     teacher, student = teacher.reshape(2, t, 301), student.reshape(2, t, 301)
     got = validity.teacher_likelihood_validity(teacher, student, top_k=9, clip=(1e-3, 1e3), backend=backend)
     assert got.shape == (2, t) and got.dtype == torch.float32
     _check(got, teacher, student, top_k=9, clip=(1e-3, 1e3))
 
 
-@pytest.mark.parametrize("backend", FAST_CPU)
-def test_mixed_dtypes_and_extreme_logits(backend):
-    teacher, student = _logits(2 if backend == "triton" else 8, 97 if backend == "triton" else 513, seed=9)
+@FAST
+def test_mixed_dtypes_and_extreme_logits(backend, device, interpreted):
+    teacher, student = _logits(2 if interpreted else 8, 97 if interpreted else 513, seed=9, device=device)
     teacher[0] *= 1e3  # extreme but finite: one-hot teacher
     teacher[1, 17] = 1e4
     got = validity.teacher_likelihood_validity(teacher, student.bfloat16(), top_k=33, clip=(1e-4, 1e4),
@@ -120,9 +111,8 @@ def test_no_gradient_and_empty():
     assert empty.shape == (0,)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_bad_inputs_name_the_argument(backend):
-    teacher, student = _logits(4, 30)
+def test_bad_inputs_name_the_argument(backend, device):
+    teacher, student = _logits(4, 30, device=device)
     call = validity.teacher_likelihood_validity
     with pytest.raises(ValueError, match="student_logits"):
         call(teacher, student[:, :29], backend=backend)

@@ -9,21 +9,20 @@ from distillkit.losses import FusedLinearSkewKLLoss, FusedLinearSkewReverseKLLos
 from distillkit.reference import fused_linear as ref
 
 AVAILABLE = [name for name, (ok, _) in backends().items() if ok]
-BACKENDS = [b for b in ("reference", "cpu") if b in AVAILABLE]
 
 
-def _logits(n=12, vocab=67, seed=0):
+def _logits(n=12, vocab=67, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    student = torch.randn(n, vocab, generator=g, requires_grad=True)
+    student = torch.randn(n, vocab, generator=g)
     teacher = torch.randn(n, vocab, generator=g) * 2
     labels = torch.randint(0, vocab, (n,), generator=g)
     labels[::4] = 3
-    return student, teacher, labels
+    return student.to(device).requires_grad_(True), teacher.to(device), labels.to(device)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_skew_modules_match_functional(backend):
-    student, teacher, labels = _logits()
+@pytest.mark.no_interpreter  # the modules only forward options: the interpreter adds nothing but minutes
+def test_skew_modules_match_functional(backend, device):
+    student, teacher, labels = _logits(device=device)
     opts = dict(alpha=0.3, temperature=1.7, ignore_index=3, reduction="sum", backend=backend)
     for module, fn, extra in [(SkewKLLoss, distillkit.skew_kl, {}),
                               (SkewReverseKLLoss, distillkit.skew_reverse_kl, {"detach_mixture": False})]:
@@ -37,11 +36,12 @@ def test_skew_modules_match_functional(backend):
         assert "alpha=0.3" in repr(loss_fn) and "ignore_index=3" in repr(loss_fn)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_skew_modules_against_float64_formula(backend):
+@pytest.mark.no_interpreter
+def test_skew_modules_against_float64_formula(backend, device):
     """Options really reach the op: compare with the float64 formulas (weights, ignore_index, temperature)."""
-    student, teacher, labels = _logits(seed=1)
-    weights = torch.rand(student.shape[0], dtype=torch.float32) + 0.5
+    student, teacher, labels = _logits(seed=1, device=device)
+    weights = (torch.rand(student.shape[0], dtype=torch.float32, generator=torch.Generator().manual_seed(1))
+               + 0.5).to(device)
     for reverse, module in [(False, SkewKLLoss(alpha=0.2, temperature=0.8, ignore_index=3, backend=backend)),
                             (True, SkewReverseKLLoss(alpha=0.2, temperature=0.8, ignore_index=3, backend=backend,
                                                      detach_mixture=True))]:
