@@ -13,8 +13,8 @@ reported, the steps after it are listed as not run):
               too, so that the fused-linear suite times Liger's fused-linear JSD beside ours.
   compile     bench/triton_compile_check.py: every Triton skew-KL configuration through triton.compile for
               this device's architecture, with registers and stack (spills) per cubin
-  tests       the GPU tests: every cuda and triton case (`-k "cuda or triton"`) of tests/ops, tests/merge,
-              tests/test_losses.py, on CUDA tensors: values and gradients against float64, extreme logits,
+  tests       the GPU tests: every cuda and triton case (`-k "cuda or triton"`) of tests/ops (loss modules
+              included) and tests/merge, on CUDA tensors: values and gradients against float64, extreme logits,
               ignored tokens, odd sizes
   bench:NAME  bench/bench_NAME.py at the anchor shapes (bench/shapes.py), providers eager, torch.compile'd
               eager, distillkit's backends and Liger where its wheel is present
@@ -55,7 +55,7 @@ GPU_LIMITS = {"env": 30, "install": 240, "compile": 60, "tests": 120, "bench:ske
               "bench:fused_linear": 100, "bench:scoring": 60, "bench:merge": 75, "bench:meta_prover": 60}
 DRY_LIMITS = {"env": 30, "install": 120, "compile": 120, "tests": 120, "bench:skew_kl": 90,
               "bench:fused_linear": 90, "bench:scoring": 60, "bench:merge": 60, "bench:meta_prover": 90}
-TEST_PATHS = ["tests/ops", "tests/merge", "tests/test_losses.py"]
+TEST_PATHS = ["tests/ops", "tests/merge"]  # tests/ops holds the loss-module tests too
 TEST_SELECTION = "cuda or triton"
 # modules the checks import, by pip name; the image is expected to hold them all (KINDS.md lists it)
 NEEDED = {"pytest": "pytest", "pytest_benchmark": "pytest-benchmark", "pytest_timeout": "pytest-timeout",
