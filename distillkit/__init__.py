@@ -9,6 +9,7 @@ import importlib
 from distillkit._backend import BackendUnavailable, backends
 from distillkit._errors import InputError
 
+# the one place the version is written: pyproject.toml reads this literal without importing the package
 __version__ = "0.1.0"
 
 # public name -> module that defines it (loaded on first attribute access)
