@@ -10,7 +10,15 @@ import glob
 import os
 import platform
 
+import setuptools
 from setuptools import find_packages, setup
+
+# pip does not check [build-system] requires under --no-build-isolation: say it here, not as a schema error
+if int(setuptools.__version__.split(".")[0]) < 77:
+    raise RuntimeError(
+        f"distillkit needs setuptools >= 77 (pyproject.toml's SPDX `license` and `license-files`); this is "
+        f"setuptools {setuptools.__version__}: `pip install 'setuptools>=77'`, then build again"
+    )
 
 try:
     import torch
