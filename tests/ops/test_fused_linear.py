@@ -1,27 +1,23 @@
 """Fused-linear skew KL / skew reverse KL: every backend runnable here against the float64 formula
 (logits = hidden @ weight.T + bias, then the skew-KL definitions), and against the logits-level op."""
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+import distillkit
+from _tolerance import assert_eager_budget
+from distillkit._backend import backends
+from distillkit.losses import FusedLinearSkewKLLoss, FusedLinearSkewReverseKLLoss
+from distillkit.ops import fused_linear as fl
+from distillkit.reference import fused_linear as ref
 
-import distillkit  # noqa: E402
-from _tolerance import assert_eager_budget  # noqa: E402
-from distillkit._backend import backends  # noqa: E402
-from distillkit.losses import FusedLinearSkewKLLoss, FusedLinearSkewReverseKLLoss  # noqa: E402
-from distillkit.ops import fused_linear as fl  # noqa: E402
-from distillkit.reference import fused_linear as ref  # noqa: E402
-
+# (backend, device) pairs come from tests/ops/conftest.py; FAST narrows them to the fused backends
 AVAILABLE = [name for name, (ok, _) in backends().items() if ok]
-BACKENDS = [b for b in ("reference", "cpu", "triton") if b in AVAILABLE]
-FAST = [b for b in ("cpu", "triton") if b in AVAILABLE]
+FAST = pytest.mark.backends("cpu", "triton", "cuda")
 FUNCS = {False: distillkit.fused_linear_skew_kl, True: distillkit.fused_linear_skew_reverse_kl}
 
 
-def _case(n=41, h_s=24, h_t=32, vocab=1271, dtype=torch.float32, seed=0, bias=True, lead=None, ignore_every=5):
+def _case(n=41, h_s=24, h_t=32, vocab=1271, dtype=torch.float32, seed=0, bias=True, lead=None, ignore_every=5,
+          device="cpu"):
     g = torch.Generator().manual_seed(seed)
     shape = lead if lead is not None else (n,)
     c = {
@@ -37,7 +33,8 @@ def _case(n=41, h_s=24, h_t=32, vocab=1271, dtype=torch.float32, seed=0, bias=Tr
     if ignore_every:
         labels.view(-1)[::ignore_every] = -100
     weights = torch.rand(*shape, generator=g) + 0.5
-    return c, labels, weights
+    c = {k: (v.to(device) if v is not None else None) for k, v in c.items()}
+    return c, labels.to(device), weights.to(device)
 
 
 STUDENT = ("student_hidden", "student_weight", "student_bias")
@@ -58,11 +55,13 @@ def _run(fn, c, labels, weights, upstream, dtype=None, **kw):
     return loss, grads
 
 
-def _upstream(reduction, shape):
-    # an incoming gradient that is not 1 (and differs per token for "none")
+def _upstream(reduction, labels):
+    # an incoming gradient that is not 1 (and differs per token for "none"), on the labels' device
+    shape = labels.shape
     if reduction == "none":
-        return torch.linspace(0.5, 2.0, int(torch.Size(shape).numel()), dtype=torch.float64).reshape(shape)
-    return torch.tensor(2.5, dtype=torch.float64)
+        return torch.linspace(0.5, 2.0, int(torch.Size(shape).numel()), dtype=torch.float64,
+                              device=labels.device).reshape(shape)
+    return torch.tensor(2.5, dtype=torch.float64, device=labels.device)
 
 
 def _reference64(c, labels, weights, upstream, **kw):
@@ -76,14 +75,13 @@ def _assert_close_to_64(got, want64, baseline, what):
     assert_eager_budget(got, baseline, want64, out_dtype=torch.float32, scale="tensor", what=what)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_matches_float64_formula(backend, reverse, reduction):
-    small = backend == "triton"  # the interpreter is slow
+def test_matches_float64_formula(backend, device, interpreted, reverse, reduction):
+    small = interpreted  # the interpreter is slow
     c, labels, weights = _case(n=13 if small else 41, h_s=8 if small else 24, h_t=12 if small else 32,
-                               vocab=97 if small else 1271)
-    up = _upstream(reduction, labels.shape)
+                               vocab=97 if small else 1271, device=device)
+    up = _upstream(reduction, labels)
     kw = dict(alpha=0.1, temperature=1.3, reduction=reduction)
     want_loss, want_grads = _reference64(c, labels, weights, up, reverse=reverse, **kw)
     base_loss, base_grads = _run(ref.fused_linear_skew, c, labels, weights, up.float(), reverse=reverse, **kw)
@@ -95,12 +93,13 @@ def test_matches_float64_formula(backend, reverse, reduction):
         _assert_close_to_64(g, w, b, f"grad {name}")
 
 
-@pytest.mark.parametrize("backend", FAST)
+@FAST
 @pytest.mark.parametrize("reverse", [False, True])
-def test_equals_logits_level_op(backend, reverse):
+def test_equals_logits_level_op(backend, device, interpreted, reverse):
     """The fused-linear op and the logits-level op on logits built eagerly agree (values and gradients)."""
-    small = backend == "triton"
-    c, labels, weights = _case(n=9 if small else 41, h_s=8 if small else 24, vocab=97 if small else 1271, seed=2)
+    small = interpreted
+    c, labels, weights = _case(n=9 if small else 41, h_s=8 if small else 24, vocab=97 if small else 1271, seed=2,
+                               device=device)
     kw = dict(alpha=0.5, temperature=1.0, reduction="mean", backend=backend)
     got_loss, got_grads = _run(FUNCS[reverse], c, labels, weights, 3.0, chunk_size=4, **kw)
 
@@ -114,7 +113,7 @@ def test_equals_logits_level_op(backend, reverse):
     want_loss, want_grads = _run(logits_level, c, labels, weights, 3.0, **kw)
     # both paths are float32 computations of one quantity: each within plain PyTorch's float32 budget
     kw.pop("backend")
-    up = torch.tensor(3.0, dtype=torch.float64)
+    up = torch.tensor(3.0, dtype=torch.float64, device=device)
     true_loss, true_grads = _reference64(c, labels, weights, up, reverse=reverse, **kw)
     base_loss, base_grads = _run(ref.fused_linear_skew, c, labels, weights, 3.0, reverse=reverse, **kw)
     for path, loss, grads in (("fused", got_loss, got_grads), ("logits-level", want_loss, want_grads)):
@@ -123,10 +122,10 @@ def test_equals_logits_level_op(backend, reverse):
             _assert_close_to_64(g, w, b, f"{path} grad {name}")
 
 
-@pytest.mark.parametrize("backend", FAST)
-def test_detach_mixture(backend):
-    c, labels, weights = _case(n=11, h_s=8, vocab=97, seed=4)
-    up = torch.tensor(1.0, dtype=torch.float64)
+@FAST
+def test_detach_mixture(backend, device):
+    c, labels, weights = _case(n=11, h_s=8, vocab=97, seed=4, device=device)
+    up = torch.tensor(1.0, dtype=torch.float64, device=device)
     for detach in (False, True):
         kw = dict(alpha=0.3, reduction="sum", detach_mixture=detach)
         want_loss, want_grads = _reference64(c, labels, weights, up, reverse=True, **kw)
@@ -138,11 +137,12 @@ def test_detach_mixture(backend):
             _assert_close_to_64(g, w, b, f"grad {name}")
 
 
-@pytest.mark.parametrize("backend", [b for b in FAST if b != "triton"])
+@FAST
+@pytest.mark.no_interpreter
 @pytest.mark.parametrize("reverse", [False, True])
-def test_bf16_inputs(backend, reverse):
-    c, labels, weights = _case(n=41, h_s=24, vocab=1271, dtype=torch.bfloat16, seed=6)
-    up = _upstream("mean", labels.shape)
+def test_bf16_inputs(backend, device, reverse):
+    c, labels, weights = _case(n=41, h_s=24, vocab=1271, dtype=torch.bfloat16, seed=6, device=device)
+    up = _upstream("mean", labels)
     want_loss, want_grads = _reference64(c, labels, weights, up, reverse=reverse)
     # plain PyTorch in bf16 throughout: the error budget
     base_loss, base_grads = _run(ref.fused_linear_skew, c, labels, weights, up.bfloat16(), reverse=reverse,
@@ -155,10 +155,10 @@ def test_bf16_inputs(backend, reverse):
         _assert_close_to_64(g, w, b, f"grad {name}")
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
-def test_3d_input_and_chunk_sizes(backend):
-    c, labels, weights = _case(lead=(3, 7), h_s=16, vocab=301, seed=8)
-    up = _upstream("none", labels.shape)
+@pytest.mark.no_interpreter
+def test_3d_input_and_chunk_sizes(backend, device):
+    c, labels, weights = _case(lead=(3, 7), h_s=16, vocab=301, seed=8, device=device)
+    up = _upstream("none", labels)
     want_loss, want_grads = _reference64(c, labels, weights, up, reduction="none")
     base_loss, base_grads = _run(ref.fused_linear_skew, c, labels, weights, up.float(), reduction="none")
     for chunk in (1, 4, 21, 100, None):  # one row, not dividing N, exactly N, more than N, automatic
@@ -170,9 +170,9 @@ def test_3d_input_and_chunk_sizes(backend):
             _assert_close_to_64(g, w, b, f"grad {name} (chunk {chunk})")
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
-def test_all_ignored_and_no_bias(backend):
-    c, labels, weights = _case(n=10, vocab=64, bias=False, seed=9)
+@pytest.mark.no_interpreter
+def test_all_ignored_and_no_bias(backend, device):
+    c, labels, weights = _case(n=10, vocab=64, bias=False, seed=9, device=device)
     labels[:] = -100
     for red in ("mean", "sum"):
         loss, grads = _run(distillkit.fused_linear_skew_kl, c, labels, weights, 1.0, backend=backend, reduction=red)
@@ -182,9 +182,9 @@ def test_all_ignored_and_no_bias(backend):
     assert bool((loss == 0).all())
 
 
-@pytest.mark.parametrize("backend", FAST)
-def test_teacher_gets_no_gradient_and_frozen_parts(backend):
-    c, labels, weights = _case(n=8, h_s=8, vocab=97, seed=10)
+@FAST
+def test_teacher_gets_no_gradient_and_frozen_parts(backend, device):
+    c, labels, weights = _case(n=8, h_s=8, vocab=97, seed=10, device=device)
     th = c["teacher_hidden"].clone().requires_grad_(True)
     tw = c["teacher_weight"].clone().requires_grad_(True)
     sw = c["student_weight"].clone()  # frozen lm_head: only the hidden state gets a gradient
@@ -347,12 +347,11 @@ def test_autocast_with_float32_parameters():
             torch.testing.assert_close(w.grad, w16.grad.float(), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reverse", [False, True])
-def test_skipped_rows_may_hold_anything(backend, reverse):
+def test_skipped_rows_may_hold_anything(backend, device, reverse):
     """As for the logits-level op: rows with an ignored label or weight 0 may hold NaN or inf hidden states;
     loss and every gradient equal the run with those rows zeroed (no 0 * NaN in the weight gradient)."""
-    c, labels, weights = _case(n=11, h_s=8, h_t=12, vocab=97, seed=4)  # rows 0, 5, 10 ignored
+    c, labels, weights = _case(n=11, h_s=8, h_t=12, vocab=97, seed=4, device=device)  # rows 0, 5, 10 ignored
     weights[3] = 0.0
     dirty = {k: (v.clone() if v is not None else None) for k, v in c.items()}
     clean = {k: (v.clone() if v is not None else None) for k, v in c.items()}
