@@ -81,12 +81,6 @@
 
 namespace distillkit {
 
-#ifdef DISTILLKIT_WITH_CUDA
-// csrc/cuda/scoring_host.cpp
-at::Tensor answer_logprobs_cuda(const at::Tensor& hidden, const at::Tensor& weight, const at::Tensor& answer_ids,
-                                const std::optional<at::Tensor>& bias, int64_t vocab_splits);
-#endif
-
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();

@@ -34,11 +34,6 @@
 
 namespace distillkit {
 
-#ifdef DISTILLKIT_WITH_CUDA
-at::Tensor teacher_likelihood_validity_cuda(const at::Tensor& teacher_logits, const at::Tensor& student_logits,
-                                            int64_t top_k, double gamma, double log_lo, double log_hi, double eps);
-#endif
-
 namespace {
 
 constexpr int64_t kBlock = 512;

@@ -19,6 +19,8 @@
 
 #include <cstdint>
 
+#include "cuda/launch.h"
+
 namespace distillkit {
 namespace {
 
@@ -84,19 +86,16 @@ __global__ void __launch_bounds__(kThreads) merge_average_kernel(
 
 }  // namespace
 
-// dtype_code: 0 float32, 1 float64, 2 bfloat16, 3 float16
-void launch_merge_average(int dtype_code, const int64_t* ptrs, const int64_t* numels, const int32_t* chunk_tensor,
+void launch_merge_average(DType dtype, const int64_t* ptrs, const int64_t* numels, const int32_t* chunk_tensor,
                           const int64_t* chunk_start, const uint8_t* aligned, const double* weights, int K,
                           int64_t num_chunks, int64_t chunk_elems, cudaStream_t stream) {
   if (num_chunks == 0) return;
   const dim3 grid(static_cast<unsigned>(num_chunks));
-  switch (dtype_code) {
-    case 0: merge_average_kernel<float><<<grid, kThreads, 0, stream>>>(ptrs, numels, chunk_tensor, chunk_start, aligned, weights, K, chunk_elems); break;
-    case 1: merge_average_kernel<double><<<grid, kThreads, 0, stream>>>(ptrs, numels, chunk_tensor, chunk_start, aligned, weights, K, chunk_elems); break;
-    case 2: merge_average_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(ptrs, numels, chunk_tensor, chunk_start, aligned, weights, K, chunk_elems); break;
-    case 3: merge_average_kernel<__half><<<grid, kThreads, 0, stream>>>(ptrs, numels, chunk_tensor, chunk_start, aligned, weights, K, chunk_elems); break;
-    default: break;
-  }
+  dispatch_dtype<float, double, __nv_bfloat16, __half>(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    merge_average_kernel<T><<<grid, kThreads, 0, stream>>>(ptrs, numels, chunk_tensor, chunk_start, aligned, weights,
+                                                           K, chunk_elems);
+  });
 }
 
 }  // namespace distillkit

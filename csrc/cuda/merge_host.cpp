@@ -4,13 +4,11 @@
 
 #include <cmath>
 
+#include "cuda/dtype_aten.h"
+#include "cuda/launch.h"
 #include "distillkit.h"
 
 namespace distillkit {
-
-void launch_merge_average(int dtype_code, const int64_t* ptrs, const int64_t* numels, const int32_t* chunk_tensor,
-                          const int64_t* chunk_start, const uint8_t* aligned, const double* weights, int K,
-                          int64_t num_chunks, int64_t chunk_elems, cudaStream_t stream);
 
 namespace {
 constexpr int64_t kChunkElems = 256 * 8 * 8;  // 256 threads x 8 iterations x up to 8 elements per vector
@@ -24,14 +22,7 @@ void merge_average_cuda(std::vector<at::Tensor> targets, std::vector<std::vector
   const auto dtype = targets[0].scalar_type();
   const auto device = targets[0].device();
   TORCH_CHECK(device.is_cuda(), "merge_average_cuda: targets must be CUDA tensors");
-  int dtype_code;
-  switch (dtype) {
-    case at::kFloat: dtype_code = 0; break;
-    case at::kDouble: dtype_code = 1; break;
-    case at::kBFloat16: dtype_code = 2; break;
-    case at::kHalf: dtype_code = 3; break;
-    default: TORCH_CHECK(false, "merge_average: unsupported dtype ", dtype);
-  }
+  const DType code = dtype_code(dtype, "merge_average");
   const int64_t T = static_cast<int64_t>(targets.size());
   const int64_t K = static_cast<int64_t>(sources.size());
   for (double w : weights) TORCH_CHECK(std::isfinite(w), "merge_average: non-finite weight ", w);
@@ -82,7 +73,7 @@ void merge_average_cuda(std::vector<at::Tensor> targets, std::vector<std::vector
   auto d_ct = chunk_tensor.to(device, true);
   auto d_cs = chunk_start.to(device, true);
   auto d_w = w.to(device, true);
-  launch_merge_average(dtype_code, d_ptrs.data_ptr<int64_t>(), d_numels.data_ptr<int64_t>(), d_ct.data_ptr<int32_t>(),
+  launch_merge_average(code, d_ptrs.data_ptr<int64_t>(), d_numels.data_ptr<int64_t>(), d_ct.data_ptr<int32_t>(),
                        d_cs.data_ptr<int64_t>(), d_aligned.data_ptr<uint8_t>(), d_w.data_ptr<double>(),
                        static_cast<int>(K), num_chunks, kChunkElems, stream.stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -39,6 +39,9 @@
 #include <mma.h>
 
 #include <cstdint>
+#include <type_traits>
+
+#include "cuda/launch.h"
 
 namespace distillkit {
 namespace {
@@ -306,15 +309,13 @@ __global__ void combine_kernel(const float* __restrict__ pmax, const float* __re
   out[m] = answer - g - logf(total);
 }
 
-int tile_width(int dtype_code) { return dtype_code == 0 ? kSimtBV : kWmmaBV; }
+int tile_width(DType dtype) { return dtype == DType::kFloat32 ? kSimtBV : kWmmaBV; }
 
 }  // namespace
 
-// dtype_code: 0 float32, 2 bfloat16, 3 float16. requested_splits <= 0: automatic.
-// Writes the number of vocabulary splits S and the vocabulary rows per split (a multiple of the tile).
-void plan_answer_logprobs(int dtype_code, int64_t M, int64_t V, int64_t requested_splits, int device,
-                          int64_t* splits, int64_t* v_per_split) {
-  const int64_t bv = tile_width(dtype_code);
+void plan_answer_logprobs(DType dtype, int64_t M, int64_t V, int64_t requested_splits, int device, int64_t* splits,
+                          int64_t* v_per_split) {
+  const int64_t bv = tile_width(dtype);
   const int64_t tiles = (V + bv - 1) / bv;
   const int64_t row_blocks = (M + BM - 1) / BM;
   int64_t want = requested_splits;
@@ -330,8 +331,7 @@ void plan_answer_logprobs(int dtype_code, int64_t M, int64_t V, int64_t requeste
   *splits = (V + *v_per_split - 1) / *v_per_split;  // every split owns >= 1 valid column
 }
 
-// partials: [3, S, M] float32 scratch (max, sum, answer). bias may be nullptr.
-void launch_answer_logprobs(int dtype_code, const void* hidden, const void* weight, const float* bias,
+void launch_answer_logprobs(DType dtype, const void* hidden, const void* weight, const float* bias,
                             const int64_t* ids, float* partials, float* out, int64_t M, int64_t V, int64_t H,
                             int64_t splits, int64_t v_per_split, cudaStream_t stream) {
   float* pmax = partials;
@@ -340,25 +340,17 @@ void launch_answer_logprobs(int dtype_code, const void* hidden, const void* weig
   const dim3 grid(static_cast<unsigned>((M + BM - 1) / BM), static_cast<unsigned>(splits));
   const bool vec16 = H % 8 == 0 && reinterpret_cast<uintptr_t>(hidden) % 16 == 0 &&
                      reinterpret_cast<uintptr_t>(weight) % 16 == 0;
-  switch (dtype_code) {
-    case 0:
-      partial_simt_kernel<float><<<grid, kThreads, 0, stream>>>(
-          static_cast<const float*>(hidden), static_cast<const float*>(weight), bias, ids, pmax, psum, pans, M, V, H,
-          v_per_split);
-      break;
-    case 2:
-      partial_wmma_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(
-          static_cast<const __nv_bfloat16*>(hidden), static_cast<const __nv_bfloat16*>(weight), bias, ids, pmax, psum,
-          pans, M, V, H, v_per_split, vec16);
-      break;
-    case 3:
-      partial_wmma_kernel<__half><<<grid, kThreads, 0, stream>>>(
-          static_cast<const __half*>(hidden), static_cast<const __half*>(weight), bias, ids, pmax, psum, pans, M, V, H,
-          v_per_split, vec16);
-      break;
-    default:
-      return;
-  }
+  const bool known = dispatch_dtype<float, __nv_bfloat16, __half>(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    const T* h = static_cast<const T*>(hidden);
+    const T* w = static_cast<const T*>(weight);
+    if constexpr (std::is_same_v<T, float>)  // exact fp32 FMAs (no TF32): see the header
+      partial_simt_kernel<T><<<grid, kThreads, 0, stream>>>(h, w, bias, ids, pmax, psum, pans, M, V, H, v_per_split);
+    else
+      partial_wmma_kernel<T><<<grid, kThreads, 0, stream>>>(h, w, bias, ids, pmax, psum, pans, M, V, H, v_per_split,
+                                                            vec16);
+  });
+  if (!known) return;
   const int threads = 128;
   combine_kernel<<<static_cast<unsigned>((M + threads - 1) / threads), threads, 0, stream>>>(pmax, psum, pans, out, M,
                                                                                             splits);

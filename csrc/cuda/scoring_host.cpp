@@ -5,15 +5,11 @@
 
 #include <optional>
 
+#include "cuda/dtype_aten.h"
+#include "cuda/launch.h"
 #include "distillkit.h"
 
 namespace distillkit {
-
-void plan_answer_logprobs(int dtype_code, int64_t M, int64_t V, int64_t requested_splits, int device,
-                          int64_t* splits, int64_t* v_per_split);
-void launch_answer_logprobs(int dtype_code, const void* hidden, const void* weight, const float* bias,
-                            const int64_t* ids, float* partials, float* out, int64_t M, int64_t V, int64_t H,
-                            int64_t splits, int64_t v_per_split, cudaStream_t stream);
 
 // hidden [M, H], weight [V, H] contiguous CUDA tensors of one dtype (float32/bfloat16/float16),
 // answer_ids [M] int64 in [0, V) (range checked by the Python API), bias [V] float32 or None.
@@ -29,13 +25,8 @@ at::Tensor answer_logprobs_cuda(const at::Tensor& hidden, const at::Tensor& weig
   TORCH_CHECK(answer_ids.scalar_type() == at::kLong && answer_ids.dim() == 1 && answer_ids.size(0) == hidden.size(0) &&
                   answer_ids.is_contiguous(),
               "answer_logprobs_cuda: answer_ids must be contiguous int64 [M]");
-  int dtype_code;
-  switch (hidden.scalar_type()) {
-    case at::kFloat: dtype_code = 0; break;
-    case at::kBFloat16: dtype_code = 2; break;
-    case at::kHalf: dtype_code = 3; break;
-    default: TORCH_CHECK(false, "answer_logprobs_cuda: unsupported dtype ", hidden.scalar_type());
-  }
+  const DType dtype = dtype_code(hidden.scalar_type(), "answer_logprobs_cuda",
+                                 {DType::kFloat32, DType::kBFloat16, DType::kFloat16});
   const float* bias_ptr = nullptr;
   if (bias.has_value()) {
     TORCH_CHECK(bias->device() == hidden.device() && bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
@@ -48,9 +39,9 @@ at::Tensor answer_logprobs_cuda(const at::Tensor& hidden, const at::Tensor& weig
   at::Tensor out = at::empty({M}, hidden.options().dtype(at::kFloat));
   if (M == 0) return out;
   int64_t splits = 0, v_per_split = 0;
-  plan_answer_logprobs(dtype_code, M, V, vocab_splits, hidden.get_device(), &splits, &v_per_split);
+  plan_answer_logprobs(dtype, M, V, vocab_splits, hidden.get_device(), &splits, &v_per_split);
   at::Tensor partials = at::empty({3, splits, M}, hidden.options().dtype(at::kFloat));
-  launch_answer_logprobs(dtype_code, hidden.data_ptr(), weight.data_ptr(), bias_ptr, answer_ids.data_ptr<int64_t>(),
+  launch_answer_logprobs(dtype, hidden.data_ptr(), weight.data_ptr(), bias_ptr, answer_ids.data_ptr<int64_t>(),
                          partials.data_ptr<float>(), out.data_ptr<float>(), M, V, H, splits, v_per_split,
                          c10::cuda::getCurrentCUDAStream().stream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();

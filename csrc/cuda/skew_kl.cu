@@ -26,6 +26,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "cuda/launch.h"
+
 namespace distillkit {
 namespace {
 
@@ -304,29 +306,17 @@ cudaError_t launch_vec(const void* student, const void* teacher, const void* sca
 
 }  // namespace
 
-// dtype_code: 0 float32, 1 float16, 2 bfloat16, 3 float64. scale and loss are float32 (float64 for
-// float64); grad (nullptr unless with_grad) has the logits' dtype.
-cudaError_t launch_skew_kl_forward(int dtype_code, const void* student, const void* teacher, const void* scale,
+cudaError_t launch_skew_kl_forward(DType dtype, const void* student, const void* teacher, const void* scale,
                                    void* loss, void* grad, int64_t rows, int64_t vocab, double alpha,
                                    double inv_temperature, bool detach_mixture, bool reverse, bool with_grad,
                                    cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  switch (dtype_code) {
-    case 0:
-      return launch_vec<float>(student, teacher, scale, loss, grad, rows, vocab, alpha, inv_temperature,
-                               detach_mixture, reverse, with_grad, stream);
-    case 1:
-      return launch_vec<__half>(student, teacher, scale, loss, grad, rows, vocab, alpha, inv_temperature,
-                                detach_mixture, reverse, with_grad, stream);
-    case 2:
-      return launch_vec<__nv_bfloat16>(student, teacher, scale, loss, grad, rows, vocab, alpha, inv_temperature,
-                                       detach_mixture, reverse, with_grad, stream);
-    case 3:
-      return launch_vec<double>(student, teacher, scale, loss, grad, rows, vocab, alpha, inv_temperature,
-                                detach_mixture, reverse, with_grad, stream);
-    default:
-      return cudaErrorInvalidValue;
-  }
+  cudaError_t err = cudaErrorInvalidValue;  // left as is for a dtype outside the list
+  dispatch_dtype<float, __half, __nv_bfloat16, double>(dtype, [&](auto tag) {
+    err = launch_vec<typename decltype(tag)::type>(student, teacher, scale, loss, grad, rows, vocab, alpha,
+                                                   inv_temperature, detach_mixture, reverse, with_grad, stream);
+  });
+  return err;
 }
 
 }  // namespace distillkit

@@ -2,6 +2,9 @@
 // Compiled only in CUDA builds (DISTILLKIT_WITH_CUDA).
 #include "distillkit.h"
 
+#include "cuda/dtype_aten.h"
+#include "cuda/launch.h"
+
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
@@ -9,24 +12,6 @@
 #include <tuple>
 
 namespace distillkit {
-
-cudaError_t launch_skew_kl_forward(int dtype_code, const void* student, const void* teacher, const void* scale,
-                                   void* loss, void* grad, int64_t rows, int64_t vocab, double alpha,
-                                   double inv_temperature, bool detach_mixture, bool reverse, bool with_grad,
-                                   cudaStream_t stream);
-
-namespace {
-int dtype_code(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return 0;
-    case at::kHalf: return 1;
-    case at::kBFloat16: return 2;
-    case at::kDouble: return 3;
-    default: TORCH_CHECK(false, "skew_kl_forward_cuda: unsupported dtype ", t);
-  }
-  return -1;
-}
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor> skew_kl_forward_cuda(const at::Tensor& student, const at::Tensor& teacher,
                                                         const at::Tensor& scale, double alpha, double inv_temperature,
@@ -47,7 +32,7 @@ std::tuple<at::Tensor, at::Tensor> skew_kl_forward_cuda(const at::Tensor& studen
   at::Tensor loss = at::empty({rows}, student.options().dtype(loss_dtype));
   at::Tensor grad = with_grad ? at::empty_like(student) : at::empty({0}, student.options());
   const cudaError_t err = launch_skew_kl_forward(
-      dtype_code(student.scalar_type()), student.data_ptr(), teacher.data_ptr(),
+      dtype_code(student.scalar_type(), "skew_kl_forward_cuda"), student.data_ptr(), teacher.data_ptr(),
       scale.data_ptr(), loss.data_ptr(), with_grad ? grad.data_ptr() : nullptr, rows, vocab, alpha, inv_temperature,
       detach_mixture, reverse, with_grad,
       c10::cuda::getCurrentCUDAStream().stream());

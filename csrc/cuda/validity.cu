@@ -20,6 +20,8 @@
 
 #include <cstdint>
 
+#include "cuda/launch.h"
+
 namespace distillkit {
 namespace {
 
@@ -205,33 +207,20 @@ __global__ void __launch_bounds__(kThreads) validity_kernel(const T* __restrict_
 
 }  // namespace
 
-// dtype: 0 float32, 1 bfloat16, 2 float16 (both inputs the same). Returns a cudaError_t.
 int launch_teacher_likelihood_validity(const void* zt, const void* zs, float* out, int64_t rows, int64_t vocab,
-                                       int dtype, int top_k, float gamma, float log_lo, float log_hi, float eps,
+                                       DType dtype, int top_k, float gamma, float log_lo, float log_hi, float eps,
                                        cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   if (top_k < 1 || top_k > kMaxKeep) return cudaErrorInvalidValue;
   int keep = 1;
   while (keep < top_k) keep <<= 1;
   const dim3 grid(static_cast<unsigned>(rows));
-  switch (dtype) {
-    case 0:
-      validity_kernel<float><<<grid, kThreads, 0, stream>>>(static_cast<const float*>(zt), static_cast<const float*>(zs),
-                                                            out, vocab, top_k, keep, gamma, log_lo, log_hi, eps);
-      break;
-    case 1:
-      validity_kernel<__nv_bfloat16><<<grid, kThreads, 0, stream>>>(
-          static_cast<const __nv_bfloat16*>(zt), static_cast<const __nv_bfloat16*>(zs), out, vocab, top_k, keep, gamma,
-          log_lo, log_hi, eps);
-      break;
-    case 2:
-      validity_kernel<__half><<<grid, kThreads, 0, stream>>>(static_cast<const __half*>(zt),
-                                                             static_cast<const __half*>(zs), out, vocab, top_k, keep,
-                                                             gamma, log_lo, log_hi, eps);
-      break;
-    default:
-      return cudaErrorInvalidValue;
-  }
+  const bool known = dispatch_dtype<float, __nv_bfloat16, __half>(dtype, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    validity_kernel<T><<<grid, kThreads, 0, stream>>>(static_cast<const T*>(zt), static_cast<const T*>(zs), out, vocab,
+                                                      top_k, keep, gamma, log_lo, log_hi, eps);
+  });
+  if (!known) return cudaErrorInvalidValue;
   return static_cast<int>(cudaGetLastError());
 }
 

@@ -1,15 +1,14 @@
 // at::Tensor wrapper of the CUDA validity kernel (csrc/cuda/validity.cu); compiled with DISTILLKIT_WITH_CUDA.
 #include "distillkit.h"
 
+#include "cuda/dtype_aten.h"
+#include "cuda/launch.h"
+
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
 namespace distillkit {
-
-int launch_teacher_likelihood_validity(const void* zt, const void* zs, float* out, int64_t rows, int64_t vocab,
-                                       int dtype, int top_k, float gamma, float log_lo, float log_hi, float eps,
-                                       cudaStream_t stream);
 
 // teacher_logits, student_logits: [N, V] CUDA, float32/bfloat16/float16. Returns float32 [N]; NaN marks a
 // row with a NaN input or no finite teacher maximum.
@@ -27,13 +26,8 @@ at::Tensor teacher_likelihood_validity_cuda(const at::Tensor& teacher_logits, co
     zt = zt.to(at::kFloat);
     zs = zs.to(at::kFloat);
   }
-  int dtype = 0;
-  switch (zt.scalar_type()) {
-    case at::kFloat: dtype = 0; break;
-    case at::kBFloat16: dtype = 1; break;
-    case at::kHalf: dtype = 2; break;
-    default: TORCH_CHECK(false, "teacher_logits: unsupported dtype ", zt.scalar_type());
-  }
+  const DType dtype =
+      dtype_code(zt.scalar_type(), "teacher_logits", {DType::kFloat32, DType::kBFloat16, DType::kFloat16});
   at::Tensor out = at::empty({zt.size(0)}, zt.options().dtype(at::kFloat));
   const int err = launch_teacher_likelihood_validity(
       zt.data_ptr(), zs.data_ptr(), out.data_ptr<float>(), zt.size(0), zt.size(1), dtype, static_cast<int>(top_k),
