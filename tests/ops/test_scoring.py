@@ -1,6 +1,7 @@
-"""answer_logprobs / predictive_perplexity on every CPU-runnable backend against float64 formulas.
+"""answer_logprobs / predictive_perplexity on every (backend, device) runnable here against float64 formulas.
 
-Backends here: reference, cpu (C++ extension), triton (under TRITON_INTERPRET=1, small shapes only).
+Pairs from tests/ops/conftest.py: reference and cpu on CPU tensors, triton under TRITON_INTERPRET=1 (small
+shapes only) on a CPU host; cuda, triton and reference on CUDA tensors on a GPU host.
 Tolerance (STYLE habit 6): a backend's error against float64 must be no worse than twice the error of
 plain PyTorch computing the same thing eagerly with float32 accumulation (full logits, log_softmax,
 gather) on the same inputs, plus a float32-rounding floor.
@@ -10,12 +11,8 @@ from __future__ import annotations
 import os
 import sys
 
-import torch
-
-if not torch.cuda.is_available():  # CPU-only: run Triton through its interpreter (set before kernels import)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
+import torch
 
 import distillkit
 from _tolerance import assert_eager_budget
@@ -26,21 +23,18 @@ from distillkit.reference import scoring as ref
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "bench"))
 
 _AVAILABLE = backends()
-CPU_BACKENDS = [
-    pytest.param("reference"),
-    pytest.param("cpu", marks=pytest.mark.skipif(not _AVAILABLE["cpu"][0], reason=_AVAILABLE["cpu"][1])),
-]
-TRITON = pytest.param("triton", marks=pytest.mark.skipif(not _AVAILABLE["triton"][0], reason=_AVAILABLE["triton"][1]))
+_GPU = torch.cuda.is_available()
+GPU_ONLY = [pytest.mark.backends("cuda", "triton"), pytest.mark.devices("cuda")]  # GPU-sized shapes
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 
 
-def make_inputs(m, v, h, dtype, *, bias=True, scale=1.0, seed=0):
+def make_inputs(m, v, h, dtype, *, bias=True, scale=1.0, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     hidden = (torch.randn(m, h, generator=g) * scale).to(dtype)
     weight = (torch.randn(v, h, generator=g) / h**0.5).to(dtype)
     ids = torch.randint(0, v, (m,), generator=g)
     b = torch.randn(v, generator=g) if bias else None
-    return hidden, weight, ids, b
+    return hidden.to(device), weight.to(device), ids.to(device), None if b is None else b.to(device)
 
 
 def eager_fp32(hidden, weight, ids, bias):
@@ -52,6 +46,10 @@ def eager_fp32(hidden, weight, ids, bias):
 
 
 def check_close(out, hidden, weight, ids, bias):
+    """out [M] against float64 on the CPU (inputs on any device), then no gradient on out's device."""
+    device = out.device
+    out, hidden, weight, ids = out.cpu(), hidden.cpu(), weight.cpu(), ids.cpu()
+    bias = None if bias is None else bias.cpu()
     exact = ref.answer_logprobs(hidden, weight, ids, bias=bias, compute_dtype=torch.float64)
     assert out.dtype == torch.float32 and out.shape == exact.shape
     assert torch.isfinite(out).all()
@@ -59,58 +57,50 @@ def check_close(out, hidden, weight, ids, bias):
     assert_eager_budget(out, eager_fp32(hidden, weight, ids, bias), exact, scale="tensor", what="answer_logprobs")
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.no_interpreter
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,v,h", [(1, 97, 5), (7, 1271, 33), (67, 32003, 65), (67, 1271, 129)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_answer_logprobs_matches_float64(backend, dtype, m, v, h, with_bias):
-    hidden, weight, ids, bias = make_inputs(m, v, h, dtype, bias=with_bias)
+def test_answer_logprobs_matches_float64(backend, device, dtype, m, v, h, with_bias):
+    hidden, weight, ids, bias = make_inputs(m, v, h, dtype, bias=with_bias, device=device)
     out = distillkit.answer_logprobs(hidden, weight, ids, bias=bias, backend=backend)
     check_close(out, hidden, weight, ids, bias)
 
 
-@pytest.mark.parametrize("backend", [*CPU_BACKENDS, TRITON])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_answer_logprobs_small_all_backends(backend, dtype, with_bias):
+def test_answer_logprobs_small_all_backends(backend, device, dtype, with_bias):
     # sizes that are not multiples of any block: rows, vocabulary and hidden all odd
-    hidden, weight, ids, bias = make_inputs(7, 97, 33, dtype, bias=with_bias, seed=1)
+    hidden, weight, ids, bias = make_inputs(7, 97, 33, dtype, bias=with_bias, seed=1, device=device)
     check_close(distillkit.answer_logprobs(hidden, weight, ids, bias=bias, backend=backend), hidden, weight, ids, bias)
 
 
-@pytest.mark.parametrize("backend", [TRITON])
+@pytest.mark.backends("triton")
 @pytest.mark.parametrize("m,v,h", [(1, 97, 5), (67, 1271, 65)])
-def test_triton_interpreter_odd_sizes(backend, m, v, h):
-    hidden, weight, ids, bias = make_inputs(m, v, h, torch.float32, seed=2)
+def test_triton_interpreter_odd_sizes(backend, device, m, v, h):
+    hidden, weight, ids, bias = make_inputs(m, v, h, torch.float32, seed=2, device=device)
     check_close(distillkit.answer_logprobs(hidden, weight, ids, bias=bias, backend=backend), hidden, weight, ids, bias)
 
 
-_GPU = torch.cuda.is_available()
-GPU_BACKENDS = [
-    pytest.param(name, marks=pytest.mark.skipif(not (_GPU and _AVAILABLE[name][0]), reason=f"needs a CUDA device and the {name} backend ({_AVAILABLE[name][1]})"))
-    for name in ("cuda", "triton")
-]
-
-
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m,v,h", [(1, 97, 5), (67, 32003, 129), (130, 1271, 4096), (1024, 128256, 256)])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_gpu_backends_match_float64(backend, dtype, m, v, h, with_bias):
+@GPU_ONLY[0]
+@GPU_ONLY[1]
+def test_gpu_backends_match_float64(backend, device, dtype, m, v, h, with_bias):
     # H=4096 (a multiple of 8) takes the CUDA kernel's 16-byte vector loads; H odd the scalar path
-    hidden, weight, ids, bias = make_inputs(m, v, h, dtype, bias=with_bias, seed=7)
-    dev = torch.device("cuda")
-    out = distillkit.answer_logprobs(hidden.to(dev), weight.to(dev), ids.to(dev),
-                                     bias=None if bias is None else bias.to(dev), backend=backend)
-    check_close(out.cpu(), hidden, weight, ids, bias)
+    hidden, weight, ids, bias = make_inputs(m, v, h, dtype, bias=with_bias, seed=7, device=device)
+    out = distillkit.answer_logprobs(hidden, weight, ids, bias=bias, backend=backend)
+    check_close(out, hidden, weight, ids, bias)
 
 
-@pytest.mark.parametrize("backend", GPU_BACKENDS)
-def test_gpu_vocab_splits(backend):
+@GPU_ONLY[0]
+@GPU_ONLY[1]
+def test_gpu_vocab_splits(backend, device):
     # one split, a few, and one tile per split must give the same answer
     from distillkit import _backend
 
-    hidden, weight, ids, bias = [None if t is None else t.cuda() for t in make_inputs(70, 5003, 64, torch.bfloat16)]
+    hidden, weight, ids, bias = make_inputs(70, 5003, 64, torch.bfloat16, device=device)
     for splits in (1, 3, 10_000):
         if backend == "cuda":
             out = _backend.extension().answer_logprobs_cuda(hidden, weight, ids, bias, splits)
@@ -131,12 +121,11 @@ def test_triton_interpreter_vocab_splits(splits):
     check_close(tk.answer_logprobs(hidden, weight, ids, bias, vocab_splits=splits), hidden, weight, ids, bias)
 
 
-@pytest.mark.parametrize("backend", [*CPU_BACKENDS, TRITON])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_extreme_hidden_values(backend, dtype):
+def test_extreme_hidden_values(backend, device, dtype):
     # peaky softmax: logits of size ~1e3-1e4 (exp overflows without max subtraction), answer ids
     # both at the arg-max (log p ~ 0) and far below it (log p ~ -1e4)
-    hidden, weight, ids, bias = make_inputs(9, 211, 17, dtype, scale=300.0, seed=3)
+    hidden, weight, ids, bias = make_inputs(9, 211, 17, dtype, scale=300.0, seed=3, device=device)
     logits = hidden.double() @ weight.double().T
     ids[:4] = logits[:4].argmax(-1)
     ids[4:] = logits[4:].argmin(-1)
@@ -145,11 +134,10 @@ def test_extreme_hidden_values(backend, dtype):
     assert out[:4].abs().max() < 1.0 and out[4:].max() < -100.0
 
 
-@pytest.mark.parametrize("backend", [*CPU_BACKENDS, TRITON])
-def test_predictive_perplexity_segments(backend):
-    small = backend == "triton"
+def test_predictive_perplexity_segments(backend, device, interpreted):
+    small = interpreted
     m, v, h = (10, 97, 17) if small else (23, 1271, 33)
-    hidden, weight, ids, bias = make_inputs(m, v, h, torch.float32, seed=4)
+    hidden, weight, ids, bias = make_inputs(m, v, h, torch.float32, seed=4, device=device)
     # segments of length 1 (first two), a long one, and a trailing length-1 segment
     cu = torch.tensor([0, 1, 2, m - 1, m], dtype=torch.int32)
     out = distillkit.predictive_perplexity(hidden, weight, ids, cu, bias=bias, backend=backend)
@@ -199,9 +187,9 @@ def test_empty_rows():
     assert distillkit.predictive_perplexity(hidden, weight, ids, [0]).shape == (0,)
 
 
-@pytest.mark.parametrize("backend", CPU_BACKENDS)
-def test_float64_inputs(backend):
-    hidden, weight, ids, bias = make_inputs(5, 97, 9, torch.float64)
+@pytest.mark.no_interpreter
+def test_float64_inputs(backend, device):
+    hidden, weight, ids, bias = make_inputs(5, 97, 9, torch.float64, device=device)
     check_close(distillkit.answer_logprobs(hidden, weight, ids, bias=bias, backend=backend), hidden, weight, ids, bias)
 
 
