@@ -16,13 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distillkit._backend import runnable_backends
-
-
-def backend_devices() -> list[tuple[str, str]]:
-    """Every (backend, device) that runs here: runnable_backends(device) for cpu, and cuda when present."""
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    return [(b, d) for d in devices for b in runnable_backends(d)]
+from _backends import backend_devices
 
 
 def pytest_configure(config):

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 import distillkit
-from distillkit._backend import runnable_backends
+from _backends import backends_on
 from distillkit._errors import InputError
 from distillkit.reference import skew_kl as ref_skew
 
-BACKENDS = runnable_backends("cpu")
+BACKENDS = backends_on("cpu")  # the value checks run on CPU tensors only (on CUDA they would cost a sync)
 NAN, INF = float("nan"), float("inf")
 
 LOGIT_OPS = {"skew_kl": distillkit.skew_kl, "skew_reverse_kl": distillkit.skew_reverse_kl}
@@ -317,9 +317,10 @@ def test_scoring_empty_batch():
 
 # ---- under torch.compile -------------------------------------------------------------------------
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])  # the interpreter adds nothing here
+@pytest.mark.devices("cpu")
+@pytest.mark.no_interpreter  # the interpreter adds nothing here
 @pytest.mark.parametrize("op", [*LOGIT_OPS, *FUSED_OPS])
-def test_value_checks_run_under_torch_compile(op, backend):
+def test_value_checks_run_under_torch_compile(op, backend, device):
     """The checks run inside custom ops, whose bodies run eagerly in a compiled graph: a NaN teacher and an
     out-of-range label (logits ops), a NaN teacher weight and a NaN kept hidden row (fused-linear) still raise
     under torch.compile(fullgraph=True), and clean input gives the eager result."""
