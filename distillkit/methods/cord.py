@@ -17,21 +17,20 @@ Python:
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import math
 import os
 import random
-import sys
 import tempfile
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence
 
 from distillkit._errors import InputError
-from distillkit.pipeline.config import checked_config, debug_enabled, field_help
+from distillkit.pipeline.config import config_field as _help
+from distillkit.pipeline.config import parse_config
 from distillkit.pipeline.answers import answers_match, extract_answer, normalize_answer  # noqa: F401 (re-exported)
 from distillkit.methods.meta_prover import DEFAULT_TEMPLATE
 from distillkit.methods.segmentation import (
@@ -51,10 +50,6 @@ HIT_RATE_BINS = 10
 # ----------------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------------
-def _help(text: str, **kw) -> Any:
-    return field(metadata={"help": text}, **kw)
-
-
 @dataclass
 class CordConfig:
     """Everything one CoRD run needs. Paths are used as given (relative to the working directory)."""
@@ -629,43 +624,15 @@ def write_summary(summary: dict, json_path: str, png_path: str | None) -> None:
 # ----------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="distillkit cord",
-        description="CoRD: collaborative step-wise multi-teacher decoding scored by a meta-prover. "
-                    "Options given here override the YAML file.")
-    p.add_argument("--config", help="YAML file of CordConfig fields (see configs/cord.yaml)")
-    for f in dataclasses.fields(CordConfig):
-        if "dict" in str(f.type):
-            continue  # mappings are set in the YAML file
-        flag = "--" + f.name.replace("_", "-")
-        help_ = field_help(f)
-        if f.type in ("bool", bool):
-            p.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=help_)
-        elif f.name in ("teachers", "prefix_phrases", "teacher_names"):
-            p.add_argument(flag, dest=f.name, default=None, nargs="+", help=help_)
-        elif f.type in ("int", "int | None"):
-            p.add_argument(flag, dest=f.name, default=None, type=int, help=help_)
-        elif f.type == "float":
-            p.add_argument(flag, dest=f.name, default=None, type=float, help=help_)
-        else:
-            p.add_argument(flag, dest=f.name, default=None, help=help_)
-    return p
-
-
 def cli(argv: Sequence[str] | None = None) -> int:
     """`distillkit cord --config cord.yaml [--field value ...]`; returns the exit code."""
-    args = vars(_parser().parse_args(list(sys.argv[1:] if argv is None else argv)))
-    config_path = args.pop("config")
-    overrides = {k: v for k, v in args.items() if v is not None}
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # types, ranges, device, paths: all checked before any model loads
     try:
-        cfg = checked_config(CordConfig, config_path, overrides)  # types, ranges, device, paths: before any model
-    except (ValueError, TypeError, OSError) as exc:
-        if debug_enabled():
-            raise
-        print(f"distillkit cord: {exc}", file=sys.stderr)
-        return 2
+        cfg = parse_config(CordConfig, argv, "distillkit cord",
+                           "CoRD: collaborative step-wise multi-teacher decoding scored by a meta-prover.")
+    except SystemExit as exc:  # cord's cli has always returned its exit code (bad input: 2) rather than exiting
+        return exc.code if isinstance(exc.code, int) else 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     summary = run(cfg)
     print(json.dumps({k: v for k, v in summary.items() if k != "hit_rates"}, indent=1))
     print(f"records: {cfg.output_path}\nsummary: {cfg.summary_file()}\nplot: {cfg.plot_file()}")

@@ -13,11 +13,12 @@ trains branch k and the merge is ``all_reduce_average_``.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -25,12 +26,17 @@ import torch
 from distillkit._errors import InputError
 from distillkit.pipeline.config import config_field as _help
 from distillkit.pipeline.config import parse_config
-from distillkit.pipeline.train import save_pretrained_atomic
+from distillkit.pipeline.runs import config_values, write_json_atomic
+from distillkit.pipeline.train import (
+    TrainConfig, save_pretrained_atomic, torch_device, train_field, with_train_options,
+)
 
 log = logging.getLogger(__name__)
 MERGES = ("average", "ties", "dare", "dare_ties")
 
 
+# each branch trains steps_per_round steps in its own directory, checkpointing a few times
+@with_train_options(derived=("max_steps", "save_every", "log_every"))
 @dataclass
 class MotConfig:
     student: str = _help("student checkpoint to start from (HF directory)", default="")
@@ -47,16 +53,9 @@ class MotConfig:
     eval_limit: int = _help("at most this many eval questions", default=64)
     max_new_tokens: int = _help("generation budget per eval answer", default=64)
     prompt_template: str = _help("prompt with {question}", default="{question}\n<think> ### Step")
-    batch_size: int = _help("examples per micro-batch", default=8)
-    grad_accum: int = _help("micro-batches per step", default=1)
-    lr: float = _help("peak learning rate", default=1e-4)
-    warmup_steps: int = _help("warmup steps per branch", default=0)
-    max_grad_norm: float = _help("clipping norm (0 disables)", default=1.0)
+    train: TrainConfig = train_field()
     max_length: int = _help("truncate examples to this many tokens", default=512)
-    bf16: str = _help("auto | on | off", default="auto")
-    seed: int = _help("branch k of round r trains with seed + 1000 r + k", default=0)
     device: str = _help("auto | cpu | cuda", default="auto")
-    progress: bool = _help("progress bars", default=True)
     overwrite: bool = _help("when output_dir holds a run started with a different config: move it aside "
                             "(<output_dir>.replaced-<time>) and start afresh instead of refusing", default=False)
 
@@ -65,8 +64,7 @@ class MotConfig:
             raise ValueError("student: a checkpoint directory is required")
         if len(self.teacher_data) < 1:
             raise ValueError("teacher_data: at least one teacher's JSONL is required")
-        for name in ("rounds", "steps_per_round", "batch_size", "grad_accum", "eval_limit", "max_new_tokens",
-                     "max_length"):
+        for name in ("rounds", "steps_per_round", "eval_limit", "max_new_tokens", "max_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.merge not in MERGES:
@@ -79,12 +77,6 @@ class MotConfig:
             raise ValueError("prompt_template must contain {question}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device={self.device!r}: expected auto, cpu or cuda")
-
-
-def _device(cfg: MotConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
 
 
 def load_teacher_datasets(cfg: MotConfig):
@@ -105,13 +97,11 @@ def load_teacher_datasets(cfg: MotConfig):
 def train_branch(model, tokenizer, examples, cfg: MotConfig, round_idx: int, k: int):
     """Trains ``model`` in place for S steps on one teacher's data (resumable in its own directory)."""
     from distillkit.pipeline.data import SFTCollator, sft_loss
-    from distillkit.pipeline.train import TrainConfig, Trainer
+    from distillkit.pipeline.train import Trainer
 
-    tcfg = TrainConfig(output_dir=branch_dir(cfg, round_idx, k), max_steps=cfg.steps_per_round,
-                       batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-                       max_grad_norm=cfg.max_grad_norm, bf16=cfg.bf16, seed=cfg.seed + 1000 * round_idx + k,
-                       save_every=max(1, cfg.steps_per_round // 4), log_every=max(1, cfg.steps_per_round // 10),
-                       progress=cfg.progress)
+    tcfg = dataclasses.replace(cfg.train, output_dir=branch_dir(cfg, round_idx, k), max_steps=cfg.steps_per_round,
+                               seed=cfg.train.seed + 1000 * round_idx + k,
+                               save_every=max(1, cfg.steps_per_round // 4), log_every=max(1, cfg.steps_per_round // 10))
     return Trainer(model, tcfg, examples, SFTCollator(tokenizer, cfg.max_length), sft_loss).train()
 
 
@@ -157,7 +147,7 @@ def merge_round_local(cfg: MotConfig, tokenizer, datasets, round_idx: int, devic
         method = {"ties": "ties", "dare": "dare", "dare_ties": "dare_ties"}[cfg.merge]
         merge_checkpoints([os.path.join(branch_dir(cfg, round_idx, k), "model") for k in range(K)], out,
                           method=method, base=start, weights=weights, density=cfg.density, lam=cfg.lam,
-                          seed=cfg.seed + round_idx, overwrite=True, progress=cfg.progress)
+                          seed=cfg.train.seed + round_idx, overwrite=True, progress=cfg.train.progress)
         tokenizer.save_pretrained(out)
 
 
@@ -238,7 +228,7 @@ def run(cfg: MotConfig) -> list[dict]:
     from distillkit.pipeline.data import read_questions_for_eval
     from distillkit.teachers.hf import load_tokenizer
 
-    device = _device(cfg)
+    device = torch_device(cfg.device)
     distributed = dist.is_available() and dist.is_initialized()
     is_main = not distributed or dist.get_rank() == 0
     # the input files are checked, and the config compared with the run's, before any model loads
@@ -260,7 +250,7 @@ def run(cfg: MotConfig) -> list[dict]:
         if is_main:
             history = history[:r] + [evaluate_round(cfg, tokenizer, r, device, datasets)]
             log.info("round %d: %s", r + 1, history[-1])
-            _write_json(metrics_path, {"config": asdict(cfg), "rounds": history})
+            write_json_atomic(metrics_path, {"config": config_values(cfg), "rounds": history})
             plot_rounds(history, os.path.join(cfg.output_dir, "mot_rounds.png"))
         if distributed:
             dist.barrier()
@@ -270,13 +260,6 @@ def run(cfg: MotConfig) -> list[dict]:
             shutil.rmtree(final)
         shutil.copytree(round_dir(cfg, cfg.rounds - 1), final)
     return history
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def plot_rounds(history: Sequence[dict], path: str) -> None:

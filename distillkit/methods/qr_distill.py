@@ -28,13 +28,14 @@ rerun resumes), students/<name>/ (Hugging Face checkpoints), router.pt, qr_summa
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
 import os
 import re
 import shutil
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
@@ -44,7 +45,8 @@ from distillkit.pipeline.config import config_field as _help
 from distillkit.pipeline.config import parse_config
 from distillkit.pipeline.data import DEFAULT_PROMPT, Example, fill_prompt
 from distillkit.methods.qr_router import ROUTINGS
-from distillkit.pipeline.runs import begin_dir_run
+from distillkit.pipeline.runs import begin_dir_run, config_values, write_json_atomic
+from distillkit.pipeline.train import TrainConfig, torch_device, train_field, with_train_options
 from distillkit.teachers.base import Teacher
 
 log = logging.getLogger(__name__)
@@ -78,6 +80,7 @@ ROUTER_NAME = "router.pt"
 # ----------------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------------
+@with_train_options
 @dataclass
 class QRDistillConfig:
     # data
@@ -143,25 +146,15 @@ class QRDistillConfig:
     normalize_shared: bool = _help("rescale shared representations to norm sqrt(D) (avoids collapse to 0)",
                                    default=True)
     competence_tau: float = _help("temperature of the competence target softmax(-ce / tau)", default=1.0)
-    # training (the shared trainer)
-    max_steps: int = _help("optimizer steps", default=1000)
-    batch_size: int = _help("paths per micro-batch", default=8)
-    grad_accum: int = _help("micro-batches per step", default=1)
-    lr: float = _help("peak learning rate (students, projections, competence regressor)", default=1e-5)
-    weight_decay: float = _help("AdamW weight decay", default=0.0)
-    warmup_steps: int = _help("linear warmup steps", default=0)
-    max_grad_norm: float = _help("clipping norm (0 disables)", default=1.0)
-    bf16: str = _help("auto | on | off", default="auto")
-    save_every: int = _help("checkpoint every N steps (0: only at the end)", default=100)
-    log_every: int = _help("metrics line every N steps", default=10)
-    seed: int = _help("data order, routing noise, generation seeds", default=0)
+    # the shared trainer's options (flat in YAML and flags; batch_size = paths per micro-batch, lr = the students',
+    # projections' and competence regressor's rate; seed also drives routing noise and generation seeds)
+    train: TrainConfig = train_field(max_steps=1000, lr=1e-5, save_every=100)
     device: str = _help("auto | cpu | cuda | cuda:N", default="auto")
     # evaluation
     eval_data: str | None = _help("JSONL {id, question, answer}: each student's answer accuracy after training",
                                   default=None)
     eval_limit: int = _help("at most this many eval questions", default=200)
     eval_max_new_tokens: int = _help("generation budget per eval answer", default=512)
-    progress: bool = _help("progress bars", default=True)
     overwrite: bool = _help("when output_dir holds a run started with a different config: move it aside "
                             "(<output_dir>.replaced-<time>) and start afresh instead of refusing", default=False)
 
@@ -204,12 +197,11 @@ class QRDistillConfig:
         if len(set(self.styles)) != len(self.styles):
             raise ValueError(f"styles: duplicates in {self.styles}")
         for name in ("paths_per_style", "max_new_tokens", "gen_batch_size", "judge_max_new_tokens", "max_length",
-                     "encoder_max_length", "router_hidden", "route_top_k", "max_steps", "batch_size", "grad_accum",
-                     "log_every", "eval_limit", "eval_max_new_tokens"):
+                     "encoder_max_length", "router_hidden", "route_top_k", "eval_limit", "eval_max_new_tokens"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name}={value!r}: expected an integer >= 1")
-        for name in ("lora_r", "warmup_steps", "save_every"):
+        for name in ("lora_r",):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name}={value!r}: expected an integer >= 0")
@@ -239,13 +231,13 @@ class QRDistillConfig:
                              "(or choose routing='random' / 'all')")
         if self.route_top_k > len(self.students):
             raise ValueError(f"route_top_k={self.route_top_k}: at most the number of students ({len(self.students)})")
-        for name in ("gumbel_tau", "competence_tau", "lr", "lora_alpha"):
+        for name in ("gumbel_tau", "competence_tau", "lora_alpha"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
                 raise ValueError(f"{name}={value!r}: expected a positive number")
         if self.router_lr is not None and not (self.router_lr > 0 and math.isfinite(self.router_lr)):
             raise ValueError(f"router_lr={self.router_lr!r}: expected a positive number or None")
-        for name in ("lambda_1", "lambda_2", "weight_decay", "max_grad_norm"):
+        for name in ("lambda_1", "lambda_2"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
                 raise ValueError(f"{name}={value!r}: expected a number >= 0")
@@ -253,8 +245,6 @@ class QRDistillConfig:
             raise ValueError(f"lora_dropout={self.lora_dropout!r}: expected a number in [0, 1)")
         if self.shared_dim is not None and (not isinstance(self.shared_dim, int) or self.shared_dim < 1):
             raise ValueError(f"shared_dim={self.shared_dim!r}: expected an integer >= 1 or None")
-        if self.bf16 not in ("auto", "on", "off"):
-            raise ValueError(f"bf16={self.bf16!r}: expected auto, on or off")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
             raise ValueError(f"device={self.device!r}: expected auto, cpu, cuda or cuda:N")
 
@@ -275,12 +265,6 @@ class QRDistillConfig:
 
     def judging(self) -> bool:
         return bool(self.judge)
-
-
-def _device(cfg: QRDistillConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -315,7 +299,7 @@ def propose_paths(q: dict, teachers: Sequence[Teacher], cfg: QRDistillConfig, pe
             continue
         prompts = [fill_prompt(templates[s], question=q["question"]) for s in styles]
         props = teacher.propose(prompts, n=cfg.paths_per_style, max_new_tokens=cfg.max_new_tokens, stop=cfg.stop,
-                                temperature=cfg.temperature, seed=question_seed(cfg.seed, q["id"]) + 7919 * t)
+                                temperature=cfg.temperature, seed=question_seed(cfg.train.seed, q["id"]) + 7919 * t)
         for style, prompt, row in zip(styles, prompts, props):
             for j, prop in enumerate(row):
                 key = path_key(q["id"], style, names[t], j)
@@ -395,7 +379,7 @@ def _load_generators(cfg: QRDistillConfig, need_teachers: bool, need_judge: bool
 
     def kw(backend):
         if backend == "hf":
-            return dict(dtype=cfg.gen_dtype, device=str(_device(cfg)), batch_size=cfg.gen_batch_size)
+            return dict(dtype=cfg.gen_dtype, device=str(torch_device(cfg.device)), batch_size=cfg.gen_batch_size)
         return {} if cfg.gen_dtype == "float32" else dict(dtype=cfg.gen_dtype)
 
     teachers = [load_teacher(p, backend=cfg.teacher_backend, name=n, **kw(cfg.teacher_backend))
@@ -451,7 +435,7 @@ def collect_paths(cfg: QRDistillConfig, *, teachers: Sequence[Teacher] | None = 
         if not cfg.paths_input and len(teachers) != len(cfg.teachers):
             raise ValueError(f"teachers: {len(teachers)} given but the config lists {len(cfg.teachers)}")
         with open(path, "a", encoding="utf-8") as f, \
-                tqdm(total=len(work), desc="qr-distill paths", unit="q", disable=not cfg.progress) as bar:
+                tqdm(total=len(work), desc="qr-distill paths", unit="q", disable=not cfg.train.progress) as bar:
             for item, todo in work:  # (question, missing keys) or, for paths_input, (qid, records)
                 recs = todo if cfg.paths_input else propose_paths(item, teachers, cfg, todo)
                 if cfg.judging():
@@ -580,7 +564,7 @@ def route_features(cfg: QRDistillConfig, records: Sequence[dict], device, encode
     else:
         enc, tok = load_encoder(cfg.router_encoder, device)
     max_len = min(cfg.encoder_max_length, getattr(enc.config, "max_position_embeddings", cfg.encoder_max_length))
-    return encode_texts(enc, tok, [r["response"] for r in records], batch_size=max(1, cfg.batch_size * 4),
+    return encode_texts(enc, tok, [r["response"] for r in records], batch_size=max(1, cfg.train.batch_size * 4),
                         max_length=max_len)
 
 
@@ -603,12 +587,9 @@ def build_model(cfg: QRDistillConfig, students: Sequence, router_in_dim: int | N
 def make_trainer(model, cfg: QRDistillConfig, items: Sequence[PathItem], collate):
     """The shared Trainer over the container (students + router + projections + regressor)."""
     from distillkit.methods.qr_router import qr_loss
-    from distillkit.pipeline.train import TrainConfig, Trainer
+    from distillkit.pipeline.train import Trainer
 
-    tcfg = TrainConfig(output_dir=cfg.output_dir, max_steps=cfg.max_steps, batch_size=cfg.batch_size,
-                       grad_accum=cfg.grad_accum, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                       warmup_steps=cfg.warmup_steps, max_grad_norm=cfg.max_grad_norm, bf16=cfg.bf16,
-                       save_every=cfg.save_every, log_every=cfg.log_every, seed=cfg.seed, progress=cfg.progress)
+    tcfg = dataclasses.replace(cfg.train, output_dir=cfg.output_dir)
     settings = loss_settings(cfg)
     params = None
     if cfg.router_lr is not None and model.router is not None:  # the router learns at its own rate
@@ -666,13 +647,6 @@ def evaluate_students(model, tokenizers, cfg: QRDistillConfig) -> dict:
             for student, tok, name in zip(model.students, tokenizers, cfg.student_labels())}
 
 
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 # ----------------------------------------------------------------------------------------------
 # Run
 # ----------------------------------------------------------------------------------------------
@@ -706,7 +680,7 @@ def run(cfg: QRDistillConfig, *, teachers: Sequence[Teacher] | None = None, judg
     A rerun must use the config the run was started with (recorded in output_dir/run_config.json; see
     :mod:`distillkit.pipeline.runs`): another raises InputError naming the fields, unless ``overwrite`` (then the
     old output_dir is moved aside and the run starts afresh)."""
-    device = _device(cfg)
+    device = torch_device(cfg.device)
     check_inputs(cfg)
     begin_dir_run(cfg, cfg.output_dir, free=RESUME_FREE_FIELDS, previous_from=SUMMARY_NAME)
     records = collect_paths(cfg, teachers=teachers, judge=judge)
@@ -731,8 +705,8 @@ def run(cfg: QRDistillConfig, *, teachers: Sequence[Teacher] | None = None, judg
                     "students": names, "encoder": cfg.router_encoder}, os.path.join(cfg.output_dir, ROUTER_NAME))
     if cfg.eval_data:
         summary["eval"] = evaluate_students(model, tokenizers, cfg)
-    summary["config"] = asdict(cfg)
-    _write_json(os.path.join(cfg.output_dir, SUMMARY_NAME), summary)
+    summary["config"] = config_values(cfg)
+    write_json_atomic(os.path.join(cfg.output_dir, SUMMARY_NAME), summary)
     return summary
 
 

@@ -35,19 +35,23 @@ The step is factored for tests and reuse: ``rollout`` -> ``final_hidden`` -> ``v
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import torch
 
 from distillkit._errors import InputError
 from distillkit.pipeline.config import config_field as _help
 from distillkit.pipeline.config import parse_config
-from distillkit.pipeline.train import save_pretrained_atomic
+from distillkit.pipeline.runs import config_values, write_json_atomic
+from distillkit.pipeline.train import (
+    TrainConfig, save_pretrained_atomic, torch_device, train_field, with_train_options,
+)
 
 log = logging.getLogger(__name__)
 WEIGHTINGS = ("uniform", "ratio", "clamped_ratio", "r_s", "r_s_minus_r_t")
@@ -55,6 +59,7 @@ IGNORE_INDEX = -100
 _KERNEL_BACKENDS = ("cuda", "triton", "cpu", "reference")
 
 
+@with_train_options(renamed={"steps": "max_steps", "warmup": "warmup_steps"})
 @dataclass
 class VcrdConfig:
     student: str = _help("student checkpoint to train (HF directory or Hub id)", default="")
@@ -70,13 +75,9 @@ class VcrdConfig:
     prompt_template: str = _help("prompt with {question}", default="{question}\n<think> ### Step")
     output_dir: str = _help("run directory: checkpoint, metrics.jsonl, final/ model, vcrd_summary.json",
                             default="vcrd-run")
-    steps: int = _help("optimizer steps", default=100)
-    batch_size: int = _help("prompts per micro-batch (each gives a teacher and a student rollout)", default=8)
-    grad_accum: int = _help("micro-batches per optimizer step", default=1)
-    lr: float = _help("peak learning rate", default=1e-5)
-    warmup: int = _help("linear warmup steps", default=0)
-    max_grad_norm: float = _help("gradient clipping norm (0 disables)", default=1.0)
-    bf16: str = _help("bf16 autocast: auto (CUDA with bf16) | on | off", default="auto")
+    # the shared trainer's options (flat in YAML and flags: max_steps, batch_size = prompts per micro-batch, each
+    # giving a teacher and a student rollout, lr, warmup_steps, seed = data order and rollout seeds, ...)
+    train: TrainConfig = train_field(max_steps=100, lr=1e-5, save_every=10, log_every=1)
     rollout_tokens: int = _help("max new tokens per rollout (no stop boundary; EOS ends early)", default=256)
     temperature: float = _help("rollout sampling temperature (0 = greedy)", default=1.0)
     teacher_backend: str = _help("teacher rollouts: hf | vllm (student rollouts always use hf: its weights "
@@ -96,12 +97,8 @@ class VcrdConfig:
     eval_data: str | None = _help("JSONL {id, question, answer} for answer accuracy at the end", default=None)
     eval_limit: int = _help("at most this many eval questions", default=256)
     max_new_tokens: int = _help("generation budget per eval answer", default=256)
-    seed: int = _help("data order, and rollout seeds derived from (seed, step, micro-batch)", default=0)
     backend: str | None = _help("kernel backend: cuda | triton | cpu | reference (null = automatic)", default=None)
     device: str = _help("auto | cpu | cuda", default="auto")
-    save_every: int = _help("checkpoint every N steps (0: only at the end)", default=10)
-    log_every: int = _help("metrics line every N steps", default=1)
-    progress: bool = _help("progress bar", default=True)
     overwrite: bool = _help("when output_dir holds a run started with a different config: move it aside "
                             "(<output_dir>.replaced-<time>) and start afresh instead of refusing", default=False)
 
@@ -109,20 +106,10 @@ class VcrdConfig:
         for name in ("student", "teacher", "prompts"):
             if not getattr(self, name):
                 raise ValueError(f"{name}: a path is required")
-        for name in ("steps", "batch_size", "grad_accum", "rollout_tokens", "eval_limit", "max_new_tokens",
-                     "top_k", "judge_batch_size", "log_every"):
+        for name in ("rollout_tokens", "eval_limit", "max_new_tokens", "top_k", "judge_batch_size"):
             if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) \
                     or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be an integer >= 1")
-        for name in ("warmup", "save_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"lr={self.lr} must be a positive number")
-        if self.max_grad_norm < 0:
-            raise ValueError(f"max_grad_norm={self.max_grad_norm} must be >= 0")
-        if self.bf16 not in ("auto", "on", "off"):
-            raise ValueError(f"bf16={self.bf16!r}: expected auto, on or off")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
         if self.teacher_backend not in ("hf", "vllm"):
@@ -502,7 +489,7 @@ class VcrdObjective:
         step = self.trainer.step if self.trainer is not None else 0
         self._micro = self._micro + 1 if step == self._step else 0
         self._step = step
-        return rollout_seed(self.cfg.seed, step, self._micro)
+        return rollout_seed(self.cfg.train.seed, step, self._micro)
 
     def __call__(self, model, prompts: list[str]):
         from distillkit.teachers.hf import HFTeacher
@@ -518,12 +505,6 @@ class VcrdObjective:
                         alpha=cfg.alpha, lambda_t=cfg.lambda_t, lambda_s=cfg.lambda_s, top_k=cfg.top_k,
                         gamma=cfg.gamma, clip=cfg.clip, eps=cfg.eps, backend=cfg.backend)
         return res.loss, res.metrics
-
-
-def _device(cfg: VcrdConfig) -> torch.device:
-    if cfg.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(cfg.device)
 
 
 def load_prompts(cfg: VcrdConfig) -> list[str]:
@@ -565,7 +546,7 @@ def load_models(cfg: VcrdConfig, device):
         backend = VLLMTeacher(cfg.teacher, name="teacher", dtype=cfg.teacher_dtype,
                               gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
     else:
-        backend = HFTeacher(teacher, tokenizer, name="teacher", batch_size=max(1, cfg.batch_size))
+        backend = HFTeacher(teacher, tokenizer, name="teacher", batch_size=max(1, cfg.train.batch_size))
     judge = None
     if cfg.judge:
         from distillkit.judges import HFProcessRewardJudge
@@ -576,13 +557,6 @@ def load_models(cfg: VcrdConfig, device):
             batch_size=cfg.judge_batch_size)
     return student.train(), teacher.eval(), backend, tokenizer, judge
 
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 # may differ between a run and its resume: how often a checkpoint / metrics line is written (the trainer
@@ -597,21 +571,18 @@ def run(cfg: VcrdConfig) -> dict:
     A rerun must use the config the run was started with (recorded in output_dir/run_config.json;
     see :mod:`distillkit.pipeline.runs`): a different one raises InputError naming the fields, unless
     ``overwrite`` (then the old output_dir is moved aside and the run starts afresh)."""
-    from distillkit.pipeline.train import TrainConfig, Trainer
+    from distillkit.pipeline.train import Trainer
 
     from distillkit.pipeline.data import read_questions_for_eval
     from distillkit.pipeline.runs import begin_dir_run
 
-    device = _device(cfg)
+    device = torch_device(cfg.device)
     # the input files are checked, and the config compared with the run's, before any model loads
     prompts = load_prompts(cfg)
     questions = read_questions_for_eval(cfg.eval_data, cfg.eval_limit) if cfg.eval_data else None
     begin_dir_run(cfg, cfg.output_dir, free=RESUME_FREE_FIELDS, previous_from="vcrd_summary.json")
     student, teacher, teacher_backend, tokenizer, judge = load_models(cfg, device)
-    tcfg = TrainConfig(output_dir=cfg.output_dir, max_steps=cfg.steps, batch_size=cfg.batch_size,
-                       grad_accum=cfg.grad_accum, lr=cfg.lr, warmup_steps=cfg.warmup,
-                       max_grad_norm=cfg.max_grad_norm, bf16=cfg.bf16, save_every=cfg.save_every,
-                       log_every=cfg.log_every, seed=cfg.seed, progress=cfg.progress)
+    tcfg = dataclasses.replace(cfg.train, output_dir=cfg.output_dir)
     objective = VcrdObjective(teacher, teacher_backend, tokenizer, cfg, judge)
     trainer = Trainer(student, tcfg, prompts, list, objective)
     objective.trainer = trainer
@@ -626,7 +597,7 @@ def run(cfg: VcrdConfig) -> dict:
     finished_before = previous.get("step") == trainer.step  # a rerun of a finished run: nothing was trained
     if finished_before and previous.get("last_metrics"):
         last = previous["last_metrics"]  # the trainer returns only the step when it trains nothing
-    summary = {"config": asdict(cfg), "step": trainer.step, "final_model": final, "last_metrics": last}
+    summary = {"config": config_values(cfg), "step": trainer.step, "final_model": final, "last_metrics": last}
     if cfg.eval_data:
         if finished_before and "eval" in previous:  # same eval fields: the run config guarantees it
             summary["eval"] = previous["eval"]
@@ -637,7 +608,7 @@ def run(cfg: VcrdConfig) -> dict:
                                   max_new_tokens=cfg.max_new_tokens)
             summary["eval"] = {"accuracy": acc["accuracy"], "n": acc["n"]}
         log.info("answer accuracy %.4f on %d questions", summary["eval"]["accuracy"], summary["eval"]["n"])
-    _write_json(summary_path, summary)
+    write_json_atomic(summary_path, summary)
     return summary
 
 

@@ -77,20 +77,50 @@ def _kind(type_str: str) -> str:
     return "str"
 
 
-def field_help(f: dataclasses.Field) -> str:
-    """A field's help text for argparse, with the dataclass default (flags themselves default to None,
-    meaning "not given": the YAML value stands)."""
+def field_help(f: dataclasses.Field, default: Any = dataclasses.MISSING) -> str:
+    """A field's help text for argparse, with the dataclass default (or ``default``: a nested config's value)
+    (flags themselves default to None, meaning "not given": the YAML value stands)."""
     text = f.metadata.get("help", "")
-    if "default" not in text and f.default is not dataclasses.MISSING and f.default not in ("", None):
-        text = f"{text} (default: {f.default})"
+    if default is dataclasses.MISSING:
+        default = f.default
+        if default is dataclasses.MISSING and f.metadata.get("show_default"):  # a factory's value, when asked
+            default = f.default_factory()  # type: ignore[misc]
+    if "(default" not in text and default is not dataclasses.MISSING and default not in ("", None):
+        text = f"{text} (default: {default})"
     return text.replace("%", "%%")
+
+
+def train_options(cls) -> dict[str, dataclasses.Field]:
+    """{name: TrainConfig field} of the trainer options a method config takes flat (see
+    ``distillkit.pipeline.train.with_train_options``); {} for other configs."""
+    return dict(getattr(cls, "__train_options__", {}))
+
+
+def renamed_options(cls) -> dict[str, str]:
+    """{old name: new name} of the options a config still accepts under their old name."""
+    return dict(getattr(cls, "__renamed_options__", {}))
+
+
+def _flag_fields(cls) -> list[tuple[dataclasses.Field, Any]]:
+    """(field, default shown by --help) of every flag: the config's own fields, then the trainer's options
+    (with the method's defaults); the nested ``train`` field itself has no flag."""
+    nested = train_options(cls)
+    own = [(f, dataclasses.MISSING) for f in dataclasses.fields(cls) if not (nested and f.name == "train")]
+    if not nested:
+        return own
+    train = next(f for f in dataclasses.fields(cls) if f.name == "train").default_factory()
+    return own + [(f, getattr(train, name)) for name, f in nested.items()]
 
 
 def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=description + " Flags override the YAML file.")
     p.add_argument("--config", help="YAML file of the config's fields")
-    for f in dataclasses.fields(cls):
-        flag, help_ = "--" + f.name.replace("_", "-"), field_help(f)
+    fields = _flag_fields(cls)
+    for old, new in renamed_options(cls).items():
+        target = next(f for f, _ in fields if f.name == new)
+        fields.append((_renamed_field(target, old, new), None))
+    for f, default in fields:
+        flag, help_ = "--" + f.name.replace("_", "-"), field_help(f, default)
         kind = _kind(f.type)
         if kind == "bool":
             p.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=help_)
@@ -102,6 +132,13 @@ def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
         else:
             p.add_argument(flag, dest=f.name, default=None, type={"int": int, "float": float}.get(kind, str), help=help_)
     return p
+
+
+def _renamed_field(target: dataclasses.Field, old: str, new: str) -> dataclasses.Field:
+    """A stand-in field for the flag of an old option name: the new one's type, a help that names it."""
+    f = dataclasses.field(metadata={"help": f"deprecated: use --{new.replace('_', '-')}"})
+    f.name, f.type = old, target.type
+    return f
 
 
 def _yaml_mapping(text: str) -> dict:
@@ -269,6 +306,13 @@ def coerce_values(cls, values: dict[str, Any], where: dict[str, str] | None = No
     """``values`` with each coerced to its field's annotated type; raises InputError naming the field,
     the expected type and where the value came from (``where[name]``: a YAML file or a flag)."""
     hints = _field_types(cls)
+    nested = train_options(cls)
+    if nested:
+        from distillkit.pipeline.train import TrainConfig
+
+        train_hints = _field_types(TrainConfig)
+        hints.update({name: train_hints[name] for name in nested})
+        hints.update({old: train_hints[new] for old, new in renamed_options(cls).items()})
     out = {}
     for name, value in values.items():
         try:
@@ -345,6 +389,17 @@ def _load(cls, path: str | None, overrides: dict[str, Any], flags) -> tuple[Any,
     """(config, {field: where its value came from: the YAML file or "--flag"}); ``flags`` names the
     overrides given as command-line flags."""
     values: dict[str, Any] = dict(read_yaml(path)) if path else {}
+    nested = train_options(cls)
+    if nested and isinstance(values.get("train"), dict):  # a train: mapping stands for its flat options
+        mapping = values.pop("train")
+        twice = sorted(set(mapping) & set(values))
+        if twice:
+            raise InputError(f"{path}: {twice} given both at the top level and under train:")
+        unknown = sorted(set(mapping) - set(nested))
+        if unknown:
+            raise InputError(f"{path}: train: unknown trainer option(s) {unknown} for {cls.__name__}; "
+                             f"known: {sorted(nested)}")
+        values.update(mapping)
     where = {name: path for name in values}
     values.update(overrides)
     for name in overrides:
@@ -352,7 +407,7 @@ def _load(cls, path: str | None, overrides: dict[str, Any], flags) -> tuple[Any,
             where[name] = "--" + name.replace("_", "-")
         else:
             where.pop(name, None)
-    known = {f.name for f in dataclasses.fields(cls)}
+    known = {f.name for f in dataclasses.fields(cls)} | set(nested) | set(renamed_options(cls))
     unknown = sorted(set(values) - known)
     if unknown:
         src = f"{path}: " if path and set(unknown) & set(where) else ""

@@ -167,9 +167,23 @@ def write_json_atomic(path: str, obj: Any) -> None:
     _fsync_dir(path)
 
 
+def _flat(values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` with a nested config (a method's ``train: TrainConfig``) spread into its options, as they
+    were recorded before it was nested; an option the outer config has itself (output_dir) stays the outer's."""
+    out: dict[str, Any] = {}
+    for name, value in values.items():  # in field order: differences are listed in the order they were
+        if dataclasses.is_dataclass(value):
+            out.update({k: v for k, v in dataclasses.asdict(value).items() if k not in values})
+        else:
+            out[name] = value
+    return out
+
+
 def config_values(cfg) -> dict[str, Any]:
     """The config dataclass as plain JSON values (tuples become lists), as the record holds them."""
-    return json.loads(json.dumps(dataclasses.asdict(cfg), default=str))
+    values = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+    plain = {k: v for k, v in dataclasses.asdict(cfg).items() if not dataclasses.is_dataclass(values[k])}
+    return json.loads(json.dumps(_flat({**values, **plain}), default=str))
 
 
 def _defaults(cfg) -> dict[str, Any]:
@@ -179,7 +193,7 @@ def _defaults(cfg) -> dict[str, Any]:
             out[f.name] = f.default
         elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
             out[f.name] = f.default_factory()  # type: ignore[misc]
-    return json.loads(json.dumps(out, default=str))
+    return json.loads(json.dumps(_flat(out), default=str))
 
 
 _UNSET = object()
@@ -191,6 +205,8 @@ def config_differences(old: Mapping[str, Any], cfg, *, free: Iterable[str] = (),
     ``old`` (see the module docstring)."""
     new = config_values(cfg)
     defaults = _defaults(cfg)
+    renamed = getattr(type(cfg), "__renamed_options__", {})  # a run recorded under an option's old name
+    old = {renamed.get(k, k): v for k, v in old.items()}
     free = ALWAYS_FREE | set(free)
     extendable = dict(extendable or {})
     out = []

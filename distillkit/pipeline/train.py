@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import dataclasses
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
@@ -60,6 +61,84 @@ class TrainConfig:
             raise ValueError(f"max_grad_norm={self.max_grad_norm} must be >= 0")
         if self.bf16 not in ("auto", "on", "off"):
             raise ValueError(f"bf16={self.bf16!r}: expected auto, on or off")
+
+
+# the method owns these: its run directory (the trainer writes there or below), and resuming (always on)
+METHOD_OWNED = ("output_dir", "resume")
+
+
+def train_field(**defaults) -> Any:
+    """A method config's ``train: TrainConfig`` field, with the method's own defaults (``output_dir`` is the
+    method's: ``train.output_dir`` stays empty until the method names its trainer's directory)."""
+    return field(default_factory=lambda: TrainConfig(output_dir="", **defaults),
+                 metadata={"help": "the shared trainer's options (distillkit.pipeline.train.TrainConfig)"})
+
+
+def with_train_options(cls=None, *, derived: tuple[str, ...] = (), renamed: dict[str, str] | None = None):
+    """Class decorator for a method config holding ``train: TrainConfig = train_field(...)``: the trainer's
+    options are also accepted flat, as before (``MotConfig(lr=1e-4)``, ``lr:`` in YAML, ``--lr``), and routed
+    into ``train``; a ``train:`` mapping is merged onto the method's defaults.
+
+    derived: trainer options the method sets itself (refused when given); renamed: {old name: trainer name}
+    accepted for one release with a deprecation message naming the new name."""
+
+    def wrap(cls):
+        own = {f.name for f in dataclasses.fields(cls)}
+        flat = {f.name: f for f in dataclasses.fields(TrainConfig)
+                if f.name not in own and f.name not in METHOD_OWNED and f.name not in derived}
+        cls.__train_options__ = flat  # read by distillkit.pipeline.config (flags, coercion, YAML)
+        cls.__renamed_options__ = dict(renamed or {})
+        init = cls.__init__
+
+        def __init__(self, *args, **kw):
+            for old, new in cls.__renamed_options__.items():
+                if old in kw:
+                    log.warning("%s: %r is deprecated, use %r (the old name is accepted for this release only)",
+                                cls.__name__, old, new)
+                    if new in kw:
+                        raise ValueError(f"{old} and {new}: the same option given twice ({old} is its old name)")
+                    kw[new] = kw.pop(old)
+            given = {k: kw.pop(k) for k in list(kw) if k in flat}
+            bad = sorted(k for k in kw if k in derived)
+            train = kw.pop("train", None)
+            if isinstance(train, dict):
+                bad += sorted(k for k in train if k not in flat)
+                given = {**train, **given} if not set(train) & set(given) else _twice(set(train) & set(given))
+                train = None
+            if bad:
+                raise ValueError(f"{bad}: not a trainer option of {cls.__name__} (set by the method, or unknown); "
+                                 f"trainer options: {sorted(flat)}")
+            if given or train is not None:
+                base = train if train is not None else _default_train(cls)
+                train = dataclasses.replace(base, **given)
+            if train is not None:
+                kw["train"] = train
+            init(self, *args, **kw)
+
+        __init__.__wrapped__ = init
+        cls.__init__ = __init__
+        for name in flat:  # read access as before the options were nested: cfg.lr is cfg.train.lr
+            setattr(cls, name, property(lambda self, _name=name: getattr(self.train, _name),
+                                        doc=f"``train.{name}`` (read-only)"))
+        return cls
+
+    return wrap if cls is None else wrap(cls)
+
+
+def _twice(names) -> dict:
+    raise ValueError(f"{sorted(names)}: given both flat and under train:")
+
+
+def _default_train(cls) -> "TrainConfig":
+    f = next(f for f in dataclasses.fields(cls) if f.name == "train")
+    return f.default_factory()  # type: ignore[misc]
+
+
+def torch_device(name: str) -> torch.device:
+    """A config's ``device`` as a torch device: "auto" is CUDA when available, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def cosine_with_warmup(step: int, *, warmup: int, total: int, min_ratio: float) -> float:

@@ -24,12 +24,11 @@ the last bits of reductions, and models this small gain little from them.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
 import time
-from dataclasses import MISSING, asdict, dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import torch
@@ -75,11 +74,12 @@ class DemoConfig:
     cord_shard: int = field(default=40, metadata={
         "help": "questions per CoRD job (a method's jobs run side by side; each question is decoded under a seed "
                 "of its own, so the split does not change the traces)"})
-    sections: tuple = field(default=SECTIONS, metadata={"help": "which parts to run"})
+    sections: list[str] = field(default_factory=lambda: list(SECTIONS), metadata={
+        "help": f"which parts to run: some of {' '.join(SECTIONS)}", "show_default": True})
     seed: int = field(default=0, metadata={"help": "every seed derives from it"})
     threads: int = field(default_factory=lambda: usable_cores(), metadata={
         "help": "jobs run side by side, each in a worker process on one torch thread; the default is every "
-                "core this process may use, and the numbers do not depend on it"})
+                "core this process may use, and the numbers do not depend on it", "show_default": True})
 
     def __post_init__(self):
         for name in ("n_distill", "n_eval", "beam_size", "sft_steps", "sft_seeds", "batch_size", "mot_rounds", "vcrd_steps",
@@ -287,7 +287,7 @@ def run_vcrd(cfg: DemoConfig, weighting: str, teacher: str, prompts_path: str, e
 
         shutil.rmtree(out_dir)
     vc = VcrdConfig(student=student, teacher=M.asset_path(teacher), prompts=prompts_path,
-                    output_dir=out_dir, steps=cfg.vcrd_steps, batch_size=cfg.batch_size, lr=cfg.vcrd_lr, warmup=5,
+                    output_dir=out_dir, max_steps=cfg.vcrd_steps, batch_size=cfg.batch_size, lr=cfg.vcrd_lr, warmup_steps=5,
                     rollout_tokens=M.max_new_tokens(), temperature=cfg.vcrd_temperature, weighting=weighting, seed=seed,
                     device="cpu", save_every=0, log_every=10, progress=False)
     with torch.random.fork_rng(devices=[]):
@@ -632,25 +632,15 @@ def run(cfg: DemoConfig) -> dict:
         torch.set_num_threads(threads)
 
 
-def cli(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="distillkit demo", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    fields = DemoConfig.__dataclass_fields__
-    for name in ("out", "n_distill", "n_eval", "beam_size", "sft_steps", "sft_seeds", "batch_size", "lr", "mot_rounds",
-                 "vcrd_steps", "vcrd_sft_steps", "vcrd_lr", "vcrd_temperature", "qr_steps", "cord_shard", "seed",
-                 "threads"):
-        f = fields[name]
-        default = f.default_factory() if f.default is MISSING else f.default
-        p.add_argument(f"--{name.replace('_', '-')}", type=type(default), default=default,
-                       help=f.metadata["help"].replace("%", "%%"))
-    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=SECTIONS, help="which parts to run")
-    args = p.parse_args(argv)
+def cli(argv: list[str] | None = None) -> int:
+    from distillkit.pipeline.config import parse_config
+
+    cfg = parse_config(DemoConfig, argv, "distillkit demo", __doc__.split("\n\n")[0])
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # one "Loading weights" bar per model load would drown the log
     hf_logging.set_verbosity_error()   # the meta-prover loaded as QR's encoder reports its unused lm_head
-    cfg = DemoConfig(**{k: (tuple(v) if k == "sections" else v) for k, v in vars(args).items()})
     result = run(cfg)
     print(format_table(result["rows"]))
     print()

@@ -15,6 +15,7 @@ import torch
 
 from distillkit import InputError
 from distillkit.methods import cord
+from distillkit.pipeline.config import build_parser
 from distillkit.methods.cord import (
     Beam, CordConfig, answers_match, decode_curation, decode_one, decode_random, extract_answer,
     load_done, normalize_answer, run, select_beams,
@@ -204,7 +205,7 @@ def test_config_checks(tmp_path):
     with pytest.raises(ValueError, match="beam_szie"):
         CordConfig.from_yaml(str(path))
     assert cord.cli(["--config", str(path)]) == 2
-    help_ = cord._parser().format_help()
+    help_ = build_parser(CordConfig, "distillkit cord", "CoRD.").format_help()  # the parser parse_config builds
     assert "--beam-size" in help_ and "beams B kept per step" in help_
     # The shipped example config parses.
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -72,7 +72,7 @@ def test_round_equals_manual_sft_then_average(setup):
         exs = load_examples(path, prompt_template=cfg.prompt_template, only_correct=True,
                             is_correct=lambda r, a: r.rstrip(".").endswith(a))
         tcfg = TrainConfig(output_dir=str(root / f"manual{k}"), max_steps=4, batch_size=4, lr=2e-3,
-                           seed=cfg.seed + k, progress=False)
+                           seed=cfg.train.seed + k, progress=False)
         Trainer(model, tcfg, exs, SFTCollator(tok, cfg.max_length), sft_loss).train()
         branches.append(model)
     average_(branches[0], branches)

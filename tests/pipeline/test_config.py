@@ -100,3 +100,60 @@ def test_field_roles_by_metadata_or_name():
                      "lr": None}
     assert [looks_local(v) for v in ("gpt2", "Qwen/Qwen2.5-1.5B", "./m", "/abs/m", "~/m", "runs/a/m", "..")] == \
         [False, False, True, True, True, True, True]
+
+
+# ----------------------------------------------------------------------------------------------
+# The trainer's options embedded once (train: TrainConfig) in the VCRD, MoT and QR-Distill configs
+# ----------------------------------------------------------------------------------------------
+def test_train_options_flat_nested_and_flags(tmp_path, monkeypatch):
+    from distillkit.methods.qr_distill import QRDistillConfig
+    from distillkit.pipeline.config import checked_config
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "q.jsonl").write_text('{"id": 1, "question": "1+1", "answer": "2"}\n')
+
+    base = "input_path: q.jsonl\nteachers: [t]\nstudents: [a, b]\nrouting: random\n"
+    flat, nested = tmp_path / "flat.yaml", tmp_path / "nested.yaml"
+    flat.write_text(base + "lr: 1e-3\nmax_steps: 7\n")
+    nested.write_text(base + "train:\n  lr: 1e-3\n  max_steps: 7\n")
+    a, b = load_config(QRDistillConfig, str(flat)), load_config(QRDistillConfig, str(nested))
+    assert a.train == b.train and (a.train.lr, a.train.max_steps) == (1e-3, 7)
+    assert a.train.save_every == 100  # the method's own default, not TrainConfig's
+    c = checked_config(QRDistillConfig, str(nested), {"lr": 2e-3})  # a flag overrides the nested YAML value
+    assert (c.train.lr, c.train.max_steps) == (2e-3, 7)
+    both = tmp_path / "both.yaml"
+    both.write_text(base + "lr: 1e-3\ntrain:\n  lr: 1e-3\n")
+    with pytest.raises(ValueError, match="lr"):
+        load_config(QRDistillConfig, str(both))
+
+
+def test_vcrd_old_option_names_are_accepted_with_a_deprecation_message(tmp_path, caplog):
+    from distillkit.methods.vcrd import VcrdConfig
+
+    path = tmp_path / "old.yaml"
+    path.write_text("student: s\nteacher: t\nprompts: p.jsonl\nsteps: 9\nwarmup: 2\n")
+    with caplog.at_level("WARNING"):
+        cfg = load_config(VcrdConfig, str(path))
+    assert (cfg.train.max_steps, cfg.train.warmup_steps) == (9, 2)
+    assert "'steps' is deprecated, use 'max_steps'" in caplog.text
+    assert "'warmup' is deprecated, use 'warmup_steps'" in caplog.text
+    args = vars(build_parser(VcrdConfig, "p", "d").parse_args(["--steps", "3"]))
+    assert args["steps"] == 3
+
+
+def test_mot_refuses_trainer_options_it_sets_itself():
+    from distillkit.methods.mot import MotConfig
+
+    with pytest.raises(ValueError, match="max_steps"):
+        MotConfig(student="s", teacher_data=["a"], max_steps=3)
+
+
+def test_recorded_flat_run_config_still_matches(tmp_path):
+    """A run recorded before the trainer's options were nested (flat keys, VCRD's old names) resumes."""
+    from distillkit.methods.vcrd import VcrdConfig
+    from distillkit.pipeline.runs import config_differences, config_values
+
+    cfg = VcrdConfig(student="s", teacher="t", prompts="p", max_steps=7, warmup_steps=1)
+    old = {k: v for k, v in config_values(cfg).items() if k not in ("max_steps", "warmup_steps")}
+    assert config_differences({**old, "steps": 7, "warmup": 1}, cfg) == []
+    assert config_differences({**old, "steps": 8, "warmup": 1}, cfg) == ["max_steps: 8 -> 7"]
