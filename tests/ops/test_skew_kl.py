@@ -27,25 +27,9 @@ pytestmark = [
 ]
 
 _AVAILABLE = backends()
-_HAS_CUDA_DEVICE = torch.cuda.is_available()
-
-
-def _cases():
-    """(backend, device) pairs that run here; interpreter shapes are kept small."""
-    cases = [("reference", "cpu")]
-    if _AVAILABLE["cpu"][0]:
-        cases.append(("cpu", "cpu"))
-    if _AVAILABLE["triton"][0] and not _HAS_CUDA_DEVICE:
-        cases.append(("triton", "cpu"))
-    if _HAS_CUDA_DEVICE:
-        cases += [("reference", "cuda"), ("triton", "cuda")]
-        if _AVAILABLE["cuda"][0]:
-            cases.append(("cuda", "cuda"))
-    return cases
-
-
-CASES = _cases()
-FUSED = [c for c in CASES if c[0] != "reference"]
+# (backend, device) pairs come from tests/ops/conftest.py (interpreter shapes are kept small: _shape)
+FUSED = pytest.mark.backends("cpu", "triton", "cuda")
+ON_CPU = pytest.mark.devices("cpu")  # the value checks run on CPU tensors only
 LOSSES = {"skew_kl": (distillkit.skew_kl, ref.skew_kl), "skew_reverse_kl": (distillkit.skew_reverse_kl, ref.skew_reverse_kl)}
 EPS = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10, torch.float64: 2.0**-52}
 
@@ -92,7 +76,6 @@ def _assert_budget(what, got, plain, truth, out_dtype):
 
 @pytest.mark.parametrize("loss_name", list(LOSSES))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("backend,device", CASES)
 def test_matches_float64(backend, device, dtype, loss_name):
     """Per-token losses and gradients with ignored tokens, token weights, T != 1 and a non-unit, per-token
     upstream gradient."""
@@ -116,7 +99,6 @@ def test_matches_float64(backend, device, dtype, loss_name):
 
 @pytest.mark.parametrize("loss_name", list(LOSSES))
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-@pytest.mark.parametrize("backend,device", CASES)
 def test_reductions_scale_the_gradient(backend, device, reduction, loss_name):
     """Scalar reductions, with and without token weights, and an upstream gradient of 2 (as when a loss is
     scaled before backward)."""
@@ -135,7 +117,6 @@ def test_reductions_scale_the_gradient(backend, device, reduction, loss_name):
         _assert_budget("grad", grad, plain_grad, true_grad, torch.float32)
 
 
-@pytest.mark.parametrize("backend,device", CASES)
 def test_detached_mixture(backend, device):
     """DistiLLM-2's skew reverse KL: same value, gradient without the path through the mixture."""
     student, teacher, labels = _inputs(_shape(backend, device), torch.float32, device, seed=13)
@@ -151,7 +132,6 @@ def test_detached_mixture(backend, device):
 
 
 @pytest.mark.parametrize("loss_name", list(LOSSES))
-@pytest.mark.parametrize("backend,device", CASES)
 def test_peaky_and_masked_vocabulary(backend, device, loss_name):
     """Near-one-hot softmaxes (exp underflows to 0) and -inf logits (masked vocabulary entries)."""
     fn, ref_fn = LOSSES[loss_name]
@@ -168,7 +148,6 @@ def test_peaky_and_masked_vocabulary(backend, device, loss_name):
     _assert_budget("grad", grad, plain_grad, true_grad, torch.float32)
 
 
-@pytest.mark.parametrize("backend,device", CASES)
 def test_properties(backend, device):
     """Identical inputs give 0 and zero gradient; alpha = 0 is the plain (reverse) KL; alpha = 1 skew KL is 0."""
     student, teacher, labels = _inputs(_shape(backend, device), torch.float32, device, seed=4)
@@ -208,7 +187,7 @@ def test_properties(backend, device):
 
 
 @pytest.mark.parametrize("loss_name", list(LOSSES))
-@pytest.mark.parametrize("backend,device", FUSED)
+@FUSED
 def test_no_grad_path_and_edge_batches(backend, device, loss_name):
     """The loss-only kernel equals the loss+gradient one; all-ignored and empty batches give 0."""
     fn, _ = LOSSES[loss_name]
@@ -232,7 +211,7 @@ def test_no_grad_path_and_edge_batches(backend, device, loss_name):
     assert loss.item() == 0 and grad.shape == empty.shape
 
 
-@pytest.mark.parametrize("backend,device", FUSED)
+@FUSED
 def test_mixed_dtypes_promote(backend, device):
     """A float32 teacher with a bfloat16 student computes on float32 values; the gradient is bfloat16."""
     student, teacher, labels = _inputs(_shape(backend, device), torch.bfloat16, device, seed=6)
@@ -338,12 +317,11 @@ def test_argument_validation():
         distillkit.skew_kl(s, t, ignore_index=1.0)
     with pytest.raises(ValueError, match="backend"):
         distillkit.skew_kl(s, t, backend="numpy")
-    if not _HAS_CUDA_DEVICE:
+    if not torch.cuda.is_available():
         with pytest.raises(BackendUnavailable, match="cuda"):
             distillkit.skew_kl(s, t, backend="cuda")
 
 
-@pytest.mark.parametrize("backend,device", CASES)
 def test_row_primitive(backend, device):
     """skew_kl_rows (the fused-linear losses' primitive): D per row and d(sum scale D)/dz; scale-0 rows are
     skipped whatever they hold; need_grad=False returns no gradient."""
@@ -399,7 +377,7 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(s1.grad, s2.grad)
 
 
-@pytest.mark.parametrize("backend,device", FUSED)
+@FUSED
 def test_retained_graph_runs_backward_twice(backend, device):
     """The saved gradient is not consumed by the backward: retain_graph=True gives the same gradient again."""
     student, teacher, labels = _inputs((2, 37), torch.float32, device, seed=12)
@@ -411,7 +389,7 @@ def test_retained_graph_runs_backward_twice(backend, device):
     torch.testing.assert_close(s.grad, 2 * first)
 
 
-@pytest.mark.parametrize("backend,device", [c for c in CASES if c[1] == "cpu"])
+@ON_CPU
 def test_saturation_where_the_student_is_confidently_wrong(backend, device):
     """Documented in the README: where q(teacher's token) -> 0, SKL_alpha -> -log(alpha) and its gradient on
     that logit -> 0 (proportional to q), while the plain KL (alpha = 0) keeps a gradient of -1."""
@@ -429,7 +407,7 @@ def test_saturation_where_the_student_is_confidently_wrong(backend, device):
         assert g0[0, 0].item() == pytest.approx(-1.0, abs=1e-3)  # analytic: g0 + 1 = q + (1 - p) < 2e-4 here
 
 
-@pytest.mark.parametrize("backend,device", [c for c in CASES if c[1] == "cpu"])
+@ON_CPU
 def test_weights_are_constants_on_every_backend(backend, device):
     """The spec treats token weights as constants: a weights tensor that requires grad gets none, on the
     reference as on the fused backends (which never differentiate the scale)."""
@@ -441,7 +419,7 @@ def test_weights_are_constants_on_every_backend(backend, device):
     assert w.grad is None and s.grad is not None
 
 
-@pytest.mark.parametrize("backend,device", [c for c in CASES if c[1] == "cpu"])
+@ON_CPU
 @pytest.mark.parametrize("which", ["teacher NaN", "student NaN", "teacher +inf", "student +inf", "student all -inf",
                                    "teacher all -inf"])
 @pytest.mark.parametrize("reverse", [False, True])
@@ -464,7 +442,8 @@ def test_undefined_rows_raise_on_every_backend(backend, device, which, reverse):
     assert torch.isfinite(f(s, t, torch.tensor([0, -100, 0]), backend=backend))  # ignored: anything goes
 
 
-@pytest.mark.parametrize("backend,device", [c for c in CASES if c[1] == "cpu" and c[0] != "reference"])
+@ON_CPU
+@FUSED
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("alpha", [0.0, 1e-6, 1.0])
 @pytest.mark.parametrize("reverse", [False, True])
