@@ -2,26 +2,20 @@
 (one fused log-sum-exp sweep over both rows, then loss, then gradient), each forced on the same rows and checked
 against the float64 formulas, with the rows that must poison or be skipped.
 
-On a CPU this runs under TRITON_INTERPRET=1 (tests/conftest.py); on a GPU on CUDA tensors.
+(backend, device) from tests/ops/conftest.py, triton only: on a CPU under TRITON_INTERPRET=1 (tests/conftest.py),
+on a GPU on CUDA tensors; skipped where triton cannot run.
 """
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from distillkit._backend import backends  # noqa: E402
-from distillkit.reference import skew_kl as ref  # noqa: E402
+from distillkit.reference import skew_kl as ref
 
 pytestmark = [
-    pytest.mark.skipif(not backends()["triton"][0], reason=backends()["triton"][1]),
+    pytest.mark.backends("triton"),
     pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning"),
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
     pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning"),
 ]
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 V = 541  # odd: the last streaming tile and the one tile's tail are both partly masked
 PATHS = {"one_tile": 1024, "streaming": 0}  # one_tile_max for skew_kl_forward
 
@@ -56,13 +50,13 @@ def _assert_budget(what, got, plain, truth, out_dtype):
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reverse,detach", [(False, False), (True, False), (True, True)])
-def test_path_matches_float64(path, dtype, reverse, detach):
+def test_path_matches_float64(backend, device, path, dtype, reverse, detach):
     from distillkit.kernels.skew_kl import launch_config, skew_kl_forward
 
     assert launch_config(V, PATHS[path])[0] == (path == "one_tile")
     s, t = _rows(dtype, seed=1)
-    s, t = s.to(DEVICE), t.to(DEVICE)
-    scale = (torch.rand(6, generator=torch.Generator().manual_seed(2)) + 0.5).to(DEVICE)
+    s, t = s.to(device), t.to(device)
+    scale = (torch.rand(6, generator=torch.Generator().manual_seed(2)) + 0.5).to(device)
     scale[4] = 0  # skipped whatever it holds
     s[4, 3] = float("nan")
     loss, grad = skew_kl_forward(s, t, scale, 0.3, 1 / 1.3, reverse, detach, True, one_tile_max=PATHS[path])
@@ -78,7 +72,7 @@ def test_path_matches_float64(path, dtype, reverse, detach):
 
 
 @pytest.mark.parametrize("path", list(PATHS))
-def test_undefined_rows_poison_and_paths_agree(path):
+def test_undefined_rows_poison_and_paths_agree(backend, device, path):
     """A NaN, a +inf or an all -inf row gives a NaN loss on both paths; the other rows are the other path's."""
     from distillkit.kernels.skew_kl import skew_kl_forward
 
@@ -86,8 +80,8 @@ def test_undefined_rows_poison_and_paths_agree(path):
     s[0, 10] = float("nan")
     t[1, 20] = float("inf")
     s[2] = float("-inf")
-    s, t = s.to(DEVICE), t.to(DEVICE)
-    scale = torch.ones(6, device=DEVICE)
+    s, t = s.to(device), t.to(device)
+    scale = torch.ones(6, device=device)
     other = "streaming" if path == "one_tile" else "one_tile"
     for reverse in (False, True):
         loss, grad = skew_kl_forward(s, t, scale, 0.2, 1.0, reverse, False, True, one_tile_max=PATHS[path])
@@ -101,7 +95,7 @@ def test_undefined_rows_poison_and_paths_agree(path):
 @pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("alpha", [0.0, 1e-6, 0.3])
 @pytest.mark.parametrize("reverse", [False, True])
-def test_path_far_apart_rows_match_float64(path, alpha, reverse):
+def test_path_far_apart_rows_match_float64(backend, device, path, alpha, reverse):
     """Rows whose student and teacher put their mass ~1e4 apart in logits (float32): log q and log m are both
     ~-1e4 where the student has no mass, so a ratio formed as exp(log q + log p - log m) lost ~1e-3 of its
     exponent to rounding. Measured on these rows, skew KL at alpha = 0, both paths: gradient error 2.0e-5 before
@@ -112,7 +106,7 @@ def test_path_far_apart_rows_match_float64(path, alpha, reverse):
     s, t = torch.randn(4, V, generator=g), torch.randn(4, V, generator=g)
     s[0, 0], t[1, 3], s[2, 5], t[2, 1], t[3, 7], s[3, 7] = 100.0, 100.0, 1e4, -1e4, 1e4, -1e4
     scale = torch.tensor([1.0, 0.5, 2.0, 1.5])
-    loss, grad = skew_kl_forward(s.to(DEVICE), t.to(DEVICE), scale.to(DEVICE), alpha, 1.0, reverse, False, True,
+    loss, grad = skew_kl_forward(s.to(device), t.to(device), scale.to(device), alpha, 1.0, reverse, False, True,
                                  one_tile_max=PATHS[path])
     true_d, true_dz = _eager(s.double(), t.double(), scale.double(), alpha, 1.0, reverse, False, False)
     plain_d, plain_dz = _eager(s, t, scale, alpha, 1.0, reverse, False, False)
