@@ -9,8 +9,8 @@ Backends, in order of preference for automatic choice:
 Each op declares its backends once (:class:`Op`, :class:`Backend`: launcher, dtypes, size limits);
 :func:`dispatch` / :meth:`Op.select` pick one, and `distillkit info` prints the same declarations.
 Automatic choice looks at the device of the op's tensors: CUDA tensors go cuda > triton > cpu > reference
-(cpu never fits them), CPU tensors go cpu > reference (the Triton interpreter is never chosen automatically: it is a test
-vehicle, not a fast path). ``DISTILLKIT_BACKEND`` sets the default for every op; an op's ``backend=``
+(cpu never fits them), CPU tensors go cpu > reference (the Triton interpreter is never chosen automatically:
+it is a test vehicle, not a fast path). ``DISTILLKIT_BACKEND`` sets the default for every op; an op's ``backend=``
 argument overrides it. A backend asked for by name that cannot run raises ``BackendUnavailable``
 naming the reason; a missing extension is reported here, on use, never at import.
 """
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -35,7 +35,7 @@ class BackendUnavailable(RuntimeError):
     """The requested backend cannot run this op here; the message says why."""
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load_extension():
     """Returns (module or None, reason)."""
     try:
@@ -61,7 +61,7 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _triton_import():
     try:
         import triton  # noqa: F401
@@ -151,7 +151,7 @@ class Backend:
     """One backend of an op: its launcher ``run`` and what it supports (dtypes, size limits); devices and
     "needs the extension built / triton / a GPU" come from the backend's name (see backends())."""
     name: str
-    run: Optional[Callable] = None
+    run: Callable | None = None
     dtypes: tuple = FLOAT_DTYPES
     limits: tuple = ()
 
@@ -180,7 +180,7 @@ class Backend:
 
 
 _DEVICES = {"cuda": "cuda", "triton": "cuda (cpu: interpreter)", "cpu": "cpu", "reference": "any device"}
-OPS: dict[str, "Op"] = {}
+OPS: dict[str, Op] = {}
 
 
 class Op:

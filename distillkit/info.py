@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def info_text() -> str:

@@ -27,9 +27,11 @@ from typing import Optional
 
 import torch
 
-from distillkit._backend import FLOAT_DTYPES as _FLOAT_DTYPES, Op
+from distillkit._backend import FLOAT_DTYPES as _FLOAT_DTYPES
+from distillkit._backend import Op
 from distillkit._errors import InputError
-from distillkit.ops._checks import first_index as _first, first_nonfinite, nonfinite_rows
+from distillkit.ops._checks import first_index as _first
+from distillkit.ops._checks import first_nonfinite, nonfinite_rows
 from distillkit.ops.skew_kl import SKEW_KL, _acc_dtype, _row_scale, check_options, check_token_tensors, skew_kl_rows
 
 __all__ = ["fused_linear_skew_kl", "fused_linear_skew_reverse_kl", "default_chunk_size"]

@@ -23,11 +23,12 @@ reference on CPU ones), each given contiguous tensors, int64 ids and a float32 b
 from __future__ import annotations
 
 import weakref
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
-from distillkit._backend import FLOAT_DTYPES as _FLOAT_DTYPES, Backend, Op, extension
+from distillkit._backend import FLOAT_DTYPES as _FLOAT_DTYPES
+from distillkit._backend import Backend, Op, extension
 from distillkit._errors import InputError
 from distillkit.ops._checks import first_nonfinite, nonfinite_rows
 from distillkit.reference.scoring import segment_mean_exp

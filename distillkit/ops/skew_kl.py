@@ -21,10 +21,10 @@ from typing import Optional
 
 import torch
 
-from distillkit._backend import FLOAT_DTYPES as _FLOAT_DTYPES, Backend, Op, extension
+from distillkit._backend import FLOAT_DTYPES as _FLOAT_DTYPES
+from distillkit._backend import Backend, Op, extension
 from distillkit._errors import InputError
 from distillkit.reference import skew_kl as _reference
-
 
 # ---- launchers, one per backend, and the op's declaration --------------------------------------------
 # student, teacher [N, V] one float dtype, contiguous; scale [N] float32 (float64 for float64 logits)

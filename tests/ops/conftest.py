@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from _backends import backend_devices
 
 

@@ -8,9 +8,9 @@ the value checks under torch.compile.
 import numpy as np
 import pytest
 import torch
+from _backends import backends_on
 
 import distillkit
-from _backends import backends_on
 from distillkit._errors import InputError
 from distillkit.reference import skew_kl as ref_skew
 
