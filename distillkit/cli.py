@@ -26,10 +26,10 @@ import traceback
 COMMANDS = {
     "info": ("distillkit.info", "print the backend table with versions"),
     "merge": ("distillkit.merge.cli", "merge Hugging Face safetensors checkpoints (average, TIES, DARE)"),
-    "cord": ("distillkit.methods.cord", "CoRD: collaborative step-wise multi-teacher decoding"),
-    "vcrd": ("distillkit.methods.vcrd", "VCRD: validity-calibrated reasoning distillation"),
+    "cord": ("distillkit.methods.cord.runner", "CoRD: collaborative step-wise multi-teacher decoding"),
+    "vcrd": ("distillkit.methods.vcrd.runner", "VCRD: validity-calibrated reasoning distillation"),
     "mot": ("distillkit.methods.mot", "MoT: merge-of-thought distillation"),
-    "qr-distill": ("distillkit.methods.qr_distill", "QR-Distill: routed multi-student distillation"),
+    "qr-distill": ("distillkit.methods.qr_distill.runner", "QR-Distill: routed multi-student distillation"),
     "demo": ("distillkit.world.demo", "run every method on the tiny reasoning world"),
 }
 DEBUG_FLAG = "--debug"

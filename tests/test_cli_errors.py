@@ -12,8 +12,8 @@ import torch
 from distillkit import cli
 from distillkit._errors import InputError
 
-METHODS = {"cord": "distillkit.methods.cord", "vcrd": "distillkit.methods.vcrd", "mot": "distillkit.methods.mot",
-           "qr-distill": "distillkit.methods.qr_distill"}
+METHODS = {"cord": "distillkit.methods.cord.runner", "vcrd": "distillkit.methods.vcrd.runner", "mot": "distillkit.methods.mot",
+           "qr-distill": "distillkit.methods.qr_distill.runner"}
 NO_CUDA = not torch.cuda.is_available()
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import zlib
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -167,3 +168,57 @@ def sft_loss(model, batch: dict[str, Any]):
     """Next-token cross-entropy on response tokens; returns (loss, metrics)."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
     return out.loss, {"loss": float(out.loss.detach())}
+
+
+def question_seed(base: int, qid: Any) -> int:
+    """A per-question seed that does not depend on run order (so resumed runs reproduce)."""
+    return (base * 1_000_003 + zlib.crc32(str(qid).encode("utf-8"))) % (2**31 - 1)
+
+
+def read_questions(path: str, limit: int | None = None) -> list[dict]:
+    """The first ``limit`` (None: all) {id, question, answer} records of ``path``; raises InputError
+    naming the line (and the id) of a record that is not valid JSON, not an object, lacks a field,
+    has a null or empty id / question / answer, or repeats an id.
+
+    Every record needs its own "id": ids key the resume (done records are matched by id) and each
+    question's seed, so an id made up from the line number would silently change meaning when the
+    file is edited. The answer is needed: the meta-prover scores steps by the answer's likelihood."""
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+        raise InputError(f"limit={limit!r}: expected an integer >= 0 or None")
+    rows: list[dict] = []
+    seen: dict[str, int] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if limit is not None and len(rows) >= limit:
+                break
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise InputError(f"{where}: not valid JSON ({exc})") from None
+            if not isinstance(rec, dict):
+                raise InputError(f"{where}: expected a JSON object {{id, question, answer}}, "
+                                 f"got {type(rec).__name__}")
+            missing = [k for k in ("id", "question", "answer") if k not in rec]
+            if missing:
+                raise InputError(f"{where}: missing field(s) {missing}; expected {{id, question, answer}}"
+                                 + (" (every question needs its own id: it keys the resume)" if "id" in missing
+                                    else ""))
+            rid = rec["id"]
+            if not isinstance(rid, (str, int)) or isinstance(rid, bool) or rid == "":
+                raise InputError(f"{where}: id={rid!r}: expected a non-empty string or an integer")
+            question, answer = rec["question"], rec["answer"]
+            if not isinstance(question, str) or not question.strip():
+                raise InputError(f"{where} (id {rid!r}): question={question!r}: expected a non-empty string")
+            if answer is None or isinstance(answer, bool) or not isinstance(answer, (str, int, float)) \
+                    or not str(answer).strip():
+                raise InputError(f"{where} (id {rid!r}): answer={answer!r}: expected the reference answer (a "
+                                 "non-empty string or a number): CoRD's meta-prover scores steps by its likelihood")
+            key = str(rid)
+            if key in seen:
+                raise InputError(f"{where}: duplicate id {rid!r} (first on line {seen[key]})")
+            seen[key] = lineno
+            rows.append(rec)
+    return rows

@@ -2,7 +2,7 @@
 
 A teacher continues each prefix ``n`` times and stops each continuation at the next step
 boundary. What a boundary is comes from a :class:`StepBoundary` (the segmentations in
-``distillkit.methods.segmentation`` implement it) or a plain list of stop strings. Backends:
+``distillkit.methods.cord.segmentation`` implement it) or a plain list of stop strings. Backends:
 ``hf`` (Hugging Face ``generate``, the default, runs on CPU) and ``vllm`` (optional extra).
 
     teacher = HFTeacher.from_pretrained("path/or/hub-id")

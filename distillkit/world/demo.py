@@ -129,7 +129,7 @@ def cord_shard(cfg: DemoConfig, method: str, questions: list[dict], shard: int) 
     records concatenated in order are those of one run over all the questions.
     """
     from distillkit.methods import cord
-    from distillkit.methods.meta_prover import MetaProver
+    from distillkit.methods.cord.meta_prover import MetaProver
     from distillkit.teachers.hf import HFTeacher
 
     teachers = [HFTeacher.from_pretrained(M.asset_path(n), name=n) for n in M.TEACHERS]

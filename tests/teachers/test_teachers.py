@@ -110,7 +110,7 @@ def test_vllm_backend():
         pytest.skip(f"vLLM backend not testable here: {why}")
     if not torch.cuda.is_available():
         pytest.skip("vLLM backend not testable here: vllm is installed but no CUDA device is present")
-    from distillkit.methods.segmentation import LineBreak
+    from distillkit.methods.cord.segmentation import LineBreak
     from distillkit.teachers.vllm import VLLMTeacher
 
     import tempfile

@@ -208,7 +208,7 @@ def test_config_checks(tmp_path):
     help_ = build_parser(CordConfig, "distillkit cord", "CoRD.").format_help()  # the parser parse_config builds
     assert "--beam-size" in help_ and "beams B kept per step" in help_
     # The shipped example config parses.
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     shipped = CordConfig.from_yaml(os.path.join(root, "configs", "cord.yaml"))
     assert shipped.method == "cord" and len(shipped.teachers) >= 2
 
@@ -282,7 +282,7 @@ def _tiny_config(root, paths, out, **kw) -> dict:
 
 @pytest.mark.parametrize("method", ["cord", "greedy", "curation", "random"])
 def test_end_to_end_tiny_models(tiny_world, tmp_path, method):
-    from distillkit.methods.meta_prover import MetaProver
+    from distillkit.methods.cord.meta_prover import MetaProver
     from distillkit.teachers.hf import load_causal_lm
 
     root, paths = tiny_world

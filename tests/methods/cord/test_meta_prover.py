@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from _tolerance import assert_eager_budget
-from distillkit.methods.meta_prover import MetaProver
+from distillkit.methods.cord.meta_prover import MetaProver
 from distillkit.world.tiny import build_tokenizer, tiny_causal_lm
 
 BEAM = "Question: what is 3 + 4?\n<think>\nFirst, 3 + 4.\n\n"

@@ -11,8 +11,9 @@ import torch
 
 from _tolerance import assert_eager_budget
 from distillkit._backend import backends
-from distillkit.judges import CallableJudge
+from distillkit.methods.vcrd.judges import CallableJudge
 from distillkit.methods import vcrd
+from distillkit.methods.vcrd import runner as vcrd_runner  # the module whose run() calls these
 from distillkit.methods.vcrd import (
     IGNORE_INDEX,
     WEIGHTINGS,
@@ -336,7 +337,7 @@ def test_run_writes_metrics_model_and_resumes_exactly(ckpts, monkeypatch):
     # a rerun of a finished run trains nothing and changes nothing
     calls = []
     real_step = vcrd.vcrd_step
-    monkeypatch.setattr(vcrd, "vcrd_step", lambda *a, **k: calls.append(1) or real_step(*a, **k))
+    monkeypatch.setattr(vcrd_runner, "vcrd_step", lambda *a, **k: calls.append(1) or real_step(*a, **k))
     before = _read(os.path.join(out, "metrics.jsonl"))
     vcrd.run(cfg)
     assert calls == [] and _read(os.path.join(out, "metrics.jsonl")) == before
@@ -353,12 +354,12 @@ def test_run_writes_metrics_model_and_resumes_exactly(ckpts, monkeypatch):
         return real_step(*a, **k)
 
     calls.clear()
-    monkeypatch.setattr(vcrd, "vcrd_step", dies_at_step_2)
+    monkeypatch.setattr(vcrd_runner, "vcrd_step", dies_at_step_2)
     with pytest.raises(KeyboardInterrupt):
         vcrd.run(killed)
     assert torch.load(os.path.join(killed.output_dir, "trainer_state.pt"), weights_only=False)["step"] == 1
     calls.clear()
-    monkeypatch.setattr(vcrd, "vcrd_step", lambda *a, **k: calls.append(1) or real_step(*a, **k))
+    monkeypatch.setattr(vcrd_runner, "vcrd_step", lambda *a, **k: calls.append(1) or real_step(*a, **k))
     vcrd.run(killed)
     assert len(calls) == 1  # only step 2 was trained again
     steps = [json.loads(x)["step"] for x in _read(os.path.join(killed.output_dir, "metrics.jsonl")).splitlines()]
@@ -396,7 +397,7 @@ def test_cli_reports_bad_yaml_fields(tmp_path, capsys):
         vcrd.cli(["--config", str(path)])
     assert "lambda" in capsys.readouterr().err
     # the shipped config parses (its paths are placeholders; no model is loaded here)
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     from distillkit.pipeline.config import load_config
 
     cfg = load_config(VcrdConfig, os.path.join(root, "configs", "vcrd.yaml"))
@@ -418,7 +419,7 @@ def test_rerun_with_another_config_is_refused_unless_overwrite(ckpts, monkeypatc
     vcrd.run(cfg)
     summary_path = os.path.join(cfg.output_dir, "vcrd_summary.json")
     before = _read(summary_path)
-    monkeypatch.setattr(vcrd, "load_models", _no_models)  # refused before any model loads
+    monkeypatch.setattr(vcrd_runner, "load_models", _no_models)  # refused before any model loads
     with pytest.raises(InputError, match=r"lr: 0\.01 -> 0\.02; weighting: 'clamped_ratio' -> 'uniform'"):
         vcrd.run(dataclasses.replace(cfg, lr=2e-2, weighting="uniform"))
     assert _read(summary_path) == before  # the finished run's record is untouched
@@ -440,7 +441,7 @@ def test_rerun_with_another_config_is_refused_unless_overwrite(ckpts, monkeypatc
 def test_bad_input_records_are_refused_before_any_model(ckpts, tmp_path, monkeypatch):
     from distillkit import InputError
 
-    monkeypatch.setattr(vcrd, "load_models", _no_models)
+    monkeypatch.setattr(vcrd_runner, "load_models", _no_models)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"id": "q0", "question": "1 + 1"}\n\n{"id": "q1", "question": null}\n')
     with pytest.raises(InputError, match=r"line 3 \(id 'q1'\): question=None"):

@@ -1,147 +1,20 @@
-"""VCRD: Validity-Calibrated Reasoning Distillation.
-
-Every training batch of prompts draws one teacher rollout and one student rollout per prompt (the
-student's with its current weights), then distils the teacher into the student on both, weighting
-each token's divergence by the relative local validity of the student's and teacher's proposed
-next tokens:
-
-    loss = lambda_T * LV-SKL(teacher-prefix tokens, w^T) + lambda_S * LV-SRKL(student-prefix tokens, w^S)
-
-LV-SKL / LV-SRKL are the skew KL / skew reverse KL (DistiLLM) with per-token weights, computed by the
-fused-linear kernels from the two models' last hidden states (no [N, V] logits in the training step).
-
-Validity at a generated position t (prefix = prompt + rollout[:t], the hidden state at t predicts
-token t + 1): a_S, a_T = the student's and the teacher's greedy next tokens, and
-
-    r_s, r_t = judge(prefix, a_S), judge(prefix, a_T)       a judge (e.g. a process reward model), or
-    r_s = p_T(a_S),  r_t = sum of the top_k largest p_T^2   PRM-free (judge: null)
-
-    weighting   w
-    uniform         1
-    ratio           r_s / (r_t + eps)
-    clamped_ratio   exp(clip(gamma * log(r_s / (r_t + eps)), log clip[0], log clip[1]))
-                    (PRM-free: distillkit.validity.teacher_likelihood_validity, one fused pass)
-    r_s             r_s
-    r_s_minus_r_t   r_s - r_t        (may be negative: the update then pushes away from the teacher)
-
-Weights are constants (no gradient) and are computed chunk by chunk over positions, so the [N, V]
-logits of a whole batch never exist.
-
-    distillkit vcrd --config configs/vcrd.yaml
-
-The step is factored for tests and reuse: ``rollout`` -> ``final_hidden`` -> ``validity_weights`` ->
-``vcrd_loss`` (``vcrd_step`` chains the last three).
-"""
+"""One VCRD step: rollouts -> final hidden states -> validity weights -> the fused LV-SKL / LV-SRKL loss."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import json
 import logging
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from distillkit._errors import InputError
-from distillkit.pipeline.config import config_field as _help
-from distillkit.pipeline.config import parse_config
-from distillkit.pipeline.runs import config_values, write_json_atomic
-from distillkit.pipeline.train import (
-    TrainConfig, save_pretrained_atomic, torch_device, train_field, with_train_options,
-)
+from distillkit.methods.vcrd.config import WEIGHTINGS
 
 log = logging.getLogger(__name__)
-WEIGHTINGS = ("uniform", "ratio", "clamped_ratio", "r_s", "r_s_minus_r_t")
+
+
 IGNORE_INDEX = -100
-_KERNEL_BACKENDS = ("cuda", "triton", "cpu", "reference")
-
-
-@with_train_options(renamed={"steps": "max_steps", "warmup": "warmup_steps"})
-@dataclass
-class VcrdConfig:
-    student: str = _help("student checkpoint to train (HF directory or Hub id)", default="")
-    teacher: str = _help("teacher checkpoint (same tokenizer / vocabulary as the student)", default="")
-    judge: str | None = _help("process reward model checkpoint (causal LM, Math-Shepherd style); "
-                              "null = PRM-free teacher-likelihood validity", default=None)
-    judge_good_token: str = _help("PRM token meaning 'this step is correct'", default="+")
-    judge_bad_token: str = _help("PRM token meaning 'this step is wrong'", default="-")
-    judge_step_tag: str | None = _help("PRM step marker appended after the candidate token (Math-Shepherd: "
-                                       "'ки'); null reads the PRM right after the candidate", default=None)
-    judge_batch_size: int = _help("PRM candidates scored per forward pass", default=64)
-    prompts: str = _help("JSONL of prompts {id, question, answer}", default="")
-    prompt_template: str = _help("prompt with {question}", default="{question}\n<think> ### Step")
-    output_dir: str = _help("run directory: checkpoint, metrics.jsonl, final/ model, vcrd_summary.json",
-                            default="vcrd-run")
-    # the shared trainer's options (flat in YAML and flags: max_steps, batch_size = prompts per micro-batch, each
-    # giving a teacher and a student rollout, lr, warmup_steps, seed = data order and rollout seeds, ...)
-    train: TrainConfig = train_field(max_steps=100, lr=1e-5, save_every=10, log_every=1)
-    rollout_tokens: int = _help("max new tokens per rollout (no stop boundary; EOS ends early)", default=256)
-    temperature: float = _help("rollout sampling temperature (0 = greedy)", default=1.0)
-    teacher_backend: str = _help("teacher rollouts: hf | vllm (student rollouts always use hf: its weights "
-                                 "change every step)", default="hf")
-    vllm_gpu_memory_utilization: float = _help("vllm teacher: fraction of GPU memory for its engine",
-                                               default=0.3)
-    teacher_dtype: str = _help("teacher (and PRM) weights: float32 | bfloat16 | float16", default="float32")
-    alpha: float = _help("skew of both divergences, in [0, 1]", default=0.1)
-    lambda_t: float = _help("weight of LV-SKL on teacher-prefix tokens", default=1.0)
-    lambda_s: float = _help("weight of LV-SRKL on student-prefix tokens", default=1.0)
-    weighting: str = _help("uniform | ratio | clamped_ratio | r_s | r_s_minus_r_t", default="clamped_ratio")
-    top_k: int = _help("PRM-free r_t: sum of the top_k largest teacher p^2 (capped at the vocabulary)",
-                       default=128)
-    gamma: float = _help("clamped_ratio: exponent of the validity ratio", default=0.5)
-    clip: list[float] = _help("clamped_ratio: bounds (low high) of the weight", default_factory=lambda: [0.5, 2.0])
-    eps: float = _help("added to r_t in the ratios", default=1e-8)
-    eval_data: str | None = _help("JSONL {id, question, answer} for answer accuracy at the end", default=None)
-    eval_limit: int = _help("at most this many eval questions", default=256)
-    max_new_tokens: int = _help("generation budget per eval answer", default=256)
-    backend: str | None = _help("kernel backend: cuda | triton | cpu | reference (null = automatic)", default=None)
-    device: str = _help("auto | cpu | cuda", default="auto")
-    overwrite: bool = _help("when output_dir holds a run started with a different config: move it aside "
-                            "(<output_dir>.replaced-<time>) and start afresh instead of refusing", default=False)
-
-    def __post_init__(self):
-        for name in ("student", "teacher", "prompts"):
-            if not getattr(self, name):
-                raise ValueError(f"{name}: a path is required")
-        for name in ("rollout_tokens", "eval_limit", "max_new_tokens", "top_k", "judge_batch_size"):
-            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) \
-                    or getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)!r} must be an integer >= 1")
-        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
-            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
-        if self.teacher_backend not in ("hf", "vllm"):
-            raise ValueError(f"teacher_backend={self.teacher_backend!r}: expected hf or vllm")
-        if not 0 < self.vllm_gpu_memory_utilization <= 1:
-            raise ValueError(f"vllm_gpu_memory_utilization={self.vllm_gpu_memory_utilization} must lie in (0, 1]")
-        if not 0 <= self.alpha <= 1:
-            raise ValueError(f"alpha={self.alpha} must lie in [0, 1]")
-        for name in ("lambda_t", "lambda_s"):
-            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
-                raise ValueError(f"{name}={getattr(self, name)} must be a finite number >= 0")
-        if self.lambda_t == 0 and self.lambda_s == 0:
-            raise ValueError("lambda_t and lambda_s are both 0: nothing to train")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting={self.weighting!r}: expected one of {WEIGHTINGS}")
-        if not (self.gamma >= 0 and math.isfinite(self.gamma)):
-            raise ValueError(f"gamma={self.gamma} must be a finite number >= 0")
-        clip = list(self.clip) if isinstance(self.clip, (list, tuple)) else None
-        if clip is None or len(clip) != 2 or not all(isinstance(c, (int, float)) for c in clip) \
-                or not 0 < clip[0] <= clip[1] < math.inf:
-            raise ValueError(f"clip={self.clip!r} must be [low, high] with 0 < low <= high < inf")
-        self.clip = [float(c) for c in clip]
-        if not (self.eps >= 0 and math.isfinite(self.eps)):
-            raise ValueError(f"eps={self.eps} must be a finite number >= 0")
-        if self.backend is not None and self.backend not in _KERNEL_BACKENDS:
-            raise ValueError(f"backend={self.backend!r}: expected one of {_KERNEL_BACKENDS} or null")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"device={self.device!r}: expected auto, cpu or cuda")
-        if self.teacher_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"teacher_dtype={self.teacher_dtype!r}: expected float32, bfloat16 or float16")
-        if "{question}" not in self.prompt_template:
-            raise ValueError("prompt_template must contain {question}")
 
 
 # ---- rollouts --------------------------------------------------------------------------------------
@@ -320,7 +193,7 @@ def validity_weights(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
     student_hidden [R, L, H_s], teacher_hidden [R, L, H_t]: last hidden states (detached here);
     student_head, teacher_head: (weight [V, H], bias [V] or None); input_ids [R, L] int64;
     target_mask [R, L] bool (positions t that predict a rollout token t + 1). judge: None (PRM-free:
-    r_s = p_T(a_S), r_t = sum of the top_k largest p_T^2) or a :class:`distillkit.judges.Judge`
+    r_s = p_T(a_S), r_t = sum of the top_k largest p_T^2) or a :class:`distillkit.methods.vcrd.judges.Judge`
     (r_s = judge(ids, a_S), r_t = judge(ids, a_T)). Logits exist for ``chunk_rows`` target rows at a
     time (default: distillkit.ops.fused_linear.default_chunk_size).
     """
@@ -361,7 +234,7 @@ def validity_weights(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
                                                               eps=eps, backend=backend)
             del z_s, z_t
     if judge is not None:
-        from distillkit.judges import check_scores
+        from distillkit.methods.vcrd.judges import check_scores
 
         def judged(tokens):
             full = torch.zeros(input_ids.shape, dtype=torch.long, device=input_ids.device)
@@ -469,154 +342,3 @@ def vcrd_step(student, teacher, rollouts: Rollouts, *, judge=None, weighting: st
         for name, values in (("w", vw.weight), ("r_s", vw.r_s), ("r_t", vw.r_t)):
             metrics[f"{name}_{side}"] = float(values[rows][m].sum()) / max(n, 1)
     return StepResult(loss, metrics, vw)
-
-
-# ---- training --------------------------------------------------------------------------------------
-
-class VcrdObjective:
-    """The Trainer's ``loss_fn(model, prompts)``: rollouts (no grad) + weights + fused losses.
-
-    ``trainer`` must be set after the Trainer is built: the rollout seeds derive from its step and
-    the micro-batch index (counted here: the Trainer calls once per micro-batch, in order)."""
-
-    def __init__(self, teacher_model, teacher_backend, tokenizer, cfg: VcrdConfig, judge=None):
-        self.teacher_model, self.teacher_backend, self.tokenizer = teacher_model, teacher_backend, tokenizer
-        self.cfg, self.judge = cfg, judge
-        self.trainer = None
-        self._step, self._micro = -1, 0
-
-    def _next_seed(self) -> int:
-        step = self.trainer.step if self.trainer is not None else 0
-        self._micro = self._micro + 1 if step == self._step else 0
-        self._step = step
-        return rollout_seed(self.cfg.train.seed, step, self._micro)
-
-    def __call__(self, model, prompts: list[str]):
-        from distillkit.teachers.hf import HFTeacher
-
-        cfg = self.cfg
-        seed = self._next_seed()
-        was_training = model.training
-        student_backend = HFTeacher(model, self.tokenizer, name="student", batch_size=max(1, len(prompts)))
-        model.train(was_training)  # HFTeacher puts the model in eval mode; rollout() handles generation
-        rolls = rollout(self.teacher_backend, student_backend, self.tokenizer, prompts,
-                        max_new_tokens=cfg.rollout_tokens, temperature=cfg.temperature, seed=seed)
-        res = vcrd_step(model, self.teacher_model, rolls, judge=self.judge, weighting=cfg.weighting,
-                        alpha=cfg.alpha, lambda_t=cfg.lambda_t, lambda_s=cfg.lambda_s, top_k=cfg.top_k,
-                        gamma=cfg.gamma, clip=cfg.clip, eps=cfg.eps, backend=cfg.backend)
-        return res.loss, res.metrics
-
-
-def load_prompts(cfg: VcrdConfig) -> list[str]:
-    """The prompts file's questions in ``cfg.prompt_template``; InputError naming the line (and id) of a
-    record without a text question. The answer is not needed: VCRD trains on rollouts."""
-    from distillkit.pipeline.data import fill_prompt, read_jsonl_lines
-
-    rows = read_jsonl_lines(cfg.prompts)
-    if not rows:
-        raise InputError(f"prompts={cfg.prompts!r} holds no record")
-    out = []
-    for lineno, r in rows:
-        question = r.get("question")
-        if not isinstance(question, str) or not question.strip():
-            rid = f" (id {r['id']!r})" if "id" in r else ""
-            raise InputError(f"prompts={cfg.prompts!r}: line {lineno}{rid}: question={question!r}: expected a "
-                             "non-empty string")
-        out.append(fill_prompt(cfg.prompt_template, question=question))
-    return out
-
-
-def load_models(cfg: VcrdConfig, device):
-    """(student float32 in train mode, teacher frozen in eval mode, teacher rollout backend, tokenizer, judge)."""
-    from transformers import AutoModelForCausalLM
-
-    from distillkit.teachers.hf import HFTeacher, load_causal_lm, load_tokenizer
-
-    tokenizer = load_tokenizer(cfg.student)
-    student = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32).to(device)
-    teacher, _ = load_causal_lm(cfg.teacher, dtype=cfg.teacher_dtype, device=device)
-    teacher.requires_grad_(False)
-    v_s, v_t = output_head(student)[0].shape[0], output_head(teacher)[0].shape[0]
-    if v_s != v_t:
-        raise ValueError(f"teacher={cfg.teacher!r} has a vocabulary of {v_t}, student={cfg.student!r} of {v_s}: "
-                         "VCRD needs one shared tokenizer")
-    if cfg.teacher_backend == "vllm":
-        from distillkit.teachers.vllm import VLLMTeacher
-
-        backend = VLLMTeacher(cfg.teacher, name="teacher", dtype=cfg.teacher_dtype,
-                              gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
-    else:
-        backend = HFTeacher(teacher, tokenizer, name="teacher", batch_size=max(1, cfg.train.batch_size))
-    judge = None
-    if cfg.judge:
-        from distillkit.judges import HFProcessRewardJudge
-
-        judge = HFProcessRewardJudge.from_pretrained(
-            cfg.judge, policy_tokenizer=tokenizer, dtype=cfg.teacher_dtype, device=device,
-            good_token=cfg.judge_good_token, bad_token=cfg.judge_bad_token, step_tag=cfg.judge_step_tag,
-            batch_size=cfg.judge_batch_size)
-    return student.train(), teacher.eval(), backend, tokenizer, judge
-
-
-
-# may differ between a run and its resume: how often a checkpoint / metrics line is written (the trainer
-# resumes exactly from any checkpoint); overwrite and progress always may (distillkit.pipeline.runs)
-RESUME_FREE_FIELDS = ("save_every", "log_every")
-
-
-def run(cfg: VcrdConfig) -> dict:
-    """Trains (resuming from output_dir's checkpoint), saves ``output_dir/final``, evaluates answer
-    accuracy when eval_data is given; returns (and writes to vcrd_summary.json) the summary.
-
-    A rerun must use the config the run was started with (recorded in output_dir/run_config.json;
-    see :mod:`distillkit.pipeline.runs`): a different one raises InputError naming the fields, unless
-    ``overwrite`` (then the old output_dir is moved aside and the run starts afresh)."""
-    from distillkit.pipeline.train import Trainer
-
-    from distillkit.pipeline.data import read_questions_for_eval
-    from distillkit.pipeline.runs import begin_dir_run
-
-    device = torch_device(cfg.device)
-    # the input files are checked, and the config compared with the run's, before any model loads
-    prompts = load_prompts(cfg)
-    questions = read_questions_for_eval(cfg.eval_data, cfg.eval_limit) if cfg.eval_data else None
-    begin_dir_run(cfg, cfg.output_dir, free=RESUME_FREE_FIELDS, previous_from="vcrd_summary.json")
-    student, teacher, teacher_backend, tokenizer, judge = load_models(cfg, device)
-    tcfg = dataclasses.replace(cfg.train, output_dir=cfg.output_dir)
-    objective = VcrdObjective(teacher, teacher_backend, tokenizer, cfg, judge)
-    trainer = Trainer(student, tcfg, prompts, list, objective)
-    objective.trainer = trainer
-    last = trainer.train()
-    final = os.path.join(cfg.output_dir, "final")
-    save_pretrained_atomic(student, tokenizer, final)
-    summary_path = os.path.join(cfg.output_dir, "vcrd_summary.json")
-    previous = {}
-    if os.path.exists(summary_path):
-        with open(summary_path, encoding="utf-8") as f:
-            previous = json.load(f)
-    finished_before = previous.get("step") == trainer.step  # a rerun of a finished run: nothing was trained
-    if finished_before and previous.get("last_metrics"):
-        last = previous["last_metrics"]  # the trainer returns only the step when it trains nothing
-    summary = {"config": config_values(cfg), "step": trainer.step, "final_model": final, "last_metrics": last}
-    if cfg.eval_data:
-        if finished_before and "eval" in previous:  # same eval fields: the run config guarantees it
-            summary["eval"] = previous["eval"]
-        else:
-            from distillkit.pipeline.evaluate import answer_accuracy
-
-            acc = answer_accuracy(student, tokenizer, questions, prompt_template=cfg.prompt_template,
-                                  max_new_tokens=cfg.max_new_tokens)
-            summary["eval"] = {"accuracy": acc["accuracy"], "n": acc["n"]}
-        log.info("answer accuracy %.4f on %d questions", summary["eval"]["accuracy"], summary["eval"]["n"])
-    write_json_atomic(summary_path, summary)
-    return summary
-
-
-def cli(argv: Sequence[str] | None = None) -> int:
-    cfg = parse_config(VcrdConfig, argv, "distillkit vcrd",
-                       "VCRD: validity-calibrated reasoning distillation (teacher- and student-prefix rollouts, "
-                       "validity-weighted skew KL / skew reverse KL).")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    summary = run(cfg)
-    print(json.dumps({k: summary[k] for k in ("step", "final_model", "last_metrics", "eval") if k in summary}))
-    return 0

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from distillkit.methods.segmentation import (
+from distillkit.methods.cord.segmentation import (
     LineBreak, PrefixBased, PromptGuided, make_segmentation,
 )
 from distillkit.teachers.base import StepBoundary, StringStop, as_boundary, finish

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from _tolerance import assert_eager_budget
-from distillkit.judges import CallableJudge, HFProcessRewardJudge, Judge
+from distillkit.methods.vcrd.judges import CallableJudge, HFProcessRewardJudge, Judge
 from distillkit.world.tiny import build_tokenizer, tiny_causal_lm
 
 

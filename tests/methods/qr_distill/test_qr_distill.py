@@ -13,7 +13,7 @@ import yaml
 
 from _tolerance import assert_eager_budget, ulp
 from distillkit.pipeline.data import Example, SFTCollator
-from distillkit.methods import qr_router as qr
+from distillkit.methods.qr_distill import router as qr
 from distillkit.methods.qr_distill import (
     DEFAULT_STYLES, STYLE_TEMPLATES, PathItem, QRCollator, QRDistillConfig, collect_paths, filter_paths,
     parse_judgement, path_key, run,
@@ -22,7 +22,7 @@ from distillkit.teachers.base import Proposal, Teacher
 from distillkit.pipeline.train import TrainConfig, Trainer
 from distillkit.world.tiny import build_tokenizer, save_tiny_checkpoint
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -660,7 +660,7 @@ def test_rerun_with_another_config_is_refused_unless_overwrite(world, tmp_path, 
     import dataclasses
 
     from distillkit import InputError
-    from distillkit.methods import qr_distill
+    from distillkit.methods.qr_distill import runner as qr_distill  # the module whose run() loads the students
 
     cfg = QRDistillConfig(paths_input=_given_paths(tmp_path), teachers=[], output_dir=str(tmp_path / "run"),
                           students=world["students"][1:], routing="random", router_encoder=None, max_steps=1,

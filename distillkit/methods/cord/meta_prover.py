@@ -1,0 +1,314 @@
+"""CoRD's meta-prover: scores (context, answer) pairs by predictive perplexity.
+
+S = exp((1/M) sum_m log p(a_m | context + "</think> The final answer is ", a_<m)) over the M tokens
+of the ground-truth answer: the geometric-mean probability the meta-prover gives the answer after
+the reasoning so far, in (0, 1], higher is better.
+
+Cost: the model body runs over the text, but the lm_head is applied only at the M positions that
+predict answer tokens, through :func:`distillkit.scoring.predictive_perplexity` (chunked over the
+vocabulary, never [tokens, V] logits). Candidates that extend the same beam prefix reuse that
+prefix's KV cache: the prefix runs once, each candidate runs only its own suffix.
+
+    prover = MetaProver.from_pretrained("path/to/meta-prover")
+    s = prover.score([(ctx1, "42"), (ctx2, "42")], prefixes=[beam, beam])   # float32 [2]
+    prover.tokens_processed                                                 # running count
+"""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from distillkit.teachers.hf import cache_kwargs, output_cache
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TEMPLATE = "{context}</think> The final answer is {answer}."
+# Config fields that change logits beyond "final norm -> lm_head (+ bias)"; such models would be
+# scored wrongly by applying the lm_head weight alone, so they are refused with the reason.
+_UNSUPPORTED_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "output_multiplier_scale")
+
+
+@dataclass
+class _Encoded:
+    ids: list[int]        # full token ids: template head (context + answer prompt) + answer
+    answer_start: int     # index in ids of the first answer token
+    prefix_len: int = 0   # tokens shared with the beam prefix whose KV cache is reused
+
+
+@dataclass
+class ScoreStats:
+    """Token accounting of the scoring calls so far (cumulative)."""
+    calls: int = 0
+    candidates: int = 0
+    tokens_processed: int = 0   # tokens run through the model body (prefixes once + suffixes)
+    tokens_full: int = 0        # tokens a no-reuse scorer would have run (sum of full lengths)
+    prefix_tokens_reused: int = 0
+    reuse_fallbacks: int = 0    # candidates whose tokens did not extend their prefix's tokens
+
+
+def _common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class MetaProver:
+    """Scores candidate reasoning by the predictive perplexity of the ground-truth answer.
+
+    model: a ``transformers`` causal LM (its body gives hidden states after the final norm; its
+        output embedding is the lm_head). tokenizer: its tokenizer.
+    template: must contain ``{context}`` and ``{answer}``, with ``{answer}`` after ``{context}``; only
+        the answer's tokens are scored, text after ``{answer}`` is not needed and not run.
+    backend: kernel backend for :func:`distillkit.scoring.predictive_perplexity` (None: automatic).
+    reuse_prefix_cache: run a shared beam prefix once and reuse its KV cache (False: every
+        candidate runs in full, for comparison).
+    batch_size: candidates per forward.
+    """
+
+    def __init__(self, model, tokenizer, template: str = DEFAULT_TEMPLATE, *, backend: str | None = None,
+                 reuse_prefix_cache: bool = True, batch_size: int = 16):
+        if "{context}" not in template or "{answer}" not in template:
+            raise ValueError(f"template: must contain '{{context}}' and '{{answer}}', got {template!r}")
+        if template.index("{answer}") < template.index("{context}"):
+            raise ValueError(f"template: '{{answer}}' must come after '{{context}}', got {template!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: expected >= 1")
+        config = getattr(model, "config", None)
+        for key in _UNSUPPORTED_LOGIT_TRANSFORMS:
+            value = getattr(config, key, None)
+            if value not in (None, 0, 0.0, 1, 1.0):
+                raise ValueError(f"model: config.{key}={value} transforms logits after the lm_head; "
+                                 "MetaProver applies the lm_head weight (and bias) only")
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.template = template
+        self.backend = backend
+        self.reuse_prefix_cache = reuse_prefix_cache
+        self.batch_size = batch_size
+        self.stats = ScoreStats()
+        head = model.get_output_embeddings()
+        if head is None or not hasattr(head, "weight"):
+            raise ValueError("model: has no output embedding (lm_head) to score answer tokens with")
+        self._lm_head = head
+        self._body = model.get_decoder() if hasattr(model, "get_decoder") else None
+        if self._body is None:
+            raise ValueError("model: get_decoder() returned nothing; MetaProver needs the model body")
+        self._head_tail = template.split("{answer}", 1)
+        # Sliding-window layers keep only a window of keys, so a shared prefix cache cannot be
+        # re-masked per candidate; such models score every candidate in full.
+        layer_types = getattr(config, "layer_types", None) or []
+        self._can_reuse = not any("sliding" in str(t) for t in layer_types) and not getattr(
+            config, "use_sliding_window", False)
+        self._has_bos = bool(tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]) \
+            if tokenizer.bos_token_id is not None else False
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
+                        device: str | torch.device = "cpu", **kwargs) -> "MetaProver":
+        from distillkit.teachers.hf import load_causal_lm
+
+        model, tok = load_causal_lm(path, dtype=dtype, device=device)
+        return cls(model, tok, **kwargs)
+
+    @property
+    def device(self) -> torch.device:
+        return self._lm_head.weight.device
+
+    @property
+    def tokens_processed(self) -> int:
+        return self.stats.tokens_processed
+
+    # -- tokenisation ---------------------------------------------------------------------------
+    def head_text(self, context: str) -> str:
+        """The text before the answer: the template up to ``{answer}`` with the context filled in."""
+        return self._head_tail[0].replace("{context}", context)
+
+    def encode(self, context: str, answer: str) -> tuple[list[int], int]:
+        """(token ids of head_text(context) + answer, index of the first answer token).
+
+        Answer tokens are those of the full text whose characters reach past the head text, so a
+        token that merges the head's last character with the answer (BPE) is scored as an answer
+        token. Tokenizers without offsets: head and answer are tokenised separately and joined.
+        """
+        head = self.head_text(context)
+        tok = self.tokenizer
+        full = head + answer
+        try:
+            enc = tok(full, return_offsets_mapping=True)
+            offsets = enc["offset_mapping"]
+        except (NotImplementedError, TypeError, ValueError):
+            offsets = None
+        if offsets is not None:
+            ids = list(enc["input_ids"])
+            start = next((i for i, (s, e) in enumerate(offsets) if e > len(head) and e > s), len(ids))
+        else:
+            ids = list(tok(head)["input_ids"])
+            start = len(ids)
+            ids += list(tok(answer, add_special_tokens=False)["input_ids"])
+        if start >= len(ids):
+            raise ValueError(f"answer={answer!r}: tokenises to no tokens after the context")
+        if start == 0:
+            raise ValueError("template: the answer starts at the first token; nothing to condition on")
+        return ids, start
+
+    def _prefix_ids(self, prefix: str) -> list[int]:
+        return list(self.tokenizer(prefix)["input_ids"])
+
+    # -- scoring --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def score(self, pairs: Sequence[tuple[str, str]], *, prefixes: Sequence[str | None] | None = None
+              ) -> torch.Tensor:
+        """Predictive perplexity S of each (context, answer) pair -> float32 [C] on CPU.
+
+        prefixes: optional, one per pair: a text the pair's context starts with (the beam prefix the
+            candidate step extends). Pairs with the same prefix share one KV cache of it. A pair whose
+            tokens do not start with the prefix's tokens (a tokenizer merging across the join)
+            reuses only the tokens they share (possibly none, then it runs in full).
+        """
+        pairs = list(pairs)
+        for i, pair in enumerate(pairs):
+            if not (isinstance(pair, (tuple, list)) and len(pair) == 2
+                    and isinstance(pair[0], str) and isinstance(pair[1], str)):
+                raise TypeError(f"pairs[{i}]: expected a (context: str, answer: str) pair, got {pair!r}")
+        if prefixes is not None:
+            prefixes = list(prefixes)
+            if len(prefixes) != len(pairs):
+                raise ValueError(f"prefixes: expected {len(pairs)} entries (one per pair), got {len(prefixes)}")
+            for i, (p, (ctx, _)) in enumerate(zip(prefixes, pairs)):
+                if p is not None and not ctx.startswith(p):
+                    raise ValueError(f"prefixes[{i}]: the context of pairs[{i}] does not start with it")
+        if not pairs:
+            return torch.empty(0, dtype=torch.float32)
+        encoded = [_Encoded(*self.encode(ctx, ans)) for ctx, ans in pairs]
+        self.stats.calls += 1
+        self.stats.candidates += len(pairs)
+        self.stats.tokens_full += sum(len(e.ids) for e in encoded)
+        caches, group_of = None, [None] * len(pairs)
+        if prefixes is not None and self.reuse_prefix_cache and self._can_reuse:
+            caches, group_of = self._prefix_caches(encoded, prefixes)
+        scores = torch.empty(len(pairs), dtype=torch.float32)
+        # Longest first: rows of a batch have similar lengths, so little compute goes to padding.
+        order = sorted(range(len(pairs)), key=lambda i: -(len(encoded[i].ids) - encoded[i].prefix_len))
+        for chunk in _chunks(order, self.batch_size):
+            scores[chunk] = self._score_batch([encoded[i] for i in chunk], [group_of[i] for i in chunk], caches)
+        return scores
+
+    def _prefix_caches(self, encoded: list[_Encoded], prefixes: Sequence[str | None]):
+        """Runs every distinct prefix once (batched, right-padded) and returns its KV tensors
+        (per layer, [G, kv_heads, L_max, d]) and, per candidate, its group index or None. Sets each
+        candidate's ``prefix_len``: the tokens it shares with its prefix (its own, so a candidate whose
+        tokens merge across the join still reuses the part before the merge)."""
+        groups: dict[str, int] = {}
+        group_of: list[int | None] = []
+        group_ids: list[list[int]] = []
+        for e, p in zip(encoded, prefixes):
+            if p is None:
+                group_of.append(None)
+                continue
+            if p not in groups:
+                groups[p] = len(group_ids)
+                group_ids.append(self._prefix_ids(p))
+            g = groups[p]
+            p_ids = group_ids[g]
+            shared = _common_prefix_len(p_ids, e.ids)
+            if shared < len(p_ids):
+                self.stats.reuse_fallbacks += 1
+            # The position before the first answer token must run with the suffix (its hidden state).
+            e.prefix_len = min(shared, e.answer_start - 1)
+            group_of.append(g if e.prefix_len > 0 else None)
+        if not group_ids:
+            return None, group_of
+        # Only the tokens some candidate reuses need to run.
+        need = [0] * len(group_ids)
+        for e, g in zip(encoded, group_of):
+            if g is not None:
+                need[g] = max(need[g], e.prefix_len)
+        used = [g for g in range(len(group_ids)) if need[g] > 0]
+        width = max(need)
+        layers: list[list[torch.Tensor]] | None = None
+        for chunk in _chunks(used, self.batch_size):
+            w = max(need[g] for g in chunk)
+            ids = self._pad([group_ids[g][:need[g]] for g in chunk], w)
+            out = self._body(input_ids=ids, use_cache=True)
+            self.stats.tokens_processed += sum(need[g] for g in chunk)
+            kv = [torch.nn.functional.pad(t, (0, 0, 0, width - w)) for t in _kv_tensors(output_cache(out))]
+            layers = [[t] for t in kv] if layers is None else [acc + [t] for acc, t in zip(layers, kv)]
+        stacked = [torch.cat(ts, dim=0) for ts in layers]
+        # Row r of `stacked` belongs to group used[r].
+        slot = {g: r for r, g in enumerate(used)}
+        reused = sum(e.prefix_len for e, g in zip(encoded, group_of) if g is not None)
+        self.stats.prefix_tokens_reused += reused - sum(need[g] for g in used)
+        return stacked, [slot[g] if g is not None else None for g in group_of]
+
+    def _pad(self, rows: list[list[int]], width: int) -> torch.Tensor:
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        for r, row in enumerate(rows):
+            ids[r, :len(row)] = torch.tensor(row, dtype=torch.long)
+        return ids.to(self.device)
+
+    def _score_batch(self, batch: list[_Encoded], slots: list[int | None], caches) -> torch.Tensor:
+        """Runs each candidate's suffix (the tokens after its reused prefix), right-padded, and
+        scores the answer positions. Without reused prefixes no mask is needed (causal attention:
+        real tokens never see the right padding); with them, a 2-D mask hides each row's unused
+        cache slots (other groups' longer prefixes share the padded cache width)."""
+        starts = [e.prefix_len if s is not None else 0 for e, s in zip(batch, slots)]
+        suffixes = [e.ids[st:] for e, st in zip(batch, starts)]
+        width = max(len(x) for x in suffixes)
+        ids = self._pad(suffixes, width)
+        kwargs = {}
+        if any(s is not None for s in slots):
+            from transformers import DynamicCache
+
+            past = max(starts)
+            index = torch.tensor([s if s is not None else 0 for s in slots], device=self.device)
+            cache = DynamicCache()
+            for layer, (k, v) in enumerate(_pairs(caches)):
+                cache.update(k.index_select(0, index)[:, :, :past], v.index_select(0, index)[:, :, :past], layer)
+            mask = torch.zeros(len(batch), past + width, dtype=torch.long)
+            for r, (st, x) in enumerate(zip(starts, suffixes)):
+                mask[r, :st] = 1
+                mask[r, past:past + len(x)] = 1
+            pos = torch.tensor(starts).view(-1, 1) + torch.arange(width).view(1, -1)
+            kwargs = dict(**cache_kwargs(self._body, cache), attention_mask=mask.to(self.device), position_ids=pos.to(self.device))
+        hidden = self._body(input_ids=ids, use_cache=bool(kwargs), **kwargs).last_hidden_state
+        self.stats.tokens_processed += sum(len(x) for x in suffixes)
+        rows, pos_idx, answer_ids, cu = [], [], [], [0]
+        for r, (e, st) in enumerate(zip(batch, starts)):
+            n_ans = len(e.ids) - e.answer_start
+            first = e.answer_start - 1 - st  # hidden state at t predicts token t + 1
+            rows += [r] * n_ans
+            pos_idx += range(first, first + n_ans)
+            answer_ids += e.ids[e.answer_start:]
+            cu.append(cu[-1] + n_ans)
+        h = hidden[torch.tensor(rows, device=self.device), torch.tensor(pos_idx, device=self.device)]
+        weight = self._lm_head.weight
+        bias = getattr(self._lm_head, "bias", None)
+        from distillkit.scoring import predictive_perplexity
+
+        s = predictive_perplexity(h.to(weight.dtype).contiguous(), weight,
+                                  torch.tensor(answer_ids, dtype=torch.long, device=self.device),
+                                  torch.tensor(cu, dtype=torch.long), bias=bias, backend=self.backend)
+        return s.float().cpu()
+
+
+def _chunks(items: list, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def _kv_tensors(cache) -> list[torch.Tensor]:
+    """[k0, v0, k1, v1, ...] of a DynamicCache, each [batch, kv_heads, seq, head_dim]."""
+    if hasattr(cache, "layers"):
+        return [t for layer in cache.layers for t in (layer.keys, layer.values)]
+    return [t for kv in cache.to_legacy_cache() for t in kv[:2]]  # transformers < 4.56
+
+
+def _pairs(flat: list[torch.Tensor]):
+    return zip(flat[0::2], flat[1::2])

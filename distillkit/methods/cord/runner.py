@@ -1,0 +1,145 @@
+"""CoRD's run (JSONL in, JSONL out, resumable) and its command line."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Sequence
+
+from distillkit.methods.cord.config import CordConfig
+from distillkit.methods.cord.decode import DECODERS, DecodeResult, Scorer
+from distillkit.methods.cord.segmentation import END_MARKER
+from distillkit.methods.cord.summary import summarize, write_summary
+from distillkit.pipeline.answers import answers_match, extract_answer
+from distillkit.pipeline.config import parse_config
+from distillkit.pipeline.data import question_seed, read_questions
+from distillkit.pipeline.runs import append_record, begin_run, read_records
+from distillkit.teachers.base import Teacher
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# Run: JSONL in, JSONL out, resumable
+# ----------------------------------------------------------------------------------------------
+
+
+def load_done(path: str) -> list[dict]:
+    """Records already written to ``path`` (see :func:`distillkit.pipeline.runs.read_records`): every complete
+    record with an "id" is kept; blank lines, unparsable lines and records without an id are skipped
+    and stay in the file; a torn final fragment is moved to ``<path>.torn``; a last record missing
+    only its newline gets it."""
+    return read_records(path, key="id")
+
+
+def make_record(q: dict, res: DecodeResult, end_marker: str = END_MARKER) -> dict:
+    final = extract_answer(res.answer_text)
+    return {
+        "id": q["id"],
+        "question": q["question"],
+        "answer": q["answer"],
+        "prompt": res.prompt,
+        # The student's target: the reasoning after the prompt, its end marker, and the answer.
+        "trajectory": res.beam.text[len(res.prompt):] + res.answer_text,
+        "steps": res.beam.steps,
+        "final_answer": final,
+        "correct": answers_match(final, q["answer"]),
+        "predictive_perplexity": res.beam.score,
+        "tokens_generated": res.tokens_generated,
+        "meta_prover_tokens": res.meta_prover_tokens,
+    }
+
+
+def load_teachers(cfg: CordConfig) -> list[Teacher]:
+    """The config's teachers, with its generation backend."""
+    from distillkit.teachers import load_teacher
+
+    if cfg.teacher_backend == "hf":
+        kw = dict(dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size)
+    else:
+        kw = {} if cfg.dtype == "float32" else dict(dtype=cfg.dtype)
+    kw.update(cfg.teacher_kwargs or {})
+    return [load_teacher(p, backend=cfg.teacher_backend, name=n, **kw) for p, n in zip(cfg.teachers, cfg.names())]
+
+
+def load_meta_prover(cfg: CordConfig):
+    from distillkit.methods.cord.meta_prover import MetaProver
+
+    return MetaProver.from_pretrained(cfg.meta_prover, dtype=cfg.dtype, device=cfg.device, template=cfg.template,
+                                      backend=cfg.scoring_backend, reuse_prefix_cache=cfg.reuse_prefix_cache,
+                                      batch_size=cfg.batch_size)
+
+
+def run_config_file(cfg: CordConfig) -> str:
+    """Where the config a run of ``output_path`` was started with is recorded."""
+    return cfg.output_path + ".run_config.json"
+
+
+def _limit_grows(old, new) -> bool:
+    # a larger limit (or none) only adds questions after those done; a smaller one would leave records outside it
+    return new is None or (old is not None and new >= old)
+
+
+def begin_cord_run(cfg: CordConfig) -> list[str]:
+    """Refuses a config that differs from the one ``output_path``'s records were made with (unless
+    ``overwrite``: then the records, their summary and plot are moved aside) and records it. May
+    change: overwrite, progress, summary_path, plot_path, and limit upwards."""
+    out = cfg.output_path
+    return begin_run(cfg, run_config_file(cfg),
+                     run_exists=os.path.exists(out) and os.path.getsize(out) > 0,
+                     outputs=[out, out + ".torn", cfg.summary_file(), cfg.plot_file()],
+                     what=f"output_path={out!r}", free=("summary_path", "plot_path"),
+                     extendable={"limit": _limit_grows})
+
+
+def run(cfg: CordConfig, *, teachers: Sequence[Teacher] | None = None, meta_prover: Scorer | None = None) -> dict:
+    """Decodes every input question not yet in the output, appends one record each, and writes the
+    summary (JSON + hit-rate PNG) over all records of the output. Returns the summary."""
+    questions = read_questions(cfg.input_path, cfg.limit)
+    begin_cord_run(cfg)
+    done = load_done(cfg.output_path)
+    done_ids = {str(r["id"]) for r in done}
+    pending = [q for q in questions if str(q["id"]) not in done_ids]
+    log.info("cord: %d questions, %d already done, %d to go", len(questions), len(questions) - len(pending),
+             len(pending))
+    if pending:
+        teachers = teachers if teachers is not None else load_teachers(cfg)
+        meta_prover = meta_prover if meta_prover is not None else load_meta_prover(cfg)
+        if len(teachers) != len(cfg.teachers):
+            raise ValueError(f"teachers: {len(teachers)} given but the config lists {len(cfg.teachers)}")
+        seg = cfg.make_segmentation()
+        decode = DECODERS[cfg.method]
+        from tqdm.auto import tqdm
+
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.output_path)), exist_ok=True)
+        with open(cfg.output_path, "a", encoding="utf-8") as out, \
+                tqdm(total=len(questions), initial=len(questions) - len(pending), desc=f"cord[{cfg.method}]",
+                     unit="q", disable=not cfg.progress) as bar:
+            for q in pending:
+                res = decode(str(q["question"]), str(q["answer"]), teachers, meta_prover, cfg,
+                             seed=question_seed(cfg.seed, q["id"]), seg=seg)
+                append_record(out, make_record(q, res, seg.end_marker))
+                bar.update(1)
+    records = load_done(cfg.output_path)
+    summary = summarize(records, cfg.names())
+    summary["method"] = cfg.method
+    write_summary(summary, cfg.summary_file(), cfg.plot_file())
+    return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+def cli(argv: Sequence[str] | None = None) -> int:
+    """`distillkit cord --config cord.yaml [--field value ...]`; returns the exit code."""
+    # types, ranges, device, paths: all checked before any model loads
+    try:
+        cfg = parse_config(CordConfig, argv, "distillkit cord",
+                           "CoRD: collaborative step-wise multi-teacher decoding scored by a meta-prover.")
+    except SystemExit as exc:  # cord's cli has always returned its exit code (bad input: 2) rather than exiting
+        return exc.code if isinstance(exc.code, int) else 2
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    summary = run(cfg)
+    print(json.dumps({k: v for k, v in summary.items() if k != "hit_rates"}, indent=1))
+    print(f"records: {cfg.output_path}\nsummary: {cfg.summary_file()}\nplot: {cfg.plot_file()}")
+    return 0

@@ -1,0 +1,101 @@
+"""CoRD's summary of a run's records: accuracy, perplexity, per-teacher hit rates (JSON + PNG)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from typing import Sequence
+
+
+HIT_RATE_BINS = 10
+
+
+# ----------------------------------------------------------------------------------------------
+# Summary
+# ----------------------------------------------------------------------------------------------
+def hit_rates(records: Sequence[dict], names: Sequence[str], bins: int = HIT_RATE_BINS) -> dict[str, list[float | None]]:
+    """Share of steps each teacher wrote, per bin of normalised reasoning progress (step j of n sits
+    at (j + 0.5) / n), as in the seed's Figure 2. None where a bin holds no step."""
+    counts = [[0] * bins for _ in names]
+    index = {n: i for i, n in enumerate(names)}
+    for rec in records:
+        steps = rec.get("steps") or []
+        for j, step in enumerate(steps):
+            t = index.get(step.get("teacher"))
+            if t is None:
+                continue
+            counts[t][min(bins - 1, int((j + 0.5) / len(steps) * bins))] += 1
+    totals = [sum(c[b] for c in counts) for b in range(bins)]
+    return {n: [(counts[i][b] / totals[b]) if totals[b] else None for b in range(bins)] for i, n in enumerate(names)}
+
+
+def summarize(records: Sequence[dict], names: Sequence[str]) -> dict:
+    n = len(records)
+    scores = [r["predictive_perplexity"] for r in records if isinstance(r.get("predictive_perplexity"), (int, float))
+              and math.isfinite(r["predictive_perplexity"])]
+    all_steps = [s for r in records for s in (r.get("steps") or [])]
+    return {
+        "records": n,
+        "accuracy": (sum(bool(r.get("correct")) for r in records) / n) if n else None,
+        "mean_predictive_perplexity": (sum(scores) / len(scores)) if scores else None,
+        "mean_tokens_generated": (sum(r["tokens_generated"] for r in records) / n) if n else None,
+        "mean_meta_prover_tokens": (sum(r["meta_prover_tokens"] for r in records) / n) if n else None,
+        "mean_steps": (len(all_steps) / n) if n else None,
+        "teacher_share": {name: (sum(s.get("teacher") == name for s in all_steps) / len(all_steps))
+                          if all_steps else None for name in names},
+        "hit_rate_bins": HIT_RATE_BINS,
+        "hit_rates": hit_rates(records, names),
+    }
+
+
+def _atomic_write(path: str, write) -> None:
+    """Writes through a temporary file in the same folder, then renames (readers never see half a file)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    suffix = os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def plot_hit_rates(summary: dict, path: str) -> None:
+    """Teacher hit rate per bin of normalised reasoning progress (the seed's Figure 2), as PNG.
+
+    Uses a bare Agg figure, not pyplot: no global backend switch, no GUI, safe in a worker thread."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    bins = summary["hit_rate_bins"]
+    x = [(b + 0.5) / bins for b in range(bins)]
+    fig = Figure(figsize=(6, 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for name, rates in summary["hit_rates"].items():
+        # Empty bins (no step fell there) are skipped, so the line joins the bins that have data.
+        pts = [(xb, r) for xb, r in zip(x, rates) if r is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
+                label=os.path.basename(name.rstrip("/")) or name)
+    ax.set_xlabel("normalised reasoning progress")
+    ax.set_ylabel("teacher hit rate")
+    ax.set_ylim(0, 1)
+    ax.set_xlim(0, 1)
+    ax.set_title(f"CoRD ({summary.get('method', 'cord')}): whose step was chosen, n={summary['records']}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format="png"))
+
+
+def write_summary(summary: dict, json_path: str, png_path: str | None) -> None:
+    def dump(tmp):
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=1)
+
+    _atomic_write(json_path, dump)
+    if png_path:
+        plot_hit_rates(summary, png_path)

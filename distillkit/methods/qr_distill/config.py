@@ -1,0 +1,229 @@
+"""QR-Distill's config (``QRDistillConfig``), its prompt styles and file names."""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+
+
+from distillkit.pipeline.config import config_field as _help
+from distillkit.pipeline.data import DEFAULT_PROMPT
+from distillkit.pipeline.train import TrainConfig, train_field, with_train_options
+from distillkit.methods.qr_distill.router import ROUTINGS
+
+
+_FINAL = 'End with "The final answer is X." where X is the answer.'
+STYLE_TEMPLATES: dict[str, str] = {
+    "vanilla": "Question: {question}\nAnswer the question. " + _FINAL + "\n",
+    "chain-of-thought": "Question: {question}\nThink step by step and write out each step of your reasoning. "
+                        + _FINAL + "\n",
+    "tree-of-thought": "Question: {question}\nPropose a few different ways to approach the problem, judge briefly "
+                       "which one is most promising, follow it to the end, and check the result. " + _FINAL + "\n",
+    "program-based": "Question: {question}\nWrite a short Python program whose output is the answer, then state "
+                     "what the program prints. " + _FINAL + "\n",
+    "backward": "Question: {question}\nReason backwards: start from what is asked, work out what is needed to "
+                "obtain it, and continue until you reach the given facts; then compute forwards. " + _FINAL + "\n",
+    "fact-retrieval": "Question: {question}\nFirst list the facts, definitions and formulas that the question "
+                      "needs, then use them to reach the answer. " + _FINAL + "\n",
+}
+DEFAULT_STYLES = list(STYLE_TEMPLATES)
+DEFAULT_JUDGE_PROMPT = (
+    "You are grading a worked solution.\nQuestion: {question}\nReference answer: {answer}\n"
+    "Solution:\n{response}\n\nIs the reasoning sound, with every step correct and leading to the final answer "
+    "(not reaching it by luck or by a wrong argument)? Reply with yes or no.\nVerdict:")
+JUDGE_MODES = ("yes_no", "score")
+BACKENDS = ("hf", "vllm")
+PATHS_NAME = "paths.jsonl"
+SUMMARY_NAME = "qr_summary.json"
+ROUTER_NAME = "router.pt"
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+@with_train_options
+@dataclass
+class QRDistillConfig:
+    # data
+    input_path: str = _help("questions JSONL, one {id, question, answer} per line", default="")
+    output_dir: str = _help("run directory: paths.jsonl, checkpoint, metrics, students/, summary", default="qr-run")
+    paths_input: str | None = _help("paths written elsewhere, JSONL {question, answer, response[, id, style, "
+                                    "teacher]}: used instead of generating with teachers", default=None)
+    limit: int | None = _help("use at most this many input questions (or paths_input records; None: all)",
+                              default=None)
+    # path generation
+    teachers: list[str] = _help("teacher checkpoints (paths or Hub ids) that write the paths", default_factory=list)
+    teacher_names: list[str] | None = _help("names of the teachers in records (default: paths)", default=None)
+    teacher_backend: str = _help("hf | vllm", default="hf")
+    styles: list[str] = _help("prompt styles, each a key of the built-in or style_templates templates",
+                              default_factory=lambda: list(DEFAULT_STYLES))
+    style_templates: dict[str, str] | None = _help("extra or replacement style templates (YAML mapping name -> "
+                                                   "template with {question})", default=None)
+    paths_per_style: int = _help("paths per (question, style, teacher)", default=1)
+    max_new_tokens: int = _help("teacher tokens per path", default=1024)
+    temperature: float = _help("teacher sampling temperature (0: greedy)", default=0.7)
+    stop: list[str] | None = _help("stop strings for path generation (default: EOS only)", default=None)
+    gen_dtype: str = _help("dtype of the teachers and the judge (hf): float32 | bfloat16 | float16 | auto",
+                           default="float32")
+    gen_batch_size: int = _help("rows per generate call (hf teachers and judge)", default=16)
+    # quality filtering
+    judge: str | None = _help("LLM-as-judge checkpoint (any teacher backend); None: no judge pass", default=None)
+    judge_backend: str = _help("hf | vllm", default="hf")
+    judge_prompt: str = _help("judge prompt with {question}, {answer}, {response}", default=DEFAULT_JUDGE_PROMPT)
+    judge_mode: str = _help("yes_no (first yes/no word) | score (first number, kept if >= judge_threshold)",
+                            default="yes_no")
+    judge_threshold: float = _help("score mode: lowest accepted score", default=7.0)
+    judge_max_new_tokens: int = _help("tokens of the judge's verdict", default=16)
+    filter_answer: bool = _help("keep only paths whose final answer matches the ground truth", default=True)
+    filter_judge: bool = _help("keep only paths the judge accepts (when a judge is set)", default=True)
+    # students
+    students: list[str] = _help("S >= 2 student checkpoints (any architectures / sizes / tokenizers)",
+                                default_factory=list)
+    student_names: list[str] | None = _help("names of the students (default: directory names)", default=None)
+    prompt_template: str = _help("student prompt with {question}", default=DEFAULT_PROMPT)
+    use_style_prompt: bool = _help("train students on the style prompt the path was written for instead",
+                                   default=False)
+    max_length: int = _help("truncate a student's prompt + path to this many tokens", default=1024)
+    lora_r: int = _help("LoRA rank through peft (0: full fine-tuning)", default=0)
+    lora_alpha: float = _help("LoRA alpha", default=16.0)
+    lora_dropout: float = _help("LoRA dropout", default=0.05)
+    lora_targets: list[str] = _help("module names LoRA adapts", default_factory=lambda: ["q_proj", "v_proj"])
+    # routing
+    routing: str = _help("learned (router) | random (uniform top-k) | all (every student, every path)",
+                         default="learned")
+    router_encoder: str | None = _help("frozen Hugging Face encoder checkpoint for routing='learned'", default=None)
+    encoder_max_length: int = _help("encoder tokens per path", default=512)
+    router_hidden: int = _help("hidden width of the router MLP", default=256)
+    route_top_k: int = _help("students each path is routed to", default=1)
+    gumbel_tau: float = _help("Gumbel-softmax temperature", default=1.0)
+    router_lr: float | None = _help("router learning rate (default: lr)", default=None)
+    # losses
+    mutual: bool = _help("mutual-student distillation (off: ablation)", default=True)
+    entropy_reg: bool = _help("entropy regularisation of the mean assignment (off: ablation)", default=True)
+    lambda_1: float = _help("weight of the mutual loss (eq. 9)", default=0.1)
+    lambda_2: float = _help("weight of the balance (entropy) loss (eq. 9)", default=0.01)
+    shared_dim: int | None = _help("D, the shared space of the mutual loss (default: largest student hidden size)",
+                                   default=None)
+    normalize_shared: bool = _help("rescale shared representations to norm sqrt(D) (avoids collapse to 0)",
+                                   default=True)
+    competence_tau: float = _help("temperature of the competence target softmax(-ce / tau)", default=1.0)
+    # the shared trainer's options (flat in YAML and flags; batch_size = paths per micro-batch, lr = the students',
+    # projections' and competence regressor's rate; seed also drives routing noise and generation seeds)
+    train: TrainConfig = train_field(max_steps=1000, lr=1e-5, save_every=100)
+    device: str = _help("auto | cpu | cuda | cuda:N", default="auto")
+    # evaluation
+    eval_data: str | None = _help("JSONL {id, question, answer}: each student's answer accuracy after training",
+                                  default=None)
+    eval_limit: int = _help("at most this many eval questions", default=200)
+    eval_max_new_tokens: int = _help("generation budget per eval answer", default=512)
+    overwrite: bool = _help("when output_dir holds a run started with a different config: move it aside "
+                            "(<output_dir>.replaced-<time>) and start afresh instead of refusing", default=False)
+
+    def __post_init__(self):
+        for name in ("teachers", "students", "styles", "lora_targets"):
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, [value])
+            elif not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+                raise ValueError(f"{name}: expected a list of non-empty strings, got {value!r}")
+            else:
+                setattr(self, name, list(value))
+        if not self.output_dir:
+            raise ValueError("output_dir: expected a directory path")
+        if not self.input_path and not self.paths_input:
+            raise ValueError("input_path: a questions JSONL is required (or paths_input with ready paths)")
+        if not self.teachers and not self.paths_input:
+            raise ValueError("teachers: at least one teacher is required to generate paths (or give paths_input)")
+        if self.teacher_names is not None and len(self.teacher_names) != len(self.teachers):
+            raise ValueError(f"teacher_names: expected {len(self.teachers)} names (one per teacher), "
+                             f"got {len(self.teacher_names)}")
+        for name in ("teacher_backend", "judge_backend"):
+            if getattr(self, name) not in BACKENDS:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {BACKENDS}")
+        if self.style_templates is not None:
+            if not isinstance(self.style_templates, dict) or not all(
+                    isinstance(k, str) and isinstance(v, str) for k, v in self.style_templates.items()):
+                raise TypeError(f"style_templates: expected a mapping of style name -> template, "
+                                f"got {type(self.style_templates).__name__}")
+            for k, v in self.style_templates.items():
+                if "{question}" not in v:
+                    raise ValueError(f"style_templates[{k!r}]: the template must contain {{question}}")
+        if not self.styles:
+            raise ValueError("styles: expected at least one style")
+        known = self.templates()
+        unknown = [s for s in self.styles if s not in known]
+        if unknown:
+            raise ValueError(f"styles: unknown style(s) {unknown}; known: {sorted(known)} "
+                             "(add templates with style_templates)")
+        if len(set(self.styles)) != len(self.styles):
+            raise ValueError(f"styles: duplicates in {self.styles}")
+        for name in ("paths_per_style", "max_new_tokens", "gen_batch_size", "judge_max_new_tokens", "max_length",
+                     "encoder_max_length", "router_hidden", "route_top_k", "eval_limit", "eval_max_new_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name}={value!r}: expected an integer >= 1")
+        for name in ("lora_r",):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name}={value!r}: expected an integer >= 0")
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 0):
+            raise ValueError(f"limit={self.limit!r}: expected an integer >= 0 or None")
+        if not 0 <= self.temperature <= 100:
+            raise ValueError(f"temperature={self.temperature!r}: expected a number in [0, 100] (0 is greedy)")
+        if self.judge_mode not in JUDGE_MODES:
+            raise ValueError(f"judge_mode={self.judge_mode!r}: expected one of {JUDGE_MODES}")
+        if "{response}" not in self.judge_prompt:
+            raise ValueError("judge_prompt: must contain {response} (and usually {question}, {answer})")
+        if not math.isfinite(self.judge_threshold):
+            raise ValueError(f"judge_threshold={self.judge_threshold!r}: expected a finite number")
+        if len(self.students) < 2:
+            raise ValueError(f"students: QR-Distill needs at least 2 students, got {len(self.students)}")
+        if self.student_names is not None:
+            if len(self.student_names) != len(self.students):
+                raise ValueError(f"student_names: expected {len(self.students)} names, got {len(self.student_names)}")
+            if len(set(self.student_names)) != len(self.student_names):
+                raise ValueError(f"student_names: names must be distinct, got {self.student_names}")
+        if "{question}" not in self.prompt_template:
+            raise ValueError("prompt_template: must contain {question}")
+        if self.routing not in ROUTINGS:
+            raise ValueError(f"routing={self.routing!r}: expected one of {ROUTINGS}")
+        if self.routing == "learned" and not self.router_encoder:
+            raise ValueError("router_encoder: routing='learned' needs a frozen encoder checkpoint "
+                             "(or choose routing='random' / 'all')")
+        if self.route_top_k > len(self.students):
+            raise ValueError(f"route_top_k={self.route_top_k}: at most the number of students ({len(self.students)})")
+        for name in ("gumbel_tau", "competence_tau", "lora_alpha"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise ValueError(f"{name}={value!r}: expected a positive number")
+        if self.router_lr is not None and not (self.router_lr > 0 and math.isfinite(self.router_lr)):
+            raise ValueError(f"router_lr={self.router_lr!r}: expected a positive number or None")
+        for name in ("lambda_1", "lambda_2"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value >= 0 and math.isfinite(value)):
+                raise ValueError(f"{name}={value!r}: expected a number >= 0")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"lora_dropout={self.lora_dropout!r}: expected a number in [0, 1)")
+        if self.shared_dim is not None and (not isinstance(self.shared_dim, int) or self.shared_dim < 1):
+            raise ValueError(f"shared_dim={self.shared_dim!r}: expected an integer >= 1 or None")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
+            raise ValueError(f"device={self.device!r}: expected auto, cpu, cuda or cuda:N")
+
+    def templates(self) -> dict[str, str]:
+        return {**STYLE_TEMPLATES, **(self.style_templates or {})}
+
+    def names(self) -> list[str]:
+        return list(self.teacher_names) if self.teacher_names else list(self.teachers)
+
+    def student_labels(self) -> list[str]:
+        if self.student_names:
+            return list(self.student_names)
+        base = [os.path.basename(os.path.normpath(p)) or f"student{i}" for i, p in enumerate(self.students)]
+        return base if len(set(base)) == len(base) else [f"s{i}-{b}" for i, b in enumerate(base)]
+
+    def paths_file(self) -> str:
+        return os.path.join(self.output_dir, PATHS_NAME)
+
+    def judging(self) -> bool:
+        return bool(self.judge)

@@ -1,0 +1,97 @@
+"""QR-Distill's run (paths -> filter -> routed training -> students and summary) and its command line."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Sequence
+
+import torch
+
+from distillkit.pipeline.config import parse_config
+from distillkit.pipeline.runs import begin_dir_run, config_values, write_json_atomic
+from distillkit.pipeline.train import torch_device
+from distillkit.teachers.base import Teacher
+from distillkit.methods.qr_distill.config import (
+    ROUTER_NAME, SUMMARY_NAME, QRDistillConfig,
+)
+from distillkit.methods.qr_distill.paths import collect_paths, filter_paths, imported_records
+from distillkit.methods.qr_distill.training import (
+    QRCollator, build_items, build_model, evaluate_students, load_students, make_trainer, route_features,
+    routing_summary, save_students,
+)
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------------------------
+# Run
+# ----------------------------------------------------------------------------------------------
+# may differ between a run and its resume: how often a checkpoint / metrics line is written (the trainer
+# resumes exactly from any checkpoint); overwrite and progress always may (distillkit.pipeline.runs)
+RESUME_FREE_FIELDS = ("save_every", "log_every")
+
+
+def check_inputs(cfg: QRDistillConfig) -> None:
+    """Reads the questions (or paths_input) and eval_data, raising InputError naming the line of a bad
+    record, before any model is loaded."""
+    from distillkit.pipeline.data import read_questions_for_eval
+    from distillkit.pipeline.data import read_questions
+
+    if cfg.paths_input:
+        imported_records(cfg)
+    else:
+        read_questions(cfg.input_path, cfg.limit)
+    if cfg.eval_data:
+        read_questions_for_eval(cfg.eval_data, cfg.eval_limit)
+
+
+def run(cfg: QRDistillConfig, *, teachers: Sequence[Teacher] | None = None, judge: Teacher | None = None,
+        encoder=None) -> dict:
+    """Paths -> filter -> routed multi-student training -> saved students and summary.
+
+    teachers / judge: ready Teacher objects instead of loading cfg.teachers / cfg.judge;
+    encoder: a ready (encoder, tokenizer) pair instead of loading cfg.router_encoder.
+    Returns the summary written to qr_summary.json.
+
+    A rerun must use the config the run was started with (recorded in output_dir/run_config.json; see
+    :mod:`distillkit.pipeline.runs`): another raises InputError naming the fields, unless ``overwrite`` (then the
+    old output_dir is moved aside and the run starts afresh)."""
+    device = torch_device(cfg.device)
+    check_inputs(cfg)
+    begin_dir_run(cfg, cfg.output_dir, free=RESUME_FREE_FIELDS, previous_from=SUMMARY_NAME)
+    records = collect_paths(cfg, teachers=teachers, judge=judge)
+    kept, path_stats = filter_paths(records, cfg)
+    log.info("qr-distill: kept %d of %d paths", len(kept), len(records))
+    if not kept:
+        raise ValueError(f"no path passed the filter ({path_stats}); check {cfg.paths_file()} or relax "
+                         "filter_answer / filter_judge")
+    items = build_items(kept, cfg)
+    features = route_features(cfg, kept, device, encoder) if cfg.routing == "learned" else None
+    students, tokenizers = load_students(cfg, device)
+    model = build_model(cfg, students, features.shape[1] if features is not None else None).to(device)
+    if model.router is not None:
+        model.router.fit_feature_scale(features.to(device))
+    trainer = make_trainer(model, cfg, items, QRCollator(tokenizers, cfg.max_length, features))
+    last = trainer.train()
+    names = cfg.student_labels()
+    summary = {"paths": path_stats, "train": last, "students": save_students(model, tokenizers, cfg),
+               "routing": routing_summary(model, features, items, names)}
+    if model.router is not None:
+        torch.save({"router": model.router.state_dict(), "in_dim": features.shape[1], "hidden": cfg.router_hidden,
+                    "students": names, "encoder": cfg.router_encoder}, os.path.join(cfg.output_dir, ROUTER_NAME))
+    if cfg.eval_data:
+        summary["eval"] = evaluate_students(model, tokenizers, cfg)
+    summary["config"] = config_values(cfg)
+    write_json_atomic(os.path.join(cfg.output_dir, SUMMARY_NAME), summary)
+    return summary
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_config(QRDistillConfig, argv, "distillkit qr-distill",
+                       "QR-Distill: quality-filtered routing of reasoning paths with mutual-student distillation.")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    summary = run(cfg)
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}, indent=1))
+    print(f"summary: {os.path.join(cfg.output_dir, SUMMARY_NAME)}")
+    return 0

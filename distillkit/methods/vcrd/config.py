@@ -1,0 +1,99 @@
+"""VCRD's config: ``VcrdConfig`` (``distillkit vcrd --config configs/vcrd.yaml``)."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+from distillkit.pipeline.config import config_field as _help
+from distillkit.pipeline.train import (
+    TrainConfig, train_field, with_train_options,
+)
+
+WEIGHTINGS = ("uniform", "ratio", "clamped_ratio", "r_s", "r_s_minus_r_t")
+_KERNEL_BACKENDS = ("cuda", "triton", "cpu", "reference")
+
+
+@with_train_options(renamed={"steps": "max_steps", "warmup": "warmup_steps"})
+@dataclass
+class VcrdConfig:
+    student: str = _help("student checkpoint to train (HF directory or Hub id)", default="")
+    teacher: str = _help("teacher checkpoint (same tokenizer / vocabulary as the student)", default="")
+    judge: str | None = _help("process reward model checkpoint (causal LM, Math-Shepherd style); "
+                              "null = PRM-free teacher-likelihood validity", default=None)
+    judge_good_token: str = _help("PRM token meaning 'this step is correct'", default="+")
+    judge_bad_token: str = _help("PRM token meaning 'this step is wrong'", default="-")
+    judge_step_tag: str | None = _help("PRM step marker appended after the candidate token (Math-Shepherd: "
+                                       "'ки'); null reads the PRM right after the candidate", default=None)
+    judge_batch_size: int = _help("PRM candidates scored per forward pass", default=64)
+    prompts: str = _help("JSONL of prompts {id, question, answer}", default="")
+    prompt_template: str = _help("prompt with {question}", default="{question}\n<think> ### Step")
+    output_dir: str = _help("run directory: checkpoint, metrics.jsonl, final/ model, vcrd_summary.json",
+                            default="vcrd-run")
+    # the shared trainer's options (flat in YAML and flags: max_steps, batch_size = prompts per micro-batch, each
+    # giving a teacher and a student rollout, lr, warmup_steps, seed = data order and rollout seeds, ...)
+    train: TrainConfig = train_field(max_steps=100, lr=1e-5, save_every=10, log_every=1)
+    rollout_tokens: int = _help("max new tokens per rollout (no stop boundary; EOS ends early)", default=256)
+    temperature: float = _help("rollout sampling temperature (0 = greedy)", default=1.0)
+    teacher_backend: str = _help("teacher rollouts: hf | vllm (student rollouts always use hf: its weights "
+                                 "change every step)", default="hf")
+    vllm_gpu_memory_utilization: float = _help("vllm teacher: fraction of GPU memory for its engine",
+                                               default=0.3)
+    teacher_dtype: str = _help("teacher (and PRM) weights: float32 | bfloat16 | float16", default="float32")
+    alpha: float = _help("skew of both divergences, in [0, 1]", default=0.1)
+    lambda_t: float = _help("weight of LV-SKL on teacher-prefix tokens", default=1.0)
+    lambda_s: float = _help("weight of LV-SRKL on student-prefix tokens", default=1.0)
+    weighting: str = _help("uniform | ratio | clamped_ratio | r_s | r_s_minus_r_t", default="clamped_ratio")
+    top_k: int = _help("PRM-free r_t: sum of the top_k largest teacher p^2 (capped at the vocabulary)",
+                       default=128)
+    gamma: float = _help("clamped_ratio: exponent of the validity ratio", default=0.5)
+    clip: list[float] = _help("clamped_ratio: bounds (low high) of the weight", default_factory=lambda: [0.5, 2.0])
+    eps: float = _help("added to r_t in the ratios", default=1e-8)
+    eval_data: str | None = _help("JSONL {id, question, answer} for answer accuracy at the end", default=None)
+    eval_limit: int = _help("at most this many eval questions", default=256)
+    max_new_tokens: int = _help("generation budget per eval answer", default=256)
+    backend: str | None = _help("kernel backend: cuda | triton | cpu | reference (null = automatic)", default=None)
+    device: str = _help("auto | cpu | cuda", default="auto")
+    overwrite: bool = _help("when output_dir holds a run started with a different config: move it aside "
+                            "(<output_dir>.replaced-<time>) and start afresh instead of refusing", default=False)
+
+    def __post_init__(self):
+        for name in ("student", "teacher", "prompts"):
+            if not getattr(self, name):
+                raise ValueError(f"{name}: a path is required")
+        for name in ("rollout_tokens", "eval_limit", "max_new_tokens", "top_k", "judge_batch_size"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int) \
+                    or getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)!r} must be an integer >= 1")
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if self.teacher_backend not in ("hf", "vllm"):
+            raise ValueError(f"teacher_backend={self.teacher_backend!r}: expected hf or vllm")
+        if not 0 < self.vllm_gpu_memory_utilization <= 1:
+            raise ValueError(f"vllm_gpu_memory_utilization={self.vllm_gpu_memory_utilization} must lie in (0, 1]")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha={self.alpha} must lie in [0, 1]")
+        for name in ("lambda_t", "lambda_s"):
+            if not (getattr(self, name) >= 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"{name}={getattr(self, name)} must be a finite number >= 0")
+        if self.lambda_t == 0 and self.lambda_s == 0:
+            raise ValueError("lambda_t and lambda_s are both 0: nothing to train")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting={self.weighting!r}: expected one of {WEIGHTINGS}")
+        if not (self.gamma >= 0 and math.isfinite(self.gamma)):
+            raise ValueError(f"gamma={self.gamma} must be a finite number >= 0")
+        clip = list(self.clip) if isinstance(self.clip, (list, tuple)) else None
+        if clip is None or len(clip) != 2 or not all(isinstance(c, (int, float)) for c in clip) \
+                or not 0 < clip[0] <= clip[1] < math.inf:
+            raise ValueError(f"clip={self.clip!r} must be [low, high] with 0 < low <= high < inf")
+        self.clip = [float(c) for c in clip]
+        if not (self.eps >= 0 and math.isfinite(self.eps)):
+            raise ValueError(f"eps={self.eps} must be a finite number >= 0")
+        if self.backend is not None and self.backend not in _KERNEL_BACKENDS:
+            raise ValueError(f"backend={self.backend!r}: expected one of {_KERNEL_BACKENDS} or null")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device={self.device!r}: expected auto, cpu or cuda")
+        if self.teacher_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"teacher_dtype={self.teacher_dtype!r}: expected float32, bfloat16 or float16")
+        if "{question}" not in self.prompt_template:
+            raise ValueError("prompt_template must contain {question}")

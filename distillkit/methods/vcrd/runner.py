@@ -1,0 +1,172 @@
+"""VCRD's training run (resumable) and its command line."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from collections.abc import Sequence
+
+import torch
+
+from distillkit._errors import InputError
+from distillkit.pipeline.config import parse_config
+from distillkit.pipeline.runs import config_values, write_json_atomic
+from distillkit.pipeline.train import (
+    save_pretrained_atomic, torch_device,
+)
+from distillkit.methods.vcrd.config import VcrdConfig
+from distillkit.methods.vcrd.step import output_head, rollout, rollout_seed, vcrd_step
+
+log = logging.getLogger(__name__)
+
+
+# ---- training --------------------------------------------------------------------------------------
+
+class VcrdObjective:
+    """The Trainer's ``loss_fn(model, prompts)``: rollouts (no grad) + weights + fused losses.
+
+    ``trainer`` must be set after the Trainer is built: the rollout seeds derive from its step and
+    the micro-batch index (counted here: the Trainer calls once per micro-batch, in order)."""
+
+    def __init__(self, teacher_model, teacher_backend, tokenizer, cfg: VcrdConfig, judge=None):
+        self.teacher_model, self.teacher_backend, self.tokenizer = teacher_model, teacher_backend, tokenizer
+        self.cfg, self.judge = cfg, judge
+        self.trainer = None
+        self._step, self._micro = -1, 0
+
+    def _next_seed(self) -> int:
+        step = self.trainer.step if self.trainer is not None else 0
+        self._micro = self._micro + 1 if step == self._step else 0
+        self._step = step
+        return rollout_seed(self.cfg.train.seed, step, self._micro)
+
+    def __call__(self, model, prompts: list[str]):
+        from distillkit.teachers.hf import HFTeacher
+
+        cfg = self.cfg
+        seed = self._next_seed()
+        was_training = model.training
+        student_backend = HFTeacher(model, self.tokenizer, name="student", batch_size=max(1, len(prompts)))
+        model.train(was_training)  # HFTeacher puts the model in eval mode; rollout() handles generation
+        rolls = rollout(self.teacher_backend, student_backend, self.tokenizer, prompts,
+                        max_new_tokens=cfg.rollout_tokens, temperature=cfg.temperature, seed=seed)
+        res = vcrd_step(model, self.teacher_model, rolls, judge=self.judge, weighting=cfg.weighting,
+                        alpha=cfg.alpha, lambda_t=cfg.lambda_t, lambda_s=cfg.lambda_s, top_k=cfg.top_k,
+                        gamma=cfg.gamma, clip=cfg.clip, eps=cfg.eps, backend=cfg.backend)
+        return res.loss, res.metrics
+
+
+def load_prompts(cfg: VcrdConfig) -> list[str]:
+    """The prompts file's questions in ``cfg.prompt_template``; InputError naming the line (and id) of a
+    record without a text question. The answer is not needed: VCRD trains on rollouts."""
+    from distillkit.pipeline.data import fill_prompt, read_jsonl_lines
+
+    rows = read_jsonl_lines(cfg.prompts)
+    if not rows:
+        raise InputError(f"prompts={cfg.prompts!r} holds no record")
+    out = []
+    for lineno, r in rows:
+        question = r.get("question")
+        if not isinstance(question, str) or not question.strip():
+            rid = f" (id {r['id']!r})" if "id" in r else ""
+            raise InputError(f"prompts={cfg.prompts!r}: line {lineno}{rid}: question={question!r}: expected a "
+                             "non-empty string")
+        out.append(fill_prompt(cfg.prompt_template, question=question))
+    return out
+
+
+def load_models(cfg: VcrdConfig, device):
+    """(student float32 in train mode, teacher frozen in eval mode, teacher rollout backend, tokenizer, judge)."""
+    from transformers import AutoModelForCausalLM
+
+    from distillkit.teachers.hf import HFTeacher, load_causal_lm, load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.student)
+    student = AutoModelForCausalLM.from_pretrained(cfg.student, dtype=torch.float32).to(device)
+    teacher, _ = load_causal_lm(cfg.teacher, dtype=cfg.teacher_dtype, device=device)
+    teacher.requires_grad_(False)
+    v_s, v_t = output_head(student)[0].shape[0], output_head(teacher)[0].shape[0]
+    if v_s != v_t:
+        raise ValueError(f"teacher={cfg.teacher!r} has a vocabulary of {v_t}, student={cfg.student!r} of {v_s}: "
+                         "VCRD needs one shared tokenizer")
+    if cfg.teacher_backend == "vllm":
+        from distillkit.teachers.vllm import VLLMTeacher
+
+        backend = VLLMTeacher(cfg.teacher, name="teacher", dtype=cfg.teacher_dtype,
+                              gpu_memory_utilization=cfg.vllm_gpu_memory_utilization)
+    else:
+        backend = HFTeacher(teacher, tokenizer, name="teacher", batch_size=max(1, cfg.train.batch_size))
+    judge = None
+    if cfg.judge:
+        from distillkit.methods.vcrd.judges import HFProcessRewardJudge
+
+        judge = HFProcessRewardJudge.from_pretrained(
+            cfg.judge, policy_tokenizer=tokenizer, dtype=cfg.teacher_dtype, device=device,
+            good_token=cfg.judge_good_token, bad_token=cfg.judge_bad_token, step_tag=cfg.judge_step_tag,
+            batch_size=cfg.judge_batch_size)
+    return student.train(), teacher.eval(), backend, tokenizer, judge
+
+
+
+# may differ between a run and its resume: how often a checkpoint / metrics line is written (the trainer
+# resumes exactly from any checkpoint); overwrite and progress always may (distillkit.pipeline.runs)
+RESUME_FREE_FIELDS = ("save_every", "log_every")
+
+
+def run(cfg: VcrdConfig) -> dict:
+    """Trains (resuming from output_dir's checkpoint), saves ``output_dir/final``, evaluates answer
+    accuracy when eval_data is given; returns (and writes to vcrd_summary.json) the summary.
+
+    A rerun must use the config the run was started with (recorded in output_dir/run_config.json;
+    see :mod:`distillkit.pipeline.runs`): a different one raises InputError naming the fields, unless
+    ``overwrite`` (then the old output_dir is moved aside and the run starts afresh)."""
+    from distillkit.pipeline.train import Trainer
+
+    from distillkit.pipeline.data import read_questions_for_eval
+    from distillkit.pipeline.runs import begin_dir_run
+
+    device = torch_device(cfg.device)
+    # the input files are checked, and the config compared with the run's, before any model loads
+    prompts = load_prompts(cfg)
+    questions = read_questions_for_eval(cfg.eval_data, cfg.eval_limit) if cfg.eval_data else None
+    begin_dir_run(cfg, cfg.output_dir, free=RESUME_FREE_FIELDS, previous_from="vcrd_summary.json")
+    student, teacher, teacher_backend, tokenizer, judge = load_models(cfg, device)
+    tcfg = dataclasses.replace(cfg.train, output_dir=cfg.output_dir)
+    objective = VcrdObjective(teacher, teacher_backend, tokenizer, cfg, judge)
+    trainer = Trainer(student, tcfg, prompts, list, objective)
+    objective.trainer = trainer
+    last = trainer.train()
+    final = os.path.join(cfg.output_dir, "final")
+    save_pretrained_atomic(student, tokenizer, final)
+    summary_path = os.path.join(cfg.output_dir, "vcrd_summary.json")
+    previous = {}
+    if os.path.exists(summary_path):
+        with open(summary_path, encoding="utf-8") as f:
+            previous = json.load(f)
+    finished_before = previous.get("step") == trainer.step  # a rerun of a finished run: nothing was trained
+    if finished_before and previous.get("last_metrics"):
+        last = previous["last_metrics"]  # the trainer returns only the step when it trains nothing
+    summary = {"config": config_values(cfg), "step": trainer.step, "final_model": final, "last_metrics": last}
+    if cfg.eval_data:
+        if finished_before and "eval" in previous:  # same eval fields: the run config guarantees it
+            summary["eval"] = previous["eval"]
+        else:
+            from distillkit.pipeline.evaluate import answer_accuracy
+
+            acc = answer_accuracy(student, tokenizer, questions, prompt_template=cfg.prompt_template,
+                                  max_new_tokens=cfg.max_new_tokens)
+            summary["eval"] = {"accuracy": acc["accuracy"], "n": acc["n"]}
+        log.info("answer accuracy %.4f on %d questions", summary["eval"]["accuracy"], summary["eval"]["n"])
+    write_json_atomic(summary_path, summary)
+    return summary
+
+
+def cli(argv: Sequence[str] | None = None) -> int:
+    cfg = parse_config(VcrdConfig, argv, "distillkit vcrd",
+                       "VCRD: validity-calibrated reasoning distillation (teacher- and student-prefix rollouts, "
+                       "validity-weighted skew KL / skew reverse KL).")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    summary = run(cfg)
+    print(json.dumps({k: summary[k] for k in ("step", "final_model", "last_metrics", "eval") if k in summary}))
+    return 0
