@@ -22,8 +22,9 @@ once, the gradient written once = 6 (loss + gradient), 4 (loss only):
 Streaming re-reads come from L2 only while the rows in flight fit: at V = 128256 a row pair is 501 KiB, so 132
 SMs x one program each is ~66 MB against the H200's 60 MB L2; expect most re-reads from HBM, i.e. 14 B per
 element: N = 8192 full (loss + gradient) ~ 14 x 8192 x 128256 / 4.3 TB/s = 3.4 ms, floor 1.5 ms.
-History: v1 four loops (student lse, teacher lse, loss, gradient); compiled for sm_90 here (triton.compile, no GPU), run only under the interpreter
-so far, so not yet timed. v2: the mixture in log space (log m = logaddexp(log a + log p, log b + log q)),
+History: v1 four loops (student lse, teacher lse, loss, gradient); compiled for sm_90 here (triton.compile, no
+GPU), run only under the interpreter so far, so not yet timed.
+v2: the mixture in log space (log m = logaddexp(log a + log p, log b + log q)),
 q p / m and q^2 / m as exp of log differences: alpha = 0 (or far-apart distributions) no longer gives an
 underflowed m and an inf loss. Costs one exp and one log1p more per element and sweep than p / m did;
 NaN / inf rows give a NaN loss (they were dropped by the probability guards and returned 0).
@@ -52,7 +53,6 @@ import triton
 import triton.language as tl
 
 from distillkit._backend import triton_interpret
-
 
 # probabilities below this count as 0, so that alpha * p never underflows (or is flushed) to a zero
 # mixture while p > 0: p * log(p / 0) would be inf for a term worth < 1e-28
