@@ -56,7 +56,8 @@ def usable_cores() -> int:
 
 @dataclass
 class DemoConfig:
-    out: str = field(default="distillkit-demo", metadata={"help": "output folder (data, runs, report.md)"})
+    out: str = field(default="distillkit-demo", metadata={"help": "output folder (data, runs, report.md)",
+                                                          "role": "output_dir"})
     n_distill: int = field(default=160, metadata={"help": "questions the methods write traces for"})
     n_eval: int = field(default=192, metadata={"help": "held-out questions the students are evaluated on"})
     beam_size: int = field(default=4, metadata={"help": "CoRD beams"})

@@ -102,3 +102,18 @@ def test_help_shows_every_default(capsys):
     for option, default in [("--sft-steps", 320), ("--n-eval", 192), ("--lr", 0.002), ("--out", "distillkit-demo"),
                             ("--threads", len(os.sched_getaffinity(0))), ("--sections", "['cord', 'sft', 'mot'")]:
         assert re.search(rf"{option} [A-Z_\[{{](?:(?!--).)*?\(default: {re.escape(str(default))}", text), option
+
+
+def test_cli_checks_its_config_like_every_command(tmp_path, capsys):
+    """The demo's flags go through parse_config: a bad value or an output folder that is a file is one line and exit 2,
+    before anything runs."""
+    with pytest.raises(SystemExit) as exc:
+        demo.cli(["--threads", "0"])
+    assert exc.value.code == 2 and capsys.readouterr().err.strip() == \
+        "distillkit demo: threads=0: expected an integer >= 1"
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(SystemExit) as exc:
+        demo.cli(["--out", str(blocker)])
+    err = capsys.readouterr().err.strip()
+    assert exc.value.code == 2 and err.startswith(f"distillkit demo: --out {blocker}: is a file")
