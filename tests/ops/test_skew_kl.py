@@ -138,14 +138,20 @@ def test_peaky_and_masked_vocabulary(backend, device, loss_name):
     student, teacher, labels = _inputs(_shape(backend, device), torch.float32, device, seed=3, scale=40.0)
     student[..., 7::13] = float("-inf")
     teacher[..., 5::11] = float("-inf")
-    upstream = torch.rand(labels.shape, device=device) + 0.5
+    upstream = (torch.rand(labels.shape, generator=torch.Generator().manual_seed(3)) + 0.5).to(device)
     kw = dict(alpha=0.1, reduction="none")
     loss, grad = _run(fn, student, teacher, labels, upstream, backend=backend, **kw)
     plain_loss, plain_grad = _run(ref_fn, student, teacher, labels, upstream, upcast=False, **kw)
     true_loss, true_grad = _truth(ref_fn, student, teacher, labels, upstream, **kw)
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
     _assert_budget("loss", loss, plain_loss, true_loss, torch.float32)
-    _assert_budget("grad", grad, plain_grad, true_grad, torch.float32)
+    # where both softmaxes are one-hot on the same token the gradient cancels to ~1e-14 .. 1e-27 in float64
+    # while its terms are ~upstream: judge it on the scale of those terms (as test_properties does), since
+    # relative to the cancelled row any float32 computation, plain PyTorch's included, is off by 1e6 or more
+    p, q = torch.softmax(teacher.double(), -1), torch.softmax(student.double(), -1)
+    terms = upstream.double().unsqueeze(-1) * torch.maximum(p, q).amax(-1, keepdim=True)
+    scale = torch.maximum(terms, true_grad.abs().amax(-1, keepdim=True))
+    assert_eager_budget(grad, plain_grad, true_grad, out_dtype=torch.float32, scale=scale, what="grad")
 
 
 def test_properties(backend, device):
