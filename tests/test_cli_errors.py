@@ -12,8 +12,8 @@ import torch
 from distillkit import cli
 from distillkit._errors import InputError
 
-METHODS = {"cord": "distillkit.methods.cord.runner", "vcrd": "distillkit.methods.vcrd.runner", "mot": "distillkit.methods.mot",
-           "qr-distill": "distillkit.methods.qr_distill.runner"}
+METHODS = {"cord": "distillkit.methods.cord.runner", "vcrd": "distillkit.methods.vcrd.runner",
+           "mot": "distillkit.methods.mot", "qr-distill": "distillkit.methods.qr_distill.runner"}
 NO_CUDA = not torch.cuda.is_available()
 
 
@@ -300,7 +300,8 @@ def test_path_errors_are_bad_input_only_for_paths_the_user_gave(fake_command, ca
 
     fake_command(open_it)
     code, err = run_cli(["fake", str(tmp_path / "ckpt")], capsys)
-    assert code == 2 and one_line(err) == f"distillkit fake: {tmp_path / 'ckpt' / 'config.json'}: No such file or directory"
+    missing = tmp_path / "ckpt" / "config.json"
+    assert code == 2 and one_line(err) == f"distillkit fake: {missing}: No such file or directory"
 
     def open_internal(argv):
         open(str(tmp_path / "internal-asset.bin"))

@@ -18,8 +18,8 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -28,7 +28,11 @@ from distillkit.pipeline.config import config_field as _help
 from distillkit.pipeline.config import parse_config
 from distillkit.pipeline.runs import config_values, write_json_atomic
 from distillkit.pipeline.train import (
-    TrainConfig, save_pretrained_atomic, torch_device, train_field, with_train_options,
+    TrainConfig,
+    save_pretrained_atomic,
+    torch_device,
+    train_field,
+    with_train_options,
 )
 
 log = logging.getLogger(__name__)
@@ -81,8 +85,8 @@ class MotConfig:
 
 def load_teacher_datasets(cfg: MotConfig):
     """Teacher-specific datasets, keeping only traces whose final answer is correct."""
-    from distillkit.pipeline.data import load_examples
     from distillkit.pipeline.answers import answers_match, extract_answer
+    from distillkit.pipeline.data import load_examples
 
     datasets = []
     for k, path in enumerate(cfg.teacher_data):

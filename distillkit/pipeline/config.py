@@ -46,11 +46,18 @@ import os
 import sys
 import types
 import typing
-from typing import Any, Sequence, TypeVar
+from collections.abc import Sequence
+from typing import Any, TypeVar
 
 from distillkit._errors import InputError
 from distillkit.pipeline.environment import (  # noqa: F401 (part of this module's interface)
-    INPUT_FILE_FIELDS, KERNEL_BACKEND_FIELDS, MODEL_FIELDS, ROLES, TEACHER_BACKEND_FIELDS, check_environment, field_role,
+    INPUT_FILE_FIELDS,
+    KERNEL_BACKEND_FIELDS,
+    MODEL_FIELDS,
+    ROLES,
+    TEACHER_BACKEND_FIELDS,
+    check_environment,
+    field_role,
     looks_local,
 )
 
@@ -128,7 +135,8 @@ def build_parser(cls, prog: str, description: str) -> argparse.ArgumentParser:
             elem = {"list-float": float, "list-int": int}.get(kind, str)
             p.add_argument(flag, dest=f.name, default=None, nargs="+", type=elem, help=help_)
         else:
-            p.add_argument(flag, dest=f.name, default=None, type={"int": int, "float": float}.get(kind, str), help=help_)
+            p.add_argument(flag, dest=f.name, default=None, type={"int": int, "float": float}.get(kind, str),
+                           help=help_)
     return p
 
 

@@ -12,8 +12,9 @@ import json
 import logging
 import re
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 

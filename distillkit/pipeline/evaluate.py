@@ -1,7 +1,7 @@
 """Answer accuracy of a causal LM by greedy generation, shared by the training methods."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

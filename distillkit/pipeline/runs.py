@@ -45,7 +45,8 @@ import logging
 import os
 import tempfile
 import time
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from distillkit._errors import InputError
 

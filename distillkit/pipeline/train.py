@@ -8,13 +8,14 @@ an uninterrupted run (the data order is a pure function of seed and step).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
-import dataclasses
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -129,7 +130,7 @@ def _twice(names) -> dict:
     raise ValueError(f"{sorted(names)}: given both flat and under train:")
 
 
-def _default_train(cls) -> "TrainConfig":
+def _default_train(cls) -> TrainConfig:
     f = next(f for f in dataclasses.fields(cls) if f.name == "train")
     return f.default_factory()  # type: ignore[misc]
 

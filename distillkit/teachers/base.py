@@ -12,8 +12,9 @@ boundary. What a boundary is comes from a :class:`StepBoundary` (the segmentatio
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 STOP_REASONS = ("boundary", "end", "stop", "eos", "length")
 
@@ -79,7 +80,7 @@ class NoStop:
         return []
 
 
-def as_boundary(stop: "StepBoundary | Sequence[str] | str | None") -> StepBoundary:
+def as_boundary(stop: StepBoundary | Sequence[str] | str | None) -> StepBoundary:
     """Accepts a StepBoundary, a stop string, a list of stop strings, or None (no stop)."""
     if stop is None:
         return NoStop()
@@ -126,7 +127,7 @@ class Teacher(abc.ABC):
 
     @abc.abstractmethod
     def propose(self, prefixes: Sequence[str], *, n: int = 1, max_new_tokens: int = 128,
-                stop: "StepBoundary | Sequence[str] | str | None" = None, temperature: float = 0.0,
+                stop: StepBoundary | Sequence[str] | str | None = None, temperature: float = 0.0,
                 seed: int | None = None) -> list[list[Proposal]]:
         """Continues every prefix ``n`` times; returns ``[len(prefixes)][n]`` proposals.
 

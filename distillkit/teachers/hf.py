@@ -6,12 +6,17 @@ import functools
 import json
 import logging
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
 from distillkit.teachers.base import (
-    Proposal, StepBoundary, Teacher, as_boundary, check_propose_args, finish,
+    Proposal,
+    StepBoundary,
+    Teacher,
+    as_boundary,
+    check_propose_args,
+    finish,
 )
 
 log = logging.getLogger(__name__)
@@ -25,7 +30,7 @@ def cache_kwargs(model, cache) -> dict:
     return {_cache_keyword(type(model)): cache}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cache_keyword(model_class) -> str:
     # per class, not per call: scoring calls this for every batch
     import inspect
@@ -134,7 +139,7 @@ class HFTeacher(Teacher):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, name: str | None = None,
                         dtype: str | torch.dtype = "float32", device: str | torch.device = "cpu",
-                        batch_size: int = 16) -> "HFTeacher":
+                        batch_size: int = 16) -> HFTeacher:
         model, tok = load_causal_lm(path, dtype=dtype, device=device)
         return cls(model, tok, name=name or os.fspath(path), batch_size=batch_size)
 

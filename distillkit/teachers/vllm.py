@@ -7,10 +7,15 @@ vllm is imported when a VLLMTeacher is built, never at ``import distillkit``.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from distillkit.teachers.base import (
-    Proposal, StepBoundary, Teacher, as_boundary, check_propose_args, finish,
+    Proposal,
+    StepBoundary,
+    Teacher,
+    as_boundary,
+    check_propose_args,
+    finish,
 )
 
 

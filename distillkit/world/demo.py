@@ -36,8 +36,14 @@ from distillkit.pipeline.data import fill_prompt
 from distillkit.world import models as M
 from distillkit.world import problems as W
 from distillkit.world.demo_jobs import Job, _children_cpu_s, job_times, run_jobs, section_times  # noqa: F401
-from distillkit.world.demo_report import (PAPER_ORDERINGS, check_orderings, explain, format_table,  # noqa: F401
-                                          plot_rows, write_report)
+from distillkit.world.demo_report import (  # noqa: F401
+    PAPER_ORDERINGS,
+    check_orderings,
+    explain,
+    format_table,
+    plot_rows,
+    write_report,
+)
 
 log = logging.getLogger(__name__)
 SECTIONS = ("cord", "sft", "mot", "vcrd", "qr")
@@ -69,7 +75,8 @@ class DemoConfig:
     vcrd_steps: int = field(default=60, metadata={"help": "VCRD optimizer steps per run (weighting x seed)"})
     vcrd_sft_steps: int = field(default=160, metadata={"help": "SFT steps of the student VCRD starts from (0: the base "
                                                                 "student, on which VCRD barely moves)"})
-    vcrd_lr: float = field(default=5e-4, metadata={"help": "VCRD learning rate (distillation on rollouts: lower than SFT)"})
+    vcrd_lr: float = field(default=5e-4, metadata={
+        "help": "VCRD learning rate (distillation on rollouts: lower than SFT)"})
     vcrd_temperature: float = field(default=0.7, metadata={"help": "VCRD rollout sampling temperature"})
     qr_steps: int = field(default=120, metadata={"help": "QR-Distill optimizer steps per routing"})
     cord_shard: int = field(default=40, metadata={
@@ -83,7 +90,8 @@ class DemoConfig:
                 "core this process may use, and the numbers do not depend on it", "show_default": True})
 
     def __post_init__(self):
-        for name in ("n_distill", "n_eval", "beam_size", "sft_steps", "sft_seeds", "batch_size", "mot_rounds", "vcrd_steps",
+        for name in ("n_distill", "n_eval", "beam_size", "sft_steps", "sft_seeds", "batch_size", "mot_rounds",
+                     "vcrd_steps",
                      "qr_steps", "cord_shard", "threads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected an integer >= 1")
@@ -288,7 +296,8 @@ def run_vcrd(cfg: DemoConfig, weighting: str, teacher: str, prompts_path: str, e
 
         shutil.rmtree(out_dir)
     vc = VcrdConfig(student=student, teacher=M.asset_path(teacher), prompts=prompts_path,
-                    output_dir=out_dir, max_steps=cfg.vcrd_steps, batch_size=cfg.batch_size, lr=cfg.vcrd_lr, warmup_steps=5,
+                    output_dir=out_dir, max_steps=cfg.vcrd_steps, batch_size=cfg.batch_size, lr=cfg.vcrd_lr,
+                    warmup_steps=5,
                     rollout_tokens=M.max_new_tokens(), temperature=cfg.vcrd_temperature, weighting=weighting, seed=seed,
                     device="cpu", save_every=0, log_every=10, progress=False)
     with torch.random.fork_rng(devices=[]):
@@ -397,10 +406,12 @@ def plan_jobs(cfg: DemoConfig, distill, evals, q_distill: str) -> list[Job]:
                          cost=0.6 * len(qs))  # measured: the beam costs little more than greedy
                      for i, (k, qs) in enumerate(zip(shards, slices))]
             jobs.append(Job(f"cord: {m}", "cord", cord_merge,
-                            lambda done, m=m, shards=shards: dict(cfg=cfg, method=m, shards=[done[k][0] for k in shards]),
+                            lambda done, m=m, shards=shards: dict(cfg=cfg, method=m,
+                                                                  shards=[done[k][0] for k in shards]),
                             deps=shards, cost=1.0))
     if "sft" in cfg.sections or "mot" in cfg.sections:
-        jobs.append(Job("student-base", "sft", evaluate_student, dict(cfg=cfg, eval_probs=evals), cost=0.02 * cfg.n_eval))
+        jobs.append(Job("student-base", "sft", evaluate_student, dict(cfg=cfg, eval_probs=evals),
+                        cost=0.02 * cfg.n_eval))
     if "sft" in cfg.sections:
         jobs += [Job(f"sft: {m} seed{seed}", "sft", sft_seed,
                      dict(cfg=cfg, name=f"sft-{m}", trace_paths=[_trace_path(cfg, m)], seed=seed, eval_probs=evals),
@@ -416,8 +427,8 @@ def plan_jobs(cfg: DemoConfig, distill, evals, q_distill: str) -> list[Job]:
                      dict(cfg=cfg, name="sft-union", trace_paths=teacher_paths, seed=seed, eval_probs=evals),
                      deps=traces, cost=sft_cost)
                  for seed in sft_seeds(cfg)]
-        jobs.append(Job("mot", "mot", run_mot, dict(cfg=cfg, teacher_paths=teacher_paths, eval_probs=evals), deps=traces,
-                        cost=(len(M.TEACHERS) + 1) * sft_cost))
+        jobs.append(Job("mot", "mot", run_mot, dict(cfg=cfg, teacher_paths=teacher_paths, eval_probs=evals),
+                        deps=traces, cost=(len(M.TEACHERS) + 1) * sft_cost))
     if "vcrd" in cfg.sections:
         jobs.append(Job("vcrd: start", "vcrd", vcrd_start,
                         lambda done: dict(cfg=cfg, teacher=best(done), teacher_traces=_trace_path(cfg, best(done)),

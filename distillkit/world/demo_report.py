@@ -38,7 +38,8 @@ def check_orderings(rows: dict[str, dict]) -> list[str]:
 def explain(rows: dict[str, dict]) -> list[str]:
     """Plain-words reasons for the differences this world is known to produce, from this run's numbers."""
     out = []
-    if all(k in rows for k in ("cord", "greedy", "curation")) and rows["greedy"]["accuracy"] < rows["curation"]["accuracy"]:
+    if all(k in rows for k in ("cord", "greedy", "curation")) \
+            and rows["greedy"]["accuracy"] < rows["curation"]["accuracy"]:
         out.append("- Greedy CoRD (one beam) commits to the meta-prover's first choice; early in a trace the "
                    "meta-prover must finish the remaining operations in its head and is often unsure "
                    "(recorded in assets/manifest.json: answer accuracy by steps written), while curation "

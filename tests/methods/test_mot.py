@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from distillkit.pipeline.data import SFTCollator, load_examples, sft_loss
 from distillkit.merge import average_
 from distillkit.methods.mot import MotConfig, load_teacher_datasets, run
+from distillkit.pipeline.data import SFTCollator, load_examples, sft_loss
 from distillkit.pipeline.train import TrainConfig, Trainer
 from distillkit.world.tiny import build_tokenizer, save_tiny_checkpoint
 

@@ -11,7 +11,12 @@ import pytest
 
 from distillkit import InputError
 from distillkit.pipeline.runs import (
-    RUN_CONFIG_NAME, append_record, begin_dir_run, begin_run, config_differences, read_records,
+    RUN_CONFIG_NAME,
+    append_record,
+    begin_dir_run,
+    begin_run,
+    config_differences,
+    read_records,
 )
 
 

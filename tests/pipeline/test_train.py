@@ -14,7 +14,6 @@ from distillkit.pipeline.data import Example, SFTCollator, sft_loss
 from distillkit.pipeline.train import TrainConfig, Trainer, cosine_with_warmup
 from distillkit.world.tiny import build_tokenizer, tiny_causal_lm
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: tiny models, a shared 2-core CPU
 
 

@@ -9,7 +9,6 @@ from distillkit.teachers.base import Proposal, StringStop
 from distillkit.teachers.hf import HFTeacher
 from distillkit.world.tiny import build_tokenizer, save_tiny_checkpoint, tiny_causal_lm
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
@@ -110,10 +109,10 @@ def test_vllm_backend():
         pytest.skip(f"vLLM backend not testable here: {why}")
     if not torch.cuda.is_available():
         pytest.skip("vLLM backend not testable here: vllm is installed but no CUDA device is present")
+    import tempfile
+
     from distillkit.methods.cord.segmentation import LineBreak
     from distillkit.teachers.vllm import VLLMTeacher
-
-    import tempfile
 
     with tempfile.TemporaryDirectory() as d:
         path = save_tiny_checkpoint(d, hidden_size=64, seed=0)

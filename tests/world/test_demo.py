@@ -27,7 +27,8 @@ def test_reduced_demo_runs_every_method_and_writes_the_report(small_run):
     out, result = small_run
     rows = result["rows"]
     expected = {"cord", "greedy", "curation", "random", "sft: cord", "sft: greedy", "sft: curation", "sft: random",
-                "sft: best single teacher", "sft: union of teachers", "mot", "vcrd: start", "vcrd: clamped_ratio", "vcrd: uniform",
+                "sft: best single teacher", "sft: union of teachers", "mot", "vcrd: start", "vcrd: clamped_ratio",
+                "vcrd: uniform",
                 "qr: learned routing", "qr: random routing", "student-base (no distillation)"}
     assert expected <= set(rows)
     for name, row in rows.items():

@@ -17,11 +17,28 @@ Python:
 """
 from distillkit.methods.cord.config import METHODS, SCORING_BACKENDS, CordConfig  # noqa: F401
 from distillkit.methods.cord.decode import (  # noqa: F401
-    DECODERS, Beam, DecodeResult, Scorer, decode_curation, decode_one, decode_random, extend_beam, propose_steps,
-    score_candidates, select_beams, write_answer,
+    DECODERS,
+    Beam,
+    DecodeResult,
+    Scorer,
+    decode_curation,
+    decode_one,
+    decode_random,
+    extend_beam,
+    propose_steps,
+    score_candidates,
+    select_beams,
+    write_answer,
 )
 from distillkit.methods.cord.runner import (  # noqa: F401
-    begin_cord_run, cli, load_done, load_meta_prover, load_teachers, make_record, run, run_config_file,
+    begin_cord_run,
+    cli,
+    load_done,
+    load_meta_prover,
+    load_teachers,
+    make_record,
+    run,
+    run_config_file,
 )
 from distillkit.methods.cord.summary import HIT_RATE_BINS, hit_rates, plot_hit_rates, summarize, write_summary  # noqa: F401
 from distillkit.pipeline.answers import answers_match, extract_answer, normalize_answer  # noqa: F401

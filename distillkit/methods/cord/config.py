@@ -102,7 +102,7 @@ class CordConfig:
             raise InputError(f"limit={self.limit!r}: expected an integer >= 0 (0: no question) or None (all)")
 
     @classmethod
-    def from_yaml(cls, path: str, **overrides) -> "CordConfig":
+    def from_yaml(cls, path: str, **overrides) -> CordConfig:
         from distillkit.pipeline.config import load_config  # values coerced to the field types (lr: 1e-4 is a float)
 
         return load_config(cls, path, **{k: v for k, v in overrides.items() if v is not None})

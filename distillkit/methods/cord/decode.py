@@ -4,8 +4,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from distillkit.methods.cord.config import CordConfig
 from distillkit.methods.cord.segmentation import END_MARKER, Segmentation

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 
@@ -110,7 +110,7 @@ class MetaProver:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
-                        device: str | torch.device = "cpu", **kwargs) -> "MetaProver":
+                        device: str | torch.device = "cpu", **kwargs) -> MetaProver:
         from distillkit.teachers.hf import load_causal_lm
 
         model, tok = load_causal_lm(path, dtype=dtype, device=device)
@@ -276,7 +276,8 @@ class MetaProver:
                 mask[r, :st] = 1
                 mask[r, past:past + len(x)] = 1
             pos = torch.tensor(starts).view(-1, 1) + torch.arange(width).view(1, -1)
-            kwargs = dict(**cache_kwargs(self._body, cache), attention_mask=mask.to(self.device), position_ids=pos.to(self.device))
+            kwargs = dict(**cache_kwargs(self._body, cache), attention_mask=mask.to(self.device),
+                          position_ids=pos.to(self.device))
         hidden = self._body(input_ids=ids, use_cache=bool(kwargs), **kwargs).last_hidden_state
         self.stats.tokens_processed += sum(len(x) for x in suffixes)
         rows, pos_idx, answer_ids, cu = [], [], [], [0]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 from distillkit.methods.cord.config import CordConfig
 from distillkit.methods.cord.decode import DECODERS, DecodeResult, Scorer

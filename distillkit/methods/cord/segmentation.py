@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import abc
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 END_MARKER = "</think>"
 STEP_MARKER = "### Step"

@@ -5,8 +5,7 @@ import json
 import math
 import os
 import tempfile
-from typing import Sequence
-
+from collections.abc import Sequence
 
 HIT_RATE_BINS = 10
 
@@ -14,7 +13,8 @@ HIT_RATE_BINS = 10
 # ----------------------------------------------------------------------------------------------
 # Summary
 # ----------------------------------------------------------------------------------------------
-def hit_rates(records: Sequence[dict], names: Sequence[str], bins: int = HIT_RATE_BINS) -> dict[str, list[float | None]]:
+def hit_rates(records: Sequence[dict], names: Sequence[str],
+              bins: int = HIT_RATE_BINS) -> dict[str, list[float | None]]:
     """Share of steps each teacher wrote, per bin of normalised reasoning progress (step j of n sits
     at (j + 0.5) / n), as in the seed's Figure 2. None where a bin holds no step."""
     counts = [[0] * bins for _ in names]

@@ -27,16 +27,41 @@ Outputs in ``output_dir``: paths.jsonl, trainer_state.pt + metrics.jsonl (the sh
 rerun resumes), students/<name>/ (Hugging Face checkpoints), router.pt, qr_summary.json.
 """
 from distillkit.methods.qr_distill.config import (  # noqa: F401
-    BACKENDS, DEFAULT_JUDGE_PROMPT, DEFAULT_STYLES, JUDGE_MODES, PATHS_NAME, ROUTER_NAME, STYLE_TEMPLATES, SUMMARY_NAME,
+    BACKENDS,
+    DEFAULT_JUDGE_PROMPT,
+    DEFAULT_STYLES,
+    JUDGE_MODES,
+    PATHS_NAME,
+    ROUTER_NAME,
+    STYLE_TEMPLATES,
+    SUMMARY_NAME,
     QRDistillConfig,
 )
 from distillkit.methods.qr_distill.paths import (  # noqa: F401
-    collect_paths, filter_paths, imported_records, judge_paths, keep_path, make_path_record, parse_judgement, path_key,
+    collect_paths,
+    filter_paths,
+    imported_records,
+    judge_paths,
+    keep_path,
+    make_path_record,
+    parse_judgement,
+    path_key,
     propose_paths,
 )
 from distillkit.methods.qr_distill.runner import RESUME_FREE_FIELDS, check_inputs, cli, run  # noqa: F401
 from distillkit.methods.qr_distill.training import (  # noqa: F401
-    PathItem, QRCollator, apply_lora, build_items, build_model, evaluate_students, load_encoder, load_students,
-    loss_settings, make_trainer, route_features, routing_summary, save_students,
+    PathItem,
+    QRCollator,
+    apply_lora,
+    build_items,
+    build_model,
+    evaluate_students,
+    load_encoder,
+    load_students,
+    loss_settings,
+    make_trainer,
+    route_features,
+    routing_summary,
+    save_students,
 )
 from distillkit.pipeline.data import fill_prompt as fill  # noqa: F401 (the old name of fill_prompt)

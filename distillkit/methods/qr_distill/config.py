@@ -6,12 +6,10 @@ import os
 import re
 from dataclasses import dataclass
 
-
+from distillkit.methods.qr_distill.router import ROUTINGS
 from distillkit.pipeline.config import config_field as _help
 from distillkit.pipeline.data import DEFAULT_PROMPT
 from distillkit.pipeline.train import TrainConfig, train_field, with_train_options
-from distillkit.methods.qr_distill.router import ROUTINGS
-
 
 _FINAL = 'End with "The final answer is X." where X is the answer.'
 STYLE_TEMPLATES: dict[str, str] = {

@@ -4,16 +4,17 @@ from __future__ import annotations
 import logging
 import os
 import re
-from typing import Any, Sequence
-
+from collections.abc import Sequence
+from typing import Any
 
 from distillkit._errors import InputError
+from distillkit.methods.qr_distill.config import (
+    JUDGE_MODES,
+    QRDistillConfig,
+)
 from distillkit.pipeline.data import fill_prompt
 from distillkit.pipeline.train import torch_device
 from distillkit.teachers.base import Teacher
-from distillkit.methods.qr_distill.config import (
-    JUDGE_MODES, QRDistillConfig,
-)
 
 log = logging.getLogger(__name__)
 

@@ -4,22 +4,31 @@ from __future__ import annotations
 import json
 import logging
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
+from distillkit.methods.qr_distill.config import (
+    ROUTER_NAME,
+    SUMMARY_NAME,
+    QRDistillConfig,
+)
+from distillkit.methods.qr_distill.paths import collect_paths, filter_paths, imported_records
+from distillkit.methods.qr_distill.training import (
+    QRCollator,
+    build_items,
+    build_model,
+    evaluate_students,
+    load_students,
+    make_trainer,
+    route_features,
+    routing_summary,
+    save_students,
+)
 from distillkit.pipeline.config import parse_config
 from distillkit.pipeline.runs import begin_dir_run, config_values, write_json_atomic
 from distillkit.pipeline.train import torch_device
 from distillkit.teachers.base import Teacher
-from distillkit.methods.qr_distill.config import (
-    ROUTER_NAME, SUMMARY_NAME, QRDistillConfig,
-)
-from distillkit.methods.qr_distill.paths import collect_paths, filter_paths, imported_records
-from distillkit.methods.qr_distill.training import (
-    QRCollator, build_items, build_model, evaluate_students, load_students, make_trainer, route_features,
-    routing_summary, save_students,
-)
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +44,7 @@ RESUME_FREE_FIELDS = ("save_every", "log_every")
 def check_inputs(cfg: QRDistillConfig) -> None:
     """Reads the questions (or paths_input) and eval_data, raising InputError naming the line of a bad
     record, before any model is loaded."""
-    from distillkit.pipeline.data import read_questions_for_eval
-    from distillkit.pipeline.data import read_questions
+    from distillkit.pipeline.data import read_questions, read_questions_for_eval
 
     if cfg.paths_input:
         imported_records(cfg)

@@ -5,15 +5,16 @@ import dataclasses
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
-from distillkit.pipeline.data import Example, fill_prompt
 from distillkit.methods.qr_distill.config import (
     QRDistillConfig,
 )
+from distillkit.pipeline.data import Example, fill_prompt
 
 log = logging.getLogger(__name__)
 

@@ -34,9 +34,26 @@ The step is factored for tests and reuse: ``rollout`` -> ``final_hidden`` -> ``v
 """
 from distillkit.methods.vcrd.config import WEIGHTINGS, VcrdConfig  # noqa: F401
 from distillkit.methods.vcrd.runner import (  # noqa: F401
-    RESUME_FREE_FIELDS, VcrdObjective, cli, load_models, load_prompts, run,
+    RESUME_FREE_FIELDS,
+    VcrdObjective,
+    cli,
+    load_models,
+    load_prompts,
+    run,
 )
 from distillkit.methods.vcrd.step import (  # noqa: F401
-    IGNORE_INDEX, Rollouts, StepResult, ValidityWeights, build_rollouts, combine_validity, final_hidden, output_head,
-    rollout, rollout_seed, target_positions, validity_weights, vcrd_loss, vcrd_step,
+    IGNORE_INDEX,
+    Rollouts,
+    StepResult,
+    ValidityWeights,
+    build_rollouts,
+    combine_validity,
+    final_hidden,
+    output_head,
+    rollout,
+    rollout_seed,
+    target_positions,
+    validity_weights,
+    vcrd_loss,
+    vcrd_step,
 )

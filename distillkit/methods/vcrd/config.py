@@ -4,10 +4,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-
 from distillkit.pipeline.config import config_field as _help
 from distillkit.pipeline.train import (
-    TrainConfig, train_field, with_train_options,
+    TrainConfig,
+    train_field,
+    with_train_options,
 )
 
 WEIGHTINGS = ("uniform", "ratio", "clamped_ratio", "r_s", "r_s_minus_r_t")

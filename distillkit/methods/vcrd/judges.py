@@ -242,7 +242,8 @@ class HFProcessRewardJudge:
             allowed = torch.cat([sees_prefix, own], 1)
             mask4d = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, neg)[None, None].to(dev)
             logits = self.model(input_ids=block.reshape(1, -1).to(dev), attention_mask=mask4d,
-                                position_ids=position_ids.to(dev), use_cache=True, **cache_kwargs(self.model, cache)).logits
+                                position_ids=position_ids.to(dev), use_cache=True,
+                                **cache_kwargs(self.model, cache)).logits
             cache.crop(-m * k)  # drop this block's keys (negative: remove that many) before the next block
             out.append(self._good_prob(logits[0].reshape(m, k, -1)[:, -1]))
         return torch.cat(out)

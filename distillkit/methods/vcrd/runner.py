@@ -10,13 +10,14 @@ from collections.abc import Sequence
 import torch
 
 from distillkit._errors import InputError
+from distillkit.methods.vcrd.config import VcrdConfig
+from distillkit.methods.vcrd.step import output_head, rollout, rollout_seed, vcrd_step
 from distillkit.pipeline.config import parse_config
 from distillkit.pipeline.runs import config_values, write_json_atomic
 from distillkit.pipeline.train import (
-    save_pretrained_atomic, torch_device,
+    save_pretrained_atomic,
+    torch_device,
 )
-from distillkit.methods.vcrd.config import VcrdConfig
-from distillkit.methods.vcrd.step import output_head, rollout, rollout_seed, vcrd_step
 
 log = logging.getLogger(__name__)
 
@@ -121,10 +122,9 @@ def run(cfg: VcrdConfig) -> dict:
     A rerun must use the config the run was started with (recorded in output_dir/run_config.json;
     see :mod:`distillkit.pipeline.runs`): a different one raises InputError naming the fields, unless
     ``overwrite`` (then the old output_dir is moved aside and the run starts afresh)."""
-    from distillkit.pipeline.train import Trainer
-
     from distillkit.pipeline.data import read_questions_for_eval
     from distillkit.pipeline.runs import begin_dir_run
+    from distillkit.pipeline.train import Trainer
 
     device = torch_device(cfg.device)
     # the input files are checked, and the config compared with the run's, before any model loads

@@ -15,13 +15,21 @@ import torch
 
 from distillkit import InputError
 from distillkit.methods import cord
-from distillkit.pipeline.config import build_parser
 from distillkit.methods.cord import (
-    Beam, CordConfig, answers_match, decode_curation, decode_one, decode_random, extract_answer,
-    load_done, normalize_answer, run, select_beams,
+    Beam,
+    CordConfig,
+    answers_match,
+    decode_curation,
+    decode_one,
+    decode_random,
+    extract_answer,
+    load_done,
+    normalize_answer,
+    run,
+    select_beams,
 )
+from distillkit.pipeline.config import build_parser
 from distillkit.teachers.base import Proposal, Teacher, as_boundary
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -69,7 +77,7 @@ class FakeScorer:
     def score(self, pairs, *, prefixes=None):
         self.calls.append((list(pairs), list(prefixes or [])))
         out = []
-        for ctx, answer in pairs:
+        for ctx, _answer in pairs:
             assert not ctx.endswith("</think>")  # the template adds it
             self.tokens_processed += len(ctx)
             body = ctx.split("<think>\n", 1)[-1]
@@ -250,7 +258,8 @@ def test_crash_and_resume_gives_the_same_records(tmp_path):
         f.write('{"id": "q3", "question": "half a rec')  # a torn write from a crash
     summary = run(cfg, teachers=mk(), meta_prover=FakeScorer(table))
     assert out.read_text() == (tmp_path / "ref.jsonl").read_text()
-    assert summary["records"] == 5 and summary["teacher_share"] == {"A": 0.75, "B": 0.25}  # A0 B1 A2 A3 (tie: first teacher)
+    # A0 B1 A2 A3 (tie: first teacher)
+    assert summary["records"] == 5 and summary["teacher_share"] == {"A": 0.75, "B": 0.25}
     # Rerunning does nothing new (and needs no models).
     run(cfg, teachers=[], meta_prover=None)
     assert out.read_text() == (tmp_path / "ref.jsonl").read_text()

@@ -104,7 +104,8 @@ def test_template_and_argument_checks(tok):
     model = tiny_causal_lm(len(tok), hidden_size=32, seed=0)
     prover = MetaProver(model, tok, template="{context}\nAnswer: {answer}")
     ids, start = prover.encode("ctx", "9")
-    assert tok.decode(ids, skip_special_tokens=True) == "ctx\nAnswer: 9" and ids[start:] == tok("9", add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids, skip_special_tokens=True) == "ctx\nAnswer: 9"
+    assert ids[start:] == tok("9", add_special_tokens=False)["input_ids"]
     assert prover.score([]).shape == (0,)
     with pytest.raises(ValueError, match="template"):
         MetaProver(model, tok, template="{context} only")

@@ -4,7 +4,10 @@ from __future__ import annotations
 import pytest
 
 from distillkit.methods.cord.segmentation import (
-    LineBreak, PrefixBased, PromptGuided, make_segmentation,
+    LineBreak,
+    PrefixBased,
+    PromptGuided,
+    make_segmentation,
 )
 from distillkit.teachers.base import StepBoundary, StringStop, as_boundary, finish
 
@@ -37,7 +40,8 @@ def test_line_break():
 def test_prefix_based():
     seg = PrefixBased()
     steps = seg.split(TRACE_PB)
-    assert steps == ["I add 3 and 4. ", "Wait, 3+4 is 7.\n", "Let me check: yes. Butter is not a step. ", "so 7.</think>"]
+    assert steps == ["I add 3 and 4. ", "Wait, 3+4 is 7.\n", "Let me check: yes. Butter is not a step. ",
+                     "so 7.</think>"]
     assert "".join(steps) == TRACE_PB[:TRACE_PB.index("</think>") + len("</think>")]
     # Streaming needs one more character to know "But" is a word and not "Butter".
     assert seg.cut("x. But") is None

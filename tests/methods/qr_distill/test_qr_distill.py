@@ -12,14 +12,22 @@ import torch
 import yaml
 
 from _tolerance import assert_eager_budget, ulp
-from distillkit.pipeline.data import Example, SFTCollator
-from distillkit.methods.qr_distill import router as qr
 from distillkit.methods.qr_distill import (
-    DEFAULT_STYLES, STYLE_TEMPLATES, PathItem, QRCollator, QRDistillConfig, collect_paths, filter_paths,
-    parse_judgement, path_key, run,
+    DEFAULT_STYLES,
+    STYLE_TEMPLATES,
+    PathItem,
+    QRCollator,
+    QRDistillConfig,
+    collect_paths,
+    filter_paths,
+    parse_judgement,
+    path_key,
+    run,
 )
-from distillkit.teachers.base import Proposal, Teacher
+from distillkit.methods.qr_distill import router as qr
+from distillkit.pipeline.data import Example, SFTCollator
 from distillkit.pipeline.train import TrainConfig, Trainer
+from distillkit.teachers.base import Proposal, Teacher
 from distillkit.world.tiny import build_tokenizer, save_tiny_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
@@ -295,7 +303,7 @@ def _pretrain(student, tok, texts, steps=25):
     opt = torch.optim.Adam(student.parameters(), lr=1e-2)
     col = SFTCollator(tok, 64)
     student.train()
-    for step in range(steps):
+    for _step in range(steps):
         loss, _ = sft_loss(student, col(exs))
         opt.zero_grad()
         loss.backward()
@@ -480,7 +488,8 @@ def test_three_students_every_ablation(world, routing, top_k, mutual, entropy):
     loss.backward()
     assert torch.isfinite(loss)
     shares = [metrics[f"share_s{s}"] for s in range(3)]
-    assert sum(shares) == pytest.approx(3.0 if routing == "all" else float(top_k))  # counts / batch: a few float32 roundings
+    # counts / batch: a few float32 roundings
+    assert sum(shares) == pytest.approx(3.0 if routing == "all" else float(top_k))
     assert ("align" in metrics) == mutual and ("balance" in metrics) == (entropy and routing == "learned")
     if routing == "learned":
         assert sum(float(p.grad.abs().sum()) for p in model.router.parameters()) > 0

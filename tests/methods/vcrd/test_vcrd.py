@@ -11,9 +11,7 @@ import torch
 
 from _tolerance import assert_eager_budget
 from distillkit._backend import backends
-from distillkit.methods.vcrd.judges import CallableJudge
 from distillkit.methods import vcrd
-from distillkit.methods.vcrd import runner as vcrd_runner  # the module whose run() calls these
 from distillkit.methods.vcrd import (
     IGNORE_INDEX,
     WEIGHTINGS,
@@ -24,6 +22,8 @@ from distillkit.methods.vcrd import (
     target_positions,
     vcrd_step,
 )
+from distillkit.methods.vcrd import runner as vcrd_runner  # the module whose run() calls these
+from distillkit.methods.vcrd.judges import CallableJudge
 from distillkit.reference import skew_kl as ref_skl
 from distillkit.reference import validity as ref_validity
 from distillkit.teachers.base import Proposal
@@ -75,7 +75,8 @@ def _reference_loss(z_s, z_t, rolls, weights, *, alpha, lambda_t, lambda_s):
     labels, w = rolls.labels[:, 1:], weights[:, :-1].to(z_s.dtype)
     B = rolls.num_prompts
     total = 0
-    for lam, fn, rows in ((lambda_t, ref_skl.skew_kl, slice(0, B)), (lambda_s, ref_skl.skew_reverse_kl, slice(B, None))):
+    for lam, fn, rows in ((lambda_t, ref_skl.skew_kl, slice(0, B)),
+                          (lambda_s, ref_skl.skew_reverse_kl, slice(B, None))):
         d = fn(z_s[rows], z_t[rows], alpha=alpha, reduction="none")
         keep = labels[rows] != IGNORE_INDEX
         total = total + lam * torch.where(keep, d * w[rows], torch.zeros_like(d)).sum() / keep.sum().clamp(min=1)
@@ -98,7 +99,8 @@ def test_rollouts_mask_prompt_and_padding(world):
     props_s = [Proposal("", 0, False, "length"), Proposal("x", 2, True, "eos")]
     r = build_rollouts(tok, PROMPTS, props_t, props_s, max_new_tokens=4)
     rollout_ids = [r.labels[i][r.labels[i] != IGNORE_INDEX].tolist() for i in range(4)]
-    enc = lambda s: tok(s, add_special_tokens=False)["input_ids"]
+    def enc(s):
+        return tok(s, add_special_tokens=False)["input_ids"]
     assert rollout_ids == [enc("12") + [tok.eos_token_id], enc("abcd"), [], enc("x") + [tok.eos_token_id]]
     assert target_positions(r.labels).sum() == sum(len(x) for x in rollout_ids)
 
@@ -114,7 +116,8 @@ def test_rollouts_are_reproducible_from_the_seed(world):
 
 # the default kernel backend here is "cpu" (the C++ extension), "reference" is the eager fallback; the
 # Triton interpreter is covered at the op level (tests/ops), too slow to repeat through whole models
-@pytest.mark.parametrize("case", ["uniform", "clamped_ratio", "ratio", "judge:r_s_minus_r_t", "clamped_ratio@reference"])
+@pytest.mark.parametrize("case", ["uniform", "clamped_ratio", "ratio", "judge:r_s_minus_r_t",
+                                  "clamped_ratio@reference"])
 def test_step_gradient_matches_float64_reference(world, case):
     _, student, teacher, rolls = world
     judge, backend = None, None
@@ -238,7 +241,8 @@ def test_judge_weights_reach_the_loss(world):
     _, scaled = _step_grads(student, teacher, rolls, judge=const, weighting="r_s")
     varying = CallableJudge(lambda p, t: (t % 5).float() / 4)
     _, other = _step_grads(student, teacher, rolls, judge=varying, weighting="r_s")
-    flat = lambda g: torch.cat([v.flatten() for v in g.values()])
+    def flat(g):
+        return torch.cat([v.flatten() for v in g.values()])
     # 0.25 is a power of two: scaling every weight by it commutes with every float rounding, so exactly
     torch.testing.assert_close(flat(scaled), 0.25 * flat(uniform), rtol=0, atol=0)
     cos = torch.nn.functional.cosine_similarity(flat(other), flat(uniform), dim=0)
