@@ -23,8 +23,6 @@ the teacher head (fwd only). Everything else is O(NV) and bandwidth-bound.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from distillkit._backend import FLOAT_DTYPES as _FLOAT_DTYPES
@@ -56,7 +54,7 @@ def default_chunk_size(n_rows: int, vocab: int, device: torch.device) -> int:
 
 # ---- the chunked kernel ----------------------------------------------------------------------------
 
-def _linear(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _linear(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if bias is None:
         return hidden @ weight.T
     return torch.addmm(bias.to(hidden.dtype), hidden, weight.T)
@@ -137,8 +135,8 @@ def _scaled_loss(loss_rows: torch.Tensor, scale: torch.Tensor, reduce: bool) -> 
 
 @torch.library.custom_op("distillkit::fused_linear_skew", mutates_args=())
 def fused_linear_skew_op(student_hidden: torch.Tensor, student_weight: torch.Tensor,
-                         student_bias: Optional[torch.Tensor], teacher_hidden: torch.Tensor,
-                         teacher_weight: torch.Tensor, teacher_bias: Optional[torch.Tensor], scale: torch.Tensor,
+                         student_bias: torch.Tensor | None, teacher_hidden: torch.Tensor,
+                         teacher_weight: torch.Tensor, teacher_bias: torch.Tensor | None, scale: torch.Tensor,
                          alpha: float, temperature: float, reverse: bool, detach_mixture: bool, chunk_size: int,
                          backend: str, reduce: bool, grad_flags: int
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -175,9 +173,9 @@ def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weig
 
 @torch.library.custom_op("distillkit::fused_linear_checked_weights", mutates_args=())
 def _checked_weights_op(student_hidden: torch.Tensor, student_weight: torch.Tensor,
-                        student_bias: Optional[torch.Tensor], teacher_hidden: torch.Tensor,
-                        teacher_weight: torch.Tensor, teacher_bias: Optional[torch.Tensor],
-                        labels: Optional[torch.Tensor], weights: Optional[torch.Tensor],
+                        student_bias: torch.Tensor | None, teacher_hidden: torch.Tensor,
+                        teacher_weight: torch.Tensor, teacher_bias: torch.Tensor | None,
+                        labels: torch.Tensor | None, weights: torch.Tensor | None,
                         ignore_index: int) -> torch.Tensor:
     """The value check every backend goes through (:func:`check_values`); returns a copy of weights [N] (ones
     when None) that the op then uses, so that a compiled graph keeps the check: a custom op's body runs
@@ -213,7 +211,7 @@ def _setup_context(ctx, inputs, output):
                               teacher_bias, scale)
 
 
-def _scale_saved(saved: torch.Tensor, grad: torch.Tensor, needed: bool) -> Optional[torch.Tensor]:
+def _scale_saved(saved: torch.Tensor, grad: torch.Tensor, needed: bool) -> torch.Tensor | None:
     if not needed:
         return None
     # a 0-dim factor keeps the saved gradient's dtype; the product is formed in float32 and rounded once
@@ -345,7 +343,7 @@ FUSED_LINEAR = Op("fused_linear_skew_kl", SKEW_KL.backends.values())
 
 
 @torch.compiler.assume_constant_result
-def _select_backend(op: str, device: str, backend: Optional[str]) -> str:
+def _select_backend(op: str, device: str, backend: str | None) -> str:
     # evaluated eagerly under torch.compile (it reads thread counts and the environment)
     return FUSED_LINEAR.select(torch.device(device), backend=backend, label=op).name
 

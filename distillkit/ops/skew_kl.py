@@ -17,7 +17,6 @@ requires grad is refused with a pointer to ``backend="reference"``.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -140,8 +139,8 @@ def _(student, teacher, scale, alpha, temperature, reverse, detach_mixture, redu
 
 
 @torch.library.custom_op("distillkit::skew_kl_checked_weights", mutates_args=())
-def _checked_weights_op(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
-                        weights: Optional[torch.Tensor], ignore_index: int, check_rows: bool) -> torch.Tensor:
+def _checked_weights_op(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None,
+                        weights: torch.Tensor | None, ignore_index: int, check_rows: bool) -> torch.Tensor:
     """The value check every backend goes through (check_rows: the logits rows too, for the reference backend;
     the fused ones read them off their per-row loss). Returns a copy of weights [N] (ones when None), which
     the op then uses, so that a compiled graph keeps the check: a custom op's body runs eagerly there too."""

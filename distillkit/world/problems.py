@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 OPS = ("+", "-", "*")
 KINDS = ("carry", "borrow", "overflow", "plain")

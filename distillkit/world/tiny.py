@@ -38,7 +38,7 @@ def _split_pattern(pieces: list[str]) -> str:
     return "|".join(re.escape(p) for p in ordered) + r"|[\s\S]"
 
 
-def build_tokenizer(extra_tokens: list[str] | None = None) -> "PreTrainedTokenizerFast":
+def build_tokenizer(extra_tokens: list[str] | None = None) -> PreTrainedTokenizerFast:
     """A character-level fast tokenizer with CoRD's marker pieces and pad/bos/eos/unk specials.
 
     ``extra_tokens`` adds more multi-character pieces (kept whole when they occur in text).
@@ -74,7 +74,7 @@ def tiny_causal_lm(vocab_size: int, *, arch: str = "llama", hidden_size: int = 6
                    num_heads: int = 4, intermediate_size: int | None = None, seed: int = 0,
                    tie_word_embeddings: bool = False, max_position_embeddings: int = 4096,
                    pad_token_id: int | None = 0, bos_token_id: int | None = 1,
-                   eos_token_id: int | None = 2) -> "PreTrainedModel":
+                   eos_token_id: int | None = 2) -> PreTrainedModel:
     """A randomly initialised (under ``seed``) float32 causal LM in eval mode.
 
     arch: "llama" (LlamaForCausalLM) or "qwen2" (Qwen2ForCausalLM; has q/k/v biases). The default
@@ -108,7 +108,7 @@ def tiny_causal_lm(vocab_size: int, *, arch: str = "llama", hidden_size: int = 6
 
 
 def save_tiny_checkpoint(path: str | os.PathLike, *, arch: str = "llama", seed: int = 0,
-                         tokenizer: "PreTrainedTokenizerFast | None" = None, **model_kwargs) -> str:
+                         tokenizer: PreTrainedTokenizerFast | None = None, **model_kwargs) -> str:
     """Builds a tiny model (and a tokenizer unless given) and saves both to ``path``.
 
     The model is written as safetensors with ``save_pretrained``; reload with

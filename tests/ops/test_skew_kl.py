@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import distillkit
-from _tolerance import assert_eager_budget, ulp
+from _tolerance import assert_eager_budget
 from distillkit import BackendUnavailable
 from distillkit._backend import backends
 from distillkit.ops.skew_kl import skew_kl_rows

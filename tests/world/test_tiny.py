@@ -6,7 +6,6 @@ import torch
 
 from distillkit.world.tiny import build_tokenizer, save_tiny_checkpoint, tiny_causal_lm
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 TEXTS = [

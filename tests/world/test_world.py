@@ -9,7 +9,6 @@ import pytest
 
 from distillkit.world import problems as W
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
