@@ -1,9 +1,10 @@
-"""Packaging: one version, the license file, a light core.
+"""Packaging: one version, the license file, a light core, and ruff's verdict on the tree.
 
 The light-core checks run in a fresh interpreter (this one has imported everything already) and count
 only what distillkit adds on top of ``import torch``: torch itself loads tqdm (torch.hub).
 """
 import importlib.metadata
+import importlib.util
 import json
 import os
 import subprocess
@@ -102,3 +103,10 @@ def test_license_file_is_apache_2_and_shipped():
     assert project["license"] == "Apache-2.0"
     assert "LICENSE" in project["license-files"]
     assert "LICENSE" in (REPO / "MANIFEST.in").read_text().split()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("ruff") is None, reason="ruff is not installed (pip install -e '.[test]')")
+def test_ruff_passes():
+    proc = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", "."], cwd=REPO, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
