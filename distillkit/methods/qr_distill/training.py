@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -153,16 +152,13 @@ def make_trainer(model, cfg: QRDistillConfig, items: Sequence[PathItem], collate
 # ----------------------------------------------------------------------------------------------
 def save_students(model, tokenizers, cfg: QRDistillConfig) -> list[str]:
     """Each student as a Hugging Face checkpoint in students/<name> (LoRA merged into the weights)."""
+    from distillkit.pipeline.train import save_pretrained_atomic
+
     out = []
     for student, tok, name in zip(model.students, tokenizers, cfg.student_labels()):
         path = os.path.join(cfg.output_dir, "students", name)
         to_save = student.merge_and_unload() if hasattr(student, "merge_and_unload") else student
-        tmp = path + ".partial"
-        shutil.rmtree(tmp, ignore_errors=True)
-        to_save.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
+        save_pretrained_atomic(to_save, tok, path)
         out.append(path)
     return out
 
