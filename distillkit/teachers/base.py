@@ -8,10 +8,17 @@ boundary. What a boundary is comes from a :class:`StepBoundary` (the segmentatio
     teacher = HFTeacher.from_pretrained("path/or/hub-id")
     props = teacher.propose(["Q: 2+3?\\n<think>\\n"], n=2, max_new_tokens=64, stop=LineBreak())
     props[0][1].text, props[0][1].num_tokens, props[0][1].finished
+
+``apropose`` is the same call as a coroutine, so that a driver can keep many proposals in flight:
+served teachers (``openai``) send their requests concurrently; in-process engines (``hf``, ``vllm``)
+run ``propose`` in a worker thread, one generation at a time per process (they share its random
+state and devices), without blocking the event loop.
 """
 from __future__ import annotations
 
 import abc
+import asyncio
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -105,7 +112,8 @@ def finish(text: str, boundary: StepBoundary, *, num_tokens: int, hit_eos: bool)
     return Proposal(text, num_tokens, False, "length")
 
 
-def check_propose_args(prefixes, n: int, max_new_tokens: int, temperature: float) -> list[str]:
+def check_propose_args(prefixes, n: int, max_new_tokens: int, temperature: float,
+                       top_p: float = 1.0) -> list[str]:
     if isinstance(prefixes, str):
         raise TypeError("prefixes: expected a list of strings, got a single string")
     prefixes = list(prefixes)
@@ -117,7 +125,14 @@ def check_propose_args(prefixes, n: int, max_new_tokens: int, temperature: float
         raise ValueError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 1")
     if not temperature >= 0:
         raise ValueError(f"temperature={temperature!r}: expected >= 0 (0 is greedy)")
+    if not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r}: expected a number in (0, 1] (1 keeps the whole distribution)")
     return prefixes
+
+
+# In-process engines share the process's random state (seeded sampling forks it) and its devices: one
+# in-process generation runs at a time, whichever thread or task asks.
+_IN_PROCESS_LOCK = threading.Lock()
 
 
 class Teacher(abc.ABC):
@@ -128,13 +143,32 @@ class Teacher(abc.ABC):
     @abc.abstractmethod
     def propose(self, prefixes: Sequence[str], *, n: int = 1, max_new_tokens: int = 128,
                 stop: StepBoundary | Sequence[str] | str | None = None, temperature: float = 0.0,
-                seed: int | None = None) -> list[list[Proposal]]:
+                seed: int | None = None, top_p: float = 1.0) -> list[list[Proposal]]:
         """Continues every prefix ``n`` times; returns ``[len(prefixes)][n]`` proposals.
 
         Each continuation stops at the first boundary of ``stop`` (see :class:`StepBoundary`), at
         EOS, or after ``max_new_tokens`` tokens. ``temperature`` 0 is greedy (then the n proposals of
-        one prefix are identical); ``seed`` makes sampling reproducible for the same inputs.
+        one prefix are identical); ``top_p`` keeps the smallest set of tokens whose probability
+        reaches it (nucleus sampling; 1 keeps all); ``seed`` makes sampling reproducible for the same
+        inputs.
         """
+
+    async def apropose(self, prefixes: Sequence[str], **kwargs) -> list[list[Proposal]]:
+        """``propose`` as a coroutine (same arguments, same result), for drivers that keep many
+        proposals in flight with asyncio.
+
+        This default runs ``propose`` in a worker thread under a process-wide lock: in-process
+        engines generate one call at a time (they share the process's random state and devices),
+        and the event loop stays free for other tasks meanwhile. Served teachers override it with
+        natively concurrent requests.
+        """
+        prefixes = list(prefixes)
+
+        def call():
+            with _IN_PROCESS_LOCK:
+                return self.propose(prefixes, **kwargs)
+
+        return await asyncio.to_thread(call)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r})"

@@ -150,8 +150,8 @@ class HFTeacher(Teacher):
     @torch.inference_mode()
     def propose(self, prefixes: Sequence[str], *, n: int = 1, max_new_tokens: int = 128,
                 stop: StepBoundary | Sequence[str] | str | None = None, temperature: float = 0.0,
-                seed: int | None = None) -> list[list[Proposal]]:
-        prefixes = check_propose_args(prefixes, n, max_new_tokens, temperature)
+                seed: int | None = None, top_p: float = 1.0) -> list[list[Proposal]]:
+        prefixes = check_propose_args(prefixes, n, max_new_tokens, temperature, top_p)
         boundary = as_boundary(stop)
         greedy = temperature == 0
         # Greedy continuations of one prefix are identical: generate once, repeat.
@@ -163,14 +163,14 @@ class HFTeacher(Teacher):
                 torch.manual_seed(seed)
             for start in range(0, len(prefixes), per_call):
                 chunk = prefixes[start:start + per_call]
-                rows = self._generate(chunk, reps, max_new_tokens, boundary, temperature)
+                rows = self._generate(chunk, reps, max_new_tokens, boundary, temperature, top_p)
                 for i in range(len(chunk)):
                     got = rows[i * reps:(i + 1) * reps]
                     out.append(got * n if greedy else got)
         return out
 
     def _generate(self, prefixes: list[str], reps: int, max_new_tokens: int, boundary: StepBoundary,
-                  temperature: float) -> list[Proposal]:
+                  temperature: float, top_p: float = 1.0) -> list[Proposal]:
         from transformers import StoppingCriteriaList
 
         tok = self.tokenizer
@@ -184,7 +184,7 @@ class HFTeacher(Teacher):
         attention_mask = enc["attention_mask"].to(self.device)
         prompt_len = input_ids.shape[1]
         crit = _BoundaryCriterion(tok, boundary, prompt_len, self.eos_ids)
-        sampling = dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=1.0) \
+        sampling = dict(do_sample=True, temperature=float(temperature), top_k=0, top_p=float(top_p)) \
             if temperature > 0 else dict(do_sample=False)
         seqs = self.model.generate(
             input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,

@@ -48,11 +48,11 @@ class VLLMTeacher(Teacher):
 
     def propose(self, prefixes: Sequence[str], *, n: int = 1, max_new_tokens: int = 128,
                 stop: StepBoundary | Sequence[str] | str | None = None, temperature: float = 0.0,
-                seed: int | None = None) -> list[list[Proposal]]:
-        prefixes = check_propose_args(prefixes, n, max_new_tokens, temperature)
+                seed: int | None = None, top_p: float = 1.0) -> list[list[Proposal]]:
+        prefixes = check_propose_args(prefixes, n, max_new_tokens, temperature, top_p)
         boundary = as_boundary(stop)
         params = self._vllm.SamplingParams(
-            n=n, temperature=float(temperature), max_tokens=max_new_tokens, seed=seed,
+            n=n, temperature=float(temperature), top_p=float(top_p), max_tokens=max_new_tokens, seed=seed,
             stop=boundary.stop_strings() or None,
             # Keep the stop string so that `cut` sees it (it decides where the step really ends).
             include_stop_str_in_output=True)

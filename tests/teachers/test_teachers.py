@@ -120,3 +120,28 @@ def test_vllm_backend():
         props = t.propose(["Q: 1+1?\n<think>\n"] * 2, n=2, max_new_tokens=8, stop=LineBreak())
         assert len(props) == 2 and all(len(p) == 2 for p in props)
         assert all(0 < p.num_tokens <= 8 for row in props for p in row)
+
+
+def test_top_p_narrows_sampling(teacher):
+    kw = dict(n=4, max_new_tokens=6, stop=None, temperature=1.0, seed=5)
+    wide = teacher.propose(PREFIXES[:1], **kw)
+    narrow = teacher.propose(PREFIXES[:1], top_p=1e-6, **kw)  # only the most likely token survives: greedy
+    (greedy,), = teacher.propose(PREFIXES[:1], n=1, max_new_tokens=6, stop=None, temperature=0)
+    assert all(p.text == greedy.text for p in narrow[0])
+    assert len({p.text for p in wide[0]}) > 1
+    with pytest.raises(ValueError, match="top_p"):
+        teacher.propose(["a"], top_p=0)
+
+
+def test_apropose_runs_concurrently_and_matches_propose(teacher):
+    """Many apropose calls in flight on one in-process teacher give what propose gives, seed for seed
+    (the calls are serialized, so seeded sampling does not interleave)."""
+    import asyncio
+
+    kw = dict(n=2, max_new_tokens=5, stop=None, temperature=1.0)
+    want = [teacher.propose(PREFIXES[:2], seed=s, **kw) for s in range(4)]
+
+    async def main():
+        return await asyncio.gather(*(teacher.apropose(PREFIXES[:2], seed=s, **kw) for s in range(4)))
+
+    assert asyncio.run(main()) == want
