@@ -153,6 +153,7 @@ def cord_shard(cfg: DemoConfig, method: str, questions: list[dict], shard: int) 
         meta_prover=M.asset_path(M.META_PROVER), input_path=_write_jsonl(stem + ".questions.jsonl", questions),
         output_path=stem + ".jsonl", method=method, beam_size=cfg.beam_size, max_steps=W.NUM_OPS + 1,
         token_budget=M.max_new_tokens(), max_step_tokens=16, max_answer_tokens=8, seed=cfg.seed,
+        temperature=0.0, n_curation=1,  # greedy teachers, one curation trace each (not the paper's 0.6 / 4)
         scoring_backend="reference", progress=False)
     t0 = time.perf_counter()
     cord.run(c, teachers=teachers, meta_prover=prover)

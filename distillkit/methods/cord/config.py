@@ -1,6 +1,13 @@
-"""CoRD's config: ``CordConfig`` (``distillkit cord --config configs/cord.yaml``)."""
+"""CoRD's config: ``CordConfig`` (``distillkit cord --config configs/cord.yaml``).
+
+Defaults are the paper's: 16,384 reasoning tokens and 4,096 answer tokens per trace, no cap on the number
+of steps or on one step's length (``max_steps`` / ``max_step_tokens`` are opt-in safety caps), teachers
+sampled at temperature 0.6, B = 4 beams, prompt-guided segmentation, raw prompts (``chat_template: none``).
+"""
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 
 from distillkit._errors import InputError
@@ -8,8 +15,12 @@ from distillkit.methods.cord.meta_prover import DEFAULT_TEMPLATE
 from distillkit.methods.cord.segmentation import SEGMENTATIONS, Segmentation, make_segmentation
 from distillkit.pipeline.config import config_field as _help
 
+log = logging.getLogger(__name__)
+
 METHODS = ("cord", "greedy", "curation", "random")
 SCORING_BACKENDS = ("cuda", "triton", "cpu", "reference")
+SELECTORS = ("perplexity", "prm", "binary", "max_length")
+CHAT_TEMPLATES = ("none", "auto")
 
 
 @dataclass
@@ -23,17 +34,20 @@ class CordConfig:
     method: str = _help("cord | greedy (cord with beam_size 1) | curation | random", default="cord")
     beam_size: int = _help("beams B kept per step (greedy forces 1)", default=4)
     segmentation: str = _help("prompt-guided | line-break | prefix-based", default="prompt-guided")
-    prefix_phrases: list[str] | None = _help(
-        "prefix-based segmentation: phrases opening a new step (default: the seed's list)", default=None)
-    max_steps: int = _help("steps per trace at most; then '</think>' is appended", default=16)
+    segmentation_prefixes: list[str] | None = _help(
+        "prefix-based segmentation: phrases opening a new step (default: the paper's Appendix G.1 list, "
+        "segmentation.PAPER_PREFIX_PHRASES)", default=None)
+    max_steps: int | None = _help("opt-in cap on the steps of a trace (then '</think>' is appended); None (the "
+                                  "paper): no cap, the token budget ends a trace", default=None)
     token_budget: int = _help("teacher tokens per trace at most (the reasoning); then '</think>' is appended",
-                              default=1024)
-    max_step_tokens: int = _help("tokens one proposed step may take at most", default=256)
-    max_answer_tokens: int = _help("tokens the final answer after '</think>' may take", default=32)
+                              default=16384)
+    max_step_tokens: int | None = _help("opt-in cap on the tokens of one proposed step; None (the paper): a step "
+                                        "may take what is left of the budget", default=None)
+    max_answer_tokens: int = _help("tokens the final answer after '</think>' may take", default=4096)
     answer_prompt: str = _help("text put after '</think>' before the teacher writes the final answer", default="")
-    n_curation: int = _help("curation: complete traces per teacher (1 when temperature is 0: greedy "
-                            "traces are identical)", default=4)
-    temperature: float = _help("teacher sampling temperature; 0 is greedy", default=0.0)
+    n_curation: int = _help("curation: complete traces per teacher (the paper: 4, sampled; at temperature 0 "
+                            "they would be identical, so n_curation > 1 needs temperature > 0)", default=4)
+    temperature: float = _help("teacher sampling temperature (the paper: 0.6); 0 is greedy", default=0.6)
     seed: int = _help("base seed; each question's seed derives from it and the question id", default=0)
     template: str = _help("meta-prover template with {context} and {answer}", default=DEFAULT_TEMPLATE)
     prompt_template: str | None = _help(
@@ -41,6 +55,14 @@ class CordConfig:
         default=None)
     teacher_names: list[str] | None = _help("names for the teachers in records and plots (default: paths)",
                                             default=None)
+    chat_template: str = _help("none: the raw prompt (the world's models have no chat template) | auto: each "
+                               "teacher's chat template and recommended system prompt around it "
+                               "(distillkit.methods.cord.prompts)", default="none")
+    selector: str = _help("step selector: perplexity (the meta-prover's predictive perplexity, the paper's) | prm "
+                          "(a process reward model's step score) | binary (an LLM's yes/no probability that the "
+                          "step is correct) | max_length (the longest step)", default="perplexity")
+    selector_model: str | None = _help("prm / binary: the PRM or judge checkpoint (local path or Hub id)",
+                                       default=None)
     teacher_backend: str = _help("hf | vllm", default="hf")
     teacher_kwargs: dict | None = _help(
         "extra keyword arguments for every teacher (vllm: gpu_memory_utilization, tensor_parallel_size, ...); "
@@ -53,11 +75,20 @@ class CordConfig:
     device: str = _help("device for the Hugging Face models: cpu | cuda | cuda:N", default="cpu")
     batch_size: int = _help("rows per generate / scoring forward", default=16)
     limit: int | None = _help("process at most this many input questions (None: all)", default=None)
+    questions_in_flight: int = _help(
+        "questions decoded at once: each round, one batched teacher call per teacher and one meta-prover call "
+        "serve all of them (greedy traces are those of one at a time)", default=16)
+    num_shards: int = _help("split the questions into this many shards (by a stable hash of the id); this run "
+                            "decodes shard shard_index; merge with `distillkit cord --merge-shards`", default=1)
+    shard_index: int = _help("which shard this run decodes: 0 .. num_shards - 1", default=0)
     summary_path: str | None = _help("summary JSON (default: <output>.summary.json)", default=None)
     plot_path: str | None = _help("teacher hit-rate plot PNG (default: <output>.hit_rates.png)", default=None)
     progress: bool = _help("show a progress bar", default=True)
     overwrite: bool = _help("when output_path holds a run made with a different config: move its files aside "
                             "(<path>.replaced-<time>) and start afresh instead of refusing", default=False)
+
+    # accepted for this release under its old name (distillkit.pipeline.config reads this)
+    __renamed_options__ = {"prefix_phrases": "segmentation_prefixes"}
 
     def __post_init__(self):
         if isinstance(self.teachers, str):
@@ -75,15 +106,41 @@ class CordConfig:
             self.beam_size = 1  # greedy is CoRD with one beam
         if self.segmentation not in SEGMENTATIONS:
             raise ValueError(f"segmentation={self.segmentation!r}: expected one of {sorted(SEGMENTATIONS)}")
-        if self.prefix_phrases is not None and self.segmentation != "prefix-based":
-            raise ValueError("prefix_phrases: only used with segmentation='prefix-based'")
-        for name in ("beam_size", "max_steps", "token_budget", "max_step_tokens", "max_answer_tokens",
-                     "n_curation", "batch_size"):
+        if self.segmentation_prefixes is not None:
+            if self.segmentation != "prefix-based":
+                name = "prefix_phrases" if self._old_prefix_name else "segmentation_prefixes"
+                raise InputError(f"{name}: only used with segmentation='prefix-based'")
+            if isinstance(self.segmentation_prefixes, str):
+                self.segmentation_prefixes = [self.segmentation_prefixes]
+            if not self.segmentation_prefixes or not all(isinstance(p, str) and p.strip()
+                                                         for p in self.segmentation_prefixes):
+                raise InputError(f"segmentation_prefixes: expected a non-empty list of non-empty phrases, got "
+                                 f"{self.segmentation_prefixes!r}")
+        for name in ("beam_size", "token_budget", "max_answer_tokens", "n_curation", "batch_size",
+                     "max_steps", "max_step_tokens"):
             value = getattr(self, name)
+            if value is None and name in ("max_steps", "max_step_tokens"):
+                continue  # no cap (the paper)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name}={value!r}: expected an integer >= 1")
-        if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 100):
+                hint = " or None (no cap)" if name in ("max_steps", "max_step_tokens") else ""
+                raise ValueError(f"{name}={value!r}: expected an integer >= 1{hint}")
+        if not (isinstance(self.temperature, (int, float)) and not isinstance(self.temperature, bool)
+                and 0 <= self.temperature <= 100):
             raise ValueError(f"temperature={self.temperature!r}: expected a number in [0, 100] (0 is greedy)")
+        if self.method == "curation" and self.temperature == 0 and self.n_curation > 1:
+            # greedy traces of one teacher are identical: n of them would silently be 1 trace each
+            raise InputError(f"n_curation={self.n_curation} with temperature=0: the {self.n_curation} greedy traces "
+                             "of a teacher would be identical (K traces instead of n x K); set temperature > 0 "
+                             "(the paper samples at 0.6) or n_curation: 1")
+        if self.chat_template not in CHAT_TEMPLATES:
+            raise InputError(f"chat_template={self.chat_template!r}: expected one of {CHAT_TEMPLATES}")
+        if self.selector not in SELECTORS:
+            raise InputError(f"selector={self.selector!r}: expected one of {SELECTORS}")
+        if self.selector in ("prm", "binary") and not (isinstance(self.selector_model, str) and self.selector_model):
+            raise InputError(f"selector_model: selector={self.selector!r} needs a checkpoint (the PRM or the "
+                             "judge LLM)")
+        if self.selector_model is not None and self.selector not in ("prm", "binary"):
+            raise InputError(f"selector_model: only used with selector 'prm' or 'binary', not {self.selector!r}")
         if "{context}" not in self.template or "{answer}" not in self.template:
             raise ValueError(f"template: must contain {{context}} and {{answer}}, got {self.template!r}")
         if self.prompt_template is not None and "{question}" not in self.prompt_template:
@@ -97,6 +154,14 @@ class CordConfig:
             raise ValueError(f"scoring_backend={self.scoring_backend!r}: expected one of {SCORING_BACKENDS} or None")
         if self.teacher_kwargs is not None and not isinstance(self.teacher_kwargs, dict):
             raise ValueError(f"teacher_kwargs: expected a mapping, got {type(self.teacher_kwargs).__name__}")
+        for name in ("questions_in_flight", "num_shards"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise InputError(f"{name}={value!r}: expected an integer >= 1")
+        if not isinstance(self.shard_index, int) or isinstance(self.shard_index, bool) \
+                or not 0 <= self.shard_index < self.num_shards:
+            raise InputError(f"shard_index={self.shard_index!r}: expected an integer in [0, num_shards="
+                             f"{self.num_shards})")
         if self.limit is not None and (not isinstance(self.limit, int) or isinstance(self.limit, bool)
                                        or self.limit < 0):
             raise InputError(f"limit={self.limit!r}: expected an integer >= 0 (0: no question) or None (all)")
@@ -115,7 +180,42 @@ class CordConfig:
         return self.plot_path or self.output_path + ".hit_rates.png"
 
     def make_segmentation(self) -> Segmentation:
-        return make_segmentation(self.segmentation, phrases=self.prefix_phrases)
+        return make_segmentation(self.segmentation, phrases=self.segmentation_prefixes)
+
+    def step_limit(self) -> int:
+        """How many steps a trace may take: ``max_steps``, or without that cap the token budget (every
+        step costs at least one token, so the budget ends a trace first; the bound also ends a loop over
+        a backend that would report steps of 0 tokens)."""
+        return self.max_steps if self.max_steps is not None else self.token_budget
+
+    def step_token_limit(self, tokens_used: int) -> int:
+        """Tokens the next step of a trace that has spent ``tokens_used`` may generate: what is left of
+        the budget, capped by ``max_step_tokens`` when set."""
+        left = self.token_budget - tokens_used
+        return left if self.max_step_tokens is None else min(self.max_step_tokens, left)
 
     def names(self) -> list[str]:
         return list(self.teacher_names) if self.teacher_names else list(self.teachers)
+
+
+def _accept_renamed(init):
+    """CordConfig(prefix_phrases=...) still works, with a deprecation message naming the new field."""
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kw):
+        old = False
+        for before, after in CordConfig.__renamed_options__.items():
+            if before in kw:
+                log.warning("CordConfig: %r is deprecated, use %r (the old name is accepted for this release only)",
+                            before, after)
+                if after in kw:
+                    raise InputError(f"{before} and {after}: the same option given twice ({before} is its old name)")
+                kw[after] = kw.pop(before)
+                old = True
+        self._old_prefix_name = old
+        init(self, *args, **kw)
+
+    return __init__
+
+
+CordConfig.__init__ = _accept_renamed(CordConfig.__init__)

@@ -5,8 +5,9 @@ Three strategies (each a :class:`distillkit.teachers.base.StepBoundary`, so teac
 * ``prompt-guided``: the prompt ends with ``"<think> ### Step"``; a step ends where the next
   ``"### Step"`` begins (a ``"### Step"`` at the very start of a step is its own header).
 * ``line-break``: a step ends after a blank line (``"\\n\\n"``; the newlines stay with the step).
-* ``prefix-based``: a step ends where a sentence or line begins with a transition phrase such as
-  "Wait", "Let me check", "Alternatively", "Hmm", "But", "So" (the list is configurable).
+* ``prefix-based``: a step ends where a sentence or line begins with one of the paper's transition
+  phrases (Appendix G.1: :data:`PAPER_PREFIX_PHRASES`, "Wait", "Alternatively", "Going back to", ...;
+  the list is configurable, ``segmentation_prefixes:`` in the config).
 
 In all three, a step also ends right after the end marker ``"</think>"`` (the reasoning is over).
 Steps are cut so that concatenating them gives back the generated text exactly.
@@ -20,15 +21,27 @@ from collections.abc import Sequence
 END_MARKER = "</think>"
 STEP_MARKER = "### Step"
 
-# Transition phrases that open a new step in prefix-based segmentation (after the seed's
-# Appendix G.1; matched case-insensitively, only at the start of a sentence or a line).
-DEFAULT_PREFIX_PHRASES = (
+# The paper's 15 phrases that open a new step in prefix-based segmentation (Appendix G.1), matched
+# case-insensitively, only at the start of a sentence or a line. Five kinds of move, three phrases each:
+# verification, a change of approach, backtracking, double-checking, self-correction. Checked against the
+# paper's text: the five the code lacked before ("going back to", "another way", "let's try a different
+# approach", "using another method", "we can also verify"); the other ten follow the paper's categories but
+# their wording could not be checked against its text here.
+PAPER_PREFIX_PHRASES = (
+    "wait", "alternatively", "let me check", "let me verify", "let me double-check",
+    "going back to", "another way", "let's try a different approach", "using another method",
+    "we can also verify",
+    "but wait", "hold on", "i made a mistake", "that's not right", "on second thought",
+)
+# The phrases this project used before it took the paper's list (25: the paper's five and twenty more);
+# pass them as segmentation_prefixes to reproduce older runs.
+LEGACY_PREFIX_PHRASES = (
     "wait", "let me check", "let me verify", "let me double-check", "let me re-examine",
     "let me think", "alternatively", "hmm", "but", "so", "therefore", "thus", "however",
     "actually", "now", "next", "then", "first", "second", "finally", "okay", "oh",
     "on second thought", "double-check", "hold on",
 )
-
+DEFAULT_PREFIX_PHRASES = PAPER_PREFIX_PHRASES
 
 class Segmentation(abc.ABC):
     """A step segmentation: where the first step of a continuation ends, and the prompt it expects."""
@@ -165,10 +178,13 @@ class PrefixBased(Segmentation):
         return None
 
     def stop_strings(self) -> list[str]:
+        """The phrase as written and capitalised, after a newline or a sentence end (".", "?", "!") and
+        followed by a space or a comma; ``cut`` stays authoritative (other spacing is cut afterwards)."""
         out = []
         for p in self.phrases:
-            for form in dict.fromkeys([p, p.capitalize()]):
-                out += [f"\n{form} ", f"\n{form},", f". {form} ", f". {form},"]
+            for form in dict.fromkeys([p, p[:1].upper() + p[1:]]):
+                for head in ("\n", ". ", "? ", "! "):
+                    out += [f"{head}{form} ", f"{head}{form},"]
         return out + [self.end_marker]
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 
 from distillkit.methods.cord.segmentation import (
+    LEGACY_PREFIX_PHRASES,
+    PAPER_PREFIX_PHRASES,
     LineBreak,
     PrefixBased,
     PromptGuided,
@@ -38,7 +40,7 @@ def test_line_break():
 
 
 def test_prefix_based():
-    seg = PrefixBased()
+    seg = PrefixBased(LEGACY_PREFIX_PHRASES)  # the older list holds "but" and "so"
     steps = seg.split(TRACE_PB)
     assert steps == ["I add 3 and 4. ", "Wait, 3+4 is 7.\n", "Let me check: yes. Butter is not a step. ",
                      "so 7.</think>"]
@@ -81,3 +83,50 @@ def test_finish_and_string_stops():
     assert as_boundary(None).cut("anything") is None
     with pytest.raises(TypeError, match="stop"):
         as_boundary(3)
+
+
+def test_prefix_based_default_is_the_papers_fifteen_phrases():
+    assert len(PAPER_PREFIX_PHRASES) == 15 == len(set(PAPER_PREFIX_PHRASES))
+    for phrase in ("going back to", "another way", "let's try a different approach", "using another method",
+                   "we can also verify", "wait", "alternatively"):
+        assert phrase in PAPER_PREFIX_PHRASES
+    seg = make_segmentation("prefix-based")
+    assert seg.phrases == list(PAPER_PREFIX_PHRASES)
+    # the paper's phrases open steps, after a newline or a sentence end of any kind
+    trace = ("x is 3. Going back to the start, y is 4? Another way: z.\nLet's try a different approach! "
+             "Using another method, 7. We can also verify it.</think>")
+    assert seg.split(trace) == ["x is 3. ", "Going back to the start, y is 4? ", "Another way: z.\n",
+                                "Let's try a different approach! ", "Using another method, 7. ",
+                                "We can also verify it.</think>"]
+    # words the older list split on are no longer boundaries
+    assert seg.cut("x. So 7. But then. Hmm, now.", final=True) is None
+
+
+def test_prefix_stop_strings_cover_question_and_exclamation_marks():
+    stops = make_segmentation("prefix-based").stop_strings()
+    for head in ("\n", ". ", "? ", "! "):
+        assert f"{head}Wait," in stops and f"{head}Going back to " in stops and f"{head}wait " in stops
+    assert stops[-1] == "</think>"
+    # each stop string, where a model's output would end, is a boundary ``cut`` agrees with
+    seg = make_segmentation("prefix-based")
+    for s in stops[:-1]:
+        text = "a" + s + "b"
+        found = seg.cut(text)
+        assert found is not None and found[0] == len("a") + len(s) - len(s.lstrip("\n.?! ")), s
+
+
+def test_user_prefix_list_from_the_config():
+    from distillkit.methods.cord import CordConfig
+
+    base = dict(teachers=["A"], meta_prover="M", input_path="i", output_path="o", segmentation="prefix-based")
+    cfg = CordConfig(**base, segmentation_prefixes=["Check", "next up"])
+    seg = cfg.make_segmentation()
+    assert seg.cut("a. Check it", final=True) == (3, False) and seg.cut("a. Wait it", final=True) is None
+    assert "? Next up " in seg.stop_strings()
+    assert CordConfig(**base).make_segmentation().phrases == list(PAPER_PREFIX_PHRASES)
+    old = CordConfig(**base, prefix_phrases=["Check"])  # the old field name, accepted for this release
+    assert old.segmentation_prefixes == ["Check"]
+    with pytest.raises(ValueError, match="segmentation_prefixes"):
+        CordConfig(**{**base, "segmentation": "line-break"}, segmentation_prefixes=["Check"])
+    with pytest.raises(ValueError, match="segmentation_prefixes"):
+        CordConfig(**base, segmentation_prefixes=["ok", " "])
