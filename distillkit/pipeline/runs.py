@@ -36,10 +36,17 @@ outputs are renamed, each to ``<path>.replaced-<UTC time>`` beside it (a rename 
 filesystem: never half-moved, nothing deleted), then the new run starts afresh and records its
 config. The run's config record is renamed last, so an interrupted move still refuses the new
 config until it is repeated with ``overwrite``.
+
+**Shards** (``select_shard`` / ``merge_shard_records``). A run's items may be split over N drivers
+(``--num-shards N --shard-index i``): item goes to shard ``sha256(str(id))[:8] mod N``, a stable hash of
+its id (not its position: reordering, extending or limiting the input moves no item to another shard).
+Each shard is an ordinary resumable run; the merge puts their records back in input order and refuses
+ids found in two shards, ids found in none, and ids not in the input.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -324,3 +331,60 @@ def begin_dir_run(cfg, output_dir: str, *, what: str | None = None, free: Iterab
                       extendable=extendable, previous=previous if isinstance(previous, dict) else None)
     os.makedirs(output_dir, exist_ok=True)
     return moved
+
+
+# ----------------------------------------------------------------------------------------------
+# Shards: one run's questions split over several drivers, their outputs merged
+# ----------------------------------------------------------------------------------------------
+def shard_of(key: Any, num_shards: int) -> int:
+    """The shard (0 .. num_shards - 1) of the item whose id is ``key``: the first 8 bytes of the SHA-256
+    of ``str(key)`` modulo num_shards. Stable across runs, machines and Python versions, and independent
+    of the item's position, so reordering or extending the input moves no item to another shard."""
+    digest = hashlib.sha256(str(key).encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % num_shards
+
+
+def check_shard_args(num_shards: Any, shard_index: Any) -> None:
+    if not isinstance(num_shards, int) or isinstance(num_shards, bool) or num_shards < 1:
+        raise InputError(f"num_shards={num_shards!r}: expected an integer >= 1")
+    if not isinstance(shard_index, int) or isinstance(shard_index, bool) or not 0 <= shard_index < num_shards:
+        raise InputError(f"shard_index={shard_index!r}: expected an integer in [0, num_shards={num_shards})")
+
+
+def select_shard(items: Sequence[dict], num_shards: int, shard_index: int, *, key: str = "id") -> list[dict]:
+    """The items of shard ``shard_index`` of ``num_shards`` (by :func:`shard_of` of ``item[key]``), in
+    their order; all items when num_shards is 1."""
+    check_shard_args(num_shards, shard_index)
+    if num_shards == 1:
+        return list(items)
+    return [it for it in items if shard_of(it[key], num_shards) == shard_index]
+
+
+def merge_shard_records(shard_paths: Sequence[str], expected: Sequence[Any], *, key: str = "id",
+                        num_shards: int | None = None) -> list[dict]:
+    """The records of the shard outputs ``shard_paths`` in the order of ``expected`` (every id the
+    unsharded run would write). Raises InputError naming the files when an id is in two shards, when an
+    id of ``expected`` is in none (a shard unfinished or missing), or when a record's id is not expected;
+    with ``num_shards``, also when a record sits in a shard file whose ids belong to another shard."""
+    if not shard_paths:
+        raise InputError("shards: expected at least one shard output")
+    where: dict[str, str] = {}
+    by_id: dict[str, dict] = {}
+    for path in shard_paths:
+        if not os.path.isfile(path):
+            raise InputError(f"{path}: no such shard output")
+        for rec in read_records(path, key=key):
+            k = str(rec[key])
+            if k in where:
+                raise InputError(f"id {k!r} is in two shards: {where[k]} and {path}; the shards overlap "
+                                 "(same shard run twice, or runs with different num_shards)")
+            where[k], by_id[k] = path, rec
+    wanted = [str(k) for k in expected]
+    missing = [k for k in wanted if k not in by_id]
+    if missing:
+        raise InputError(f"{len(missing)} of {len(wanted)} ids are in no shard (first: {missing[:5]}); "
+                         "a shard is missing from the list or has not finished")
+    extra = sorted(set(by_id) - set(wanted))
+    if extra:
+        raise InputError(f"{len(extra)} records are not in the input (first: {extra[:5]}, in {where[extra[0]]})")
+    return [by_id[k] for k in wanted]

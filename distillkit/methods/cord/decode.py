@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -49,6 +50,7 @@ class DecodeResult:
 @dataclass
 class _Counters:
     tokens_generated: int = 0
+    meta_prover_tokens: int = 0
 
 
 def _strip_end(text: str, end_marker: str) -> str:
@@ -70,26 +72,127 @@ def extend_beam(beam: Beam, proposal: Proposal, teacher: int, names: Sequence[st
                 tokens=tokens, finished=finished, teacher=teacher, parent=beam.text)
 
 
+# ----------------------------------------------------------------------------------------------
+# Requests: a decoder is a generator that yields what it needs from the teachers or the meta-prover
+# and is sent the answer, so one driver can serve one question or many in flight (batched calls).
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class ProposeRequest:
+    """``teachers[teacher].propose(prefixes, n=..., ...)``; answered with its ``[len(prefixes)][n]`` proposals."""
+    teacher: int
+    prefixes: list[str]
+    n: int
+    max_new_tokens: int
+    stop: object
+    temperature: float
+    seed: int | None
+    top_p: float = 1.0
+
+
+@dataclass
+class ScoreRequest:
+    """``scorer.score(pairs, prefixes=prefixes)``; answered with (scores, meta-prover tokens it cost)."""
+    pairs: list[tuple[str, str]]
+    prefixes: list[str | None]
+
+
+def _temperature(cfg: CordConfig, k: int) -> float:
+    """Teacher k's sampling temperature (one number for all, or one per teacher)."""
+    t = cfg.temperature
+    return float(t[k]) if isinstance(t, (list, tuple)) else float(t)
+
+
+def _top_p(cfg: CordConfig, k: int) -> float:
+    """Teacher k's nucleus-sampling mass (1: the whole distribution), where the config has one."""
+    t = getattr(cfg, "top_p", None)
+    if t is None:
+        return 1.0
+    return float(t[k]) if isinstance(t, (list, tuple)) else float(t)
+
+
+def _serve_propose(teachers: Sequence[Teacher], requests: Sequence[ProposeRequest]) -> list[list[list[Proposal]]]:
+    return [teachers[r.teacher].propose(r.prefixes, n=r.n, max_new_tokens=r.max_new_tokens, stop=r.stop,
+                                        temperature=r.temperature, seed=r.seed,
+                                        **({"top_p": r.top_p} if r.top_p != 1.0 else {})) for r in requests]
+
+
+def _serve_score(scorer: Scorer, request: ScoreRequest) -> tuple[list[float], int]:
+    before = scorer.tokens_processed
+    scores = [float(s) for s in scorer.score(request.pairs, prefixes=request.prefixes)]
+    return scores, scorer.tokens_processed - before
+
+
+def serve_one(gen, teachers: Sequence[Teacher], scorer: Scorer):
+    """Runs decoder generator ``gen`` to its end, answering each request with one call; returns its value."""
+    reply = None
+    while True:
+        try:
+            req = gen.send(reply)
+        except StopIteration as stop:
+            return stop.value
+        reply = _serve_score(scorer, req) if isinstance(req, ScoreRequest) else _serve_propose(teachers, req)
+
+
+def _propose_requests(num_teachers: int, beams: Sequence[Beam], *, seg: Segmentation, cfg: CordConfig,
+                      seed: int):
+    """Generator: every teacher proposes the next step of every active beam -> per teacher, the
+    proposal of each beam. A beam near its budget may only generate what is left of it, so beams are
+    grouped by that limit (one request per teacher and limit)."""
+    limits: dict[int, list[int]] = {}
+    for b, beam in enumerate(beams):
+        left = cfg.token_budget - beam.tokens
+        limits.setdefault(min(cfg.max_step_tokens, left) if cfg.max_step_tokens else left, []).append(b)
+    requests, where = [], []
+    for k in range(num_teachers):
+        for limit, idx in limits.items():
+            requests.append(ProposeRequest(k, [beams[b].text for b in idx], 1, max(1, limit), seg,
+                                           _temperature(cfg, k), seed + 7919 * k, _top_p(cfg, k)))
+            where.append((k, idx))
+    replies = yield requests
+    per_teacher: list[list[Proposal | None]] = [[None] * len(beams) for _ in range(num_teachers)]
+    for (k, idx), got in zip(where, replies):
+        for b, row in zip(idx, got):
+            per_teacher[k][b] = row[0]
+    return per_teacher
+
+
+def _propose_steps(num_teachers: int, beams: Sequence[Beam], *, seg: Segmentation, names: Sequence[str],
+                   cfg: CordConfig, seed: int, counters: _Counters):
+    per_teacher = yield from _propose_requests(num_teachers, beams, seg=seg, cfg=cfg, seed=seed)
+    counters.tokens_generated += sum(p.num_tokens for props in per_teacher for p in props)
+    return [extend_beam(beam, per_teacher[k][b], k, names, token_budget=cfg.token_budget, end_marker=seg.end_marker)
+            for b, beam in enumerate(beams) for k in range(num_teachers)]
+
+
 def propose_steps(teachers: Sequence[Teacher], beams: Sequence[Beam], *, seg: Segmentation, names: Sequence[str],
                   cfg: CordConfig, seed: int, counters: _Counters) -> list[Beam]:
     """Every teacher proposes the next step of every active beam: B x K candidates, beam-major
     (candidate b * K + k extends beam b with teacher k's step)."""
-    per_teacher: list[list[Proposal]] = []
-    for k, teacher in enumerate(teachers):
-        props: list[Proposal | None] = [None] * len(beams)
-        # A beam near its budget may only generate what is left of it; group beams by that limit.
-        limits: dict[int, list[int]] = {}
-        for b, beam in enumerate(beams):
-            limits.setdefault(min(cfg.max_step_tokens, cfg.token_budget - beam.tokens), []).append(b)
-        for limit, idx in limits.items():
-            got = teacher.propose([beams[b].text for b in idx], n=1, max_new_tokens=max(1, limit), stop=seg,
-                                  temperature=cfg.temperature, seed=seed + 7919 * k)
-            for b, row in zip(idx, got):
-                props[b] = row[0]
-                counters.tokens_generated += row[0].num_tokens
-        per_teacher.append(props)
-    return [extend_beam(beam, per_teacher[k][b], k, names, token_budget=cfg.token_budget, end_marker=seg.end_marker)
-            for b, beam in enumerate(beams) for k in range(len(teachers))]
+    return serve_one(_propose_steps(len(teachers), beams, seg=seg, names=names, cfg=cfg, seed=seed,
+                                    counters=counters), teachers, None)
+
+
+def _score_request(candidates: Sequence[Beam], answer: str, end_marker: str) -> ScoreRequest:
+    pairs = [(_strip_end(c.text, end_marker), answer) for c in candidates]
+    prefixes = [c.parent if c.parent and _strip_end(c.text, end_marker).startswith(c.parent) else None
+                for c in candidates]
+    return ScoreRequest(pairs, prefixes)
+
+
+def _set_scores(candidates: Sequence[Beam], scores: Sequence[float]) -> list[float]:
+    for c, s in zip(candidates, scores):
+        c.score = s
+        if c.steps:
+            c.steps[-1]["score"] = s
+    return list(scores)
+
+
+def _score_candidates(candidates: Sequence[Beam], answer: str, *, end_marker: str, counters: _Counters):
+    if not candidates:
+        return []
+    scores, tokens = yield _score_request(candidates, answer, end_marker)
+    counters.meta_prover_tokens += tokens
+    return _set_scores(candidates, scores)
 
 
 def score_candidates(scorer: Scorer, candidates: Sequence[Beam], answer: str, *,
@@ -98,15 +201,8 @@ def score_candidates(scorer: Scorer, candidates: Sequence[Beam], answer: str, *,
     one parent beam share its KV cache. Sets ``beam.score`` and the last step's score."""
     if not candidates:
         return []
-    pairs = [(_strip_end(c.text, end_marker), answer) for c in candidates]
-    prefixes = [c.parent if c.parent and _strip_end(c.text, end_marker).startswith(c.parent) else None
-                for c in candidates]
-    scores = [float(s) for s in scorer.score(pairs, prefixes=prefixes)]
-    for c, s in zip(candidates, scores):
-        c.score = s
-        if c.steps:
-            c.steps[-1]["score"] = s
-    return scores
+    scores, _ = _serve_score(scorer, _score_request(candidates, answer, end_marker))
+    return _set_scores(candidates, scores)
 
 
 def select_beams(pool: Sequence[Beam], beam_size: int) -> list[Beam]:
@@ -131,91 +227,252 @@ def _close(beam: Beam, end_marker: str) -> Beam:
     return dataclasses.replace(beam, text=beam.text + end_marker, finished=True)
 
 
-def write_answer(teachers: Sequence[Teacher], beam: Beam, *, cfg: CordConfig, seed: int, counters: _Counters) -> str:
-    """The teacher that wrote the last step continues after the end marker with the final answer."""
-    teacher = teachers[beam.teacher if beam.teacher is not None else 0]
-    (prop,), = teacher.propose([beam.text + cfg.answer_prompt], n=1, max_new_tokens=cfg.max_answer_tokens,
-                               stop=None, temperature=cfg.temperature, seed=seed + 104729)
+def _write_answer(beam: Beam, *, cfg: CordConfig, seed: int, counters: _Counters):
+    k = beam.teacher if beam.teacher is not None else 0
+    ((prop,),), = yield [ProposeRequest(k, [beam.text + cfg.answer_prompt], 1, cfg.max_answer_tokens, None,
+                                        _temperature(cfg, k), seed + 104729, _top_p(cfg, k))]
     counters.tokens_generated += prop.num_tokens
     return cfg.answer_prompt + prop.text
+
+
+def write_answer(teachers: Sequence[Teacher], beam: Beam, *, cfg: CordConfig, seed: int, counters: _Counters) -> str:
+    """The teacher that wrote the last step continues after the end marker with the final answer."""
+    return serve_one(_write_answer(beam, cfg=cfg, seed=seed, counters=counters), teachers, None)
+
+
+def _step_range(cfg: CordConfig):
+    """0, 1, ... up to max_steps (no cap when it is None: the token budget ends every trace)."""
+    return range(cfg.max_steps) if cfg.max_steps else itertools.count()
 
 
 def _prompt(cfg: CordConfig, seg: Segmentation, question: str) -> str:
     return fill_prompt(cfg.prompt_template, question=question) if cfg.prompt_template else seg.prompt(question)
 
 
-def decode_one(question: str, answer: str, teachers: Sequence[Teacher], scorer: Scorer, cfg: CordConfig, *,
-               seed: int = 0, seg: Segmentation | None = None) -> DecodeResult:
-    """CoRD beam search for one question (``cfg.method`` "cord" or "greedy"; B = cfg.beam_size)."""
+# ----------------------------------------------------------------------------------------------
+# Decoders (generators; decode_* run one on its own)
+# ----------------------------------------------------------------------------------------------
+def cord_steps(question: str, answer: str, num_teachers: int, cfg: CordConfig, *, seed: int = 0,
+               seg: Segmentation | None = None):
+    """Generator of CoRD's beam search for one question (``cfg.method`` "cord" or "greedy"; B =
+    cfg.beam_size): yields requests (see :func:`serve_one`), returns its DecodeResult."""
     seg = seg or cfg.make_segmentation()
     names = cfg.names()
     counters = _Counters()
-    scorer_start = scorer.tokens_processed
     prompt = _prompt(cfg, seg, question)
     beams = [Beam(text=prompt)]
-    for step in range(cfg.max_steps):
+    for step in _step_range(cfg):
         active = [b for b in beams if not b.finished]
         if not active:
             break
-        candidates = propose_steps(teachers, active, seg=seg, names=names, cfg=cfg,
-                                   seed=seed + 31 * step, counters=counters)
-        score_candidates(scorer, candidates, answer, end_marker=seg.end_marker)
+        candidates = yield from _propose_steps(num_teachers, active, seg=seg, names=names, cfg=cfg,
+                                               seed=seed + 31 * step, counters=counters)
+        yield from _score_candidates(candidates, answer, end_marker=seg.end_marker, counters=counters)
         # Finished beams stay in the pool with their score; they compete with the new candidates.
         beams = select_beams([b for b in beams if b.finished] + candidates, cfg.beam_size)
     beams = [_close(b, seg.end_marker) for b in beams]
     best = select_beams(beams, 1)[0]
-    answer_text = write_answer(teachers, best, cfg=cfg, seed=seed, counters=counters)
-    return DecodeResult(best, prompt, answer_text, counters.tokens_generated,
-                        scorer.tokens_processed - scorer_start)
+    answer_text = yield from _write_answer(best, cfg=cfg, seed=seed, counters=counters)
+    return DecodeResult(best, prompt, answer_text, counters.tokens_generated, counters.meta_prover_tokens)
 
 
-def decode_random(question: str, answer: str, teachers: Sequence[Teacher], scorer: Scorer, cfg: CordConfig, *,
-                  seed: int = 0, seg: Segmentation | None = None) -> DecodeResult:
-    """Random step selection: every step all K teachers propose (the same generation cost as
-    greedy CoRD) and one proposal is picked uniformly at random; the meta-prover scores only the
+def random_steps(question: str, answer: str, num_teachers: int, cfg: CordConfig, *, seed: int = 0,
+                 seg: Segmentation | None = None):
+    """Generator of the random baseline: every step all K teachers propose (the same generation cost
+    as greedy CoRD) and one proposal is picked uniformly at random; the meta-prover scores only the
     final trace (for the record)."""
     seg = seg or cfg.make_segmentation()
     names, counters, rng = cfg.names(), _Counters(), random.Random(seed)
-    scorer_start = scorer.tokens_processed
     prompt = _prompt(cfg, seg, question)
     beam = Beam(text=prompt)
-    for step in range(cfg.max_steps):
+    for step in _step_range(cfg):
         if beam.finished:
             break
-        candidates = propose_steps(teachers, [beam], seg=seg, names=names, cfg=cfg, seed=seed + 31 * step,
-                                   counters=counters)
+        candidates = yield from _propose_steps(num_teachers, [beam], seg=seg, names=names, cfg=cfg,
+                                               seed=seed + 31 * step, counters=counters)
         beam = candidates[rng.randrange(len(candidates))]
     beam = _close(beam, seg.end_marker)
-    (s,) = score_candidates(scorer, [dataclasses.replace(beam, parent="")], answer, end_marker=seg.end_marker)
+    (s,) = yield from _score_candidates([dataclasses.replace(beam, parent="")], answer, end_marker=seg.end_marker,
+                                        counters=counters)
     beam.score = s
-    answer_text = write_answer(teachers, beam, cfg=cfg, seed=seed, counters=counters)
-    return DecodeResult(beam, prompt, answer_text, counters.tokens_generated, scorer.tokens_processed - scorer_start)
+    answer_text = yield from _write_answer(beam, cfg=cfg, seed=seed, counters=counters)
+    return DecodeResult(beam, prompt, answer_text, counters.tokens_generated, counters.meta_prover_tokens)
 
 
-def decode_curation(question: str, answer: str, teachers: Sequence[Teacher], scorer: Scorer, cfg: CordConfig, *,
-                    seed: int = 0, seg: Segmentation | None = None) -> DecodeResult:
-    """Curation: each teacher writes n complete traces (up to the token budget); the meta-prover
-    keeps the best; its teacher writes the final answer."""
+def curation_steps(question: str, answer: str, num_teachers: int, cfg: CordConfig, *, seed: int = 0,
+                   seg: Segmentation | None = None):
+    """Generator of curation: each teacher writes n complete traces (up to the token budget); the
+    meta-prover keeps the best; its teacher writes the final answer."""
     seg = seg or cfg.make_segmentation()
     names, counters = cfg.names(), _Counters()
-    scorer_start = scorer.tokens_processed
     prompt = _prompt(cfg, seg, question)
-    n = cfg.n_curation if cfg.temperature > 0 else 1
     stop = StringStop([seg.end_marker])
+    requests = []
+    for k in range(num_teachers):
+        n = cfg.n_curation if _temperature(cfg, k) > 0 else 1
+        requests.append(ProposeRequest(k, [prompt], n, cfg.token_budget, stop, _temperature(cfg, k), seed + 7919 * k,
+                                       _top_p(cfg, k)))
+    replies = yield requests
     traces: list[Beam] = []
-    for k, teacher in enumerate(teachers):
-        (row,) = teacher.propose([prompt], n=n, max_new_tokens=cfg.token_budget, stop=stop,
-                                 temperature=cfg.temperature, seed=seed + 7919 * k)
+    for k, (row,) in enumerate(replies):
         for prop in row:
             counters.tokens_generated += prop.num_tokens
             text = prop.text if prop.text.endswith(seg.end_marker) else prop.text + seg.end_marker
             steps = [{"text": s, "teacher": names[k], "score": None} for s in seg.split(prop.text)]
             traces.append(Beam(text=prompt + text, steps=steps, tokens=prop.num_tokens, finished=True,
                                teacher=k, parent=prompt))
-    score_candidates(scorer, traces, answer, end_marker=seg.end_marker)
+    yield from _score_candidates(traces, answer, end_marker=seg.end_marker, counters=counters)
     best = select_beams(traces, 1)[0]
-    answer_text = write_answer(teachers, best, cfg=cfg, seed=seed, counters=counters)
-    return DecodeResult(best, prompt, answer_text, counters.tokens_generated, scorer.tokens_processed - scorer_start)
+    answer_text = yield from _write_answer(best, cfg=cfg, seed=seed, counters=counters)
+    return DecodeResult(best, prompt, answer_text, counters.tokens_generated, counters.meta_prover_tokens)
+
+
+STEPS = {"cord": cord_steps, "greedy": cord_steps, "random": random_steps, "curation": curation_steps}
+
+
+def decode_one(question: str, answer: str, teachers: Sequence[Teacher], scorer: Scorer, cfg: CordConfig, *,
+               seed: int = 0, seg: Segmentation | None = None) -> DecodeResult:
+    """CoRD beam search for one question (``cfg.method`` "cord" or "greedy"; B = cfg.beam_size)."""
+    return serve_one(cord_steps(question, answer, len(teachers), cfg, seed=seed, seg=seg), teachers, scorer)
+
+
+def decode_random(question: str, answer: str, teachers: Sequence[Teacher], scorer: Scorer, cfg: CordConfig, *,
+                  seed: int = 0, seg: Segmentation | None = None) -> DecodeResult:
+    """Random step selection (see :func:`random_steps`) for one question."""
+    return serve_one(random_steps(question, answer, len(teachers), cfg, seed=seed, seg=seg), teachers, scorer)
+
+
+def decode_curation(question: str, answer: str, teachers: Sequence[Teacher], scorer: Scorer, cfg: CordConfig, *,
+                    seed: int = 0, seg: Segmentation | None = None) -> DecodeResult:
+    """Curation (see :func:`curation_steps`) for one question."""
+    return serve_one(curation_steps(question, answer, len(teachers), cfg, seed=seed, seg=seg), teachers, scorer)
 
 
 DECODERS = {"cord": decode_one, "greedy": decode_one, "random": decode_random, "curation": decode_curation}
+
+
+# ----------------------------------------------------------------------------------------------
+# Many questions in flight
+# ----------------------------------------------------------------------------------------------
+def _stop_key(stop) -> object:
+    if stop is None:
+        return None
+    if isinstance(stop, StringStop):
+        return ("strings", tuple(stop.strings))
+    return ("object", id(stop))
+
+
+def _propose_key(req: ProposeRequest) -> tuple:
+    # Sampled requests keep their own seed (a question's proposals must not depend on which others are in
+    # flight), so only greedy requests of different questions share a call.
+    return (req.teacher, req.n, req.max_new_tokens, _stop_key(req.stop), req.temperature, req.top_p,
+            req.seed if req.temperature > 0 else None)
+
+
+def _served(teacher: Teacher) -> bool:
+    """Whether ``teacher`` answers ``apropose`` natively concurrently (a served teacher), rather than with
+    the default in-process one-at-a-time worker thread."""
+    own = getattr(type(teacher), "apropose", None)
+    return own is not None and own is not Teacher.apropose
+
+
+def _serve_propose_many(teachers: Sequence[Teacher], requests: dict[int, list[ProposeRequest]]) -> dict[int, list]:
+    """Answers every in-flight question's proposal requests with one ``propose`` call per teacher and
+    request kind (greedy requests of all questions concatenated). Served teachers are asked all at once
+    (``apropose``); in-process ones one after another (they generate one call at a time anyway, and their
+    speed-up is the batching across questions)."""
+    groups: dict[tuple, list[tuple[int, int]]] = {}
+    for i, reqs in requests.items():
+        for j, req in enumerate(reqs):
+            groups.setdefault(_propose_key(req), []).append((i, j))
+    replies = {i: [None] * len(reqs) for i, reqs in requests.items()}
+    calls = []
+    for members in groups.values():
+        first = requests[members[0][0]][members[0][1]]
+        kwargs = dict(n=first.n, max_new_tokens=first.max_new_tokens, stop=first.stop, temperature=first.temperature,
+                      seed=first.seed)
+        if first.top_p != 1.0:
+            kwargs["top_p"] = first.top_p
+        calls.append((members, first.teacher, [p for i, j in members for p in requests[i][j].prefixes], kwargs))
+
+    results: list = [None] * len(calls)
+    served = [c for c, (_, k, _, _) in enumerate(calls) if _served(teachers[k])]
+    if served:
+        import asyncio
+
+        async def ask_all():
+            return await asyncio.gather(*[teachers[calls[c][1]].apropose(calls[c][2], **calls[c][3]) for c in served])
+
+        for c, got in zip(served, asyncio.run(ask_all())):
+            results[c] = got
+    for c, (_, k, prefixes, kwargs) in enumerate(calls):
+        if results[c] is None:
+            results[c] = teachers[k].propose(prefixes, **kwargs)
+    for (members, _, _, _), got in zip(calls, results):
+        at = 0
+        for i, j in members:
+            size = len(requests[i][j].prefixes)
+            replies[i][j] = got[at:at + size]
+            at += size
+    return replies
+
+
+def _serve_score_many(scorer: Scorer, requests: dict[int, ScoreRequest]) -> dict[int, tuple[list[float], int]]:
+    """Scores the candidates of every in-flight question in one call when the scorer reports each pair's
+    tokens (``last_pair_tokens``, as MetaProver does); else one call per question."""
+    if not requests:
+        return {}
+    if len(requests) == 1 or not hasattr(scorer, "last_pair_tokens"):
+        return {i: _serve_score(scorer, req) for i, req in requests.items()}
+    pairs = [p for req in requests.values() for p in req.pairs]
+    prefixes = [p for req in requests.values() for p in req.prefixes]
+    scores = [float(s) for s in scorer.score(pairs, prefixes=prefixes)]
+    tokens = list(scorer.last_pair_tokens)
+    out, at = {}, 0
+    for i, req in requests.items():
+        size = len(req.pairs)
+        out[i] = (scores[at:at + size], sum(tokens[at:at + size]))
+        at += size
+    return out
+
+
+def decode_many(items: Iterable[tuple[str, str, int]], teachers: Sequence[Teacher], scorer: Scorer,
+                cfg: CordConfig, *, seg: Segmentation | None = None, in_flight: int = 1
+                ) -> Iterator[tuple[int, DecodeResult]]:
+    """Decodes ``items`` ((question, answer, seed) each, with ``cfg.method``), up to ``in_flight`` questions
+    at a time -> (index in items, result), as each question finishes (not in input order).
+
+    Each question's search stays sequential; every round, the proposal requests of all questions in flight
+    go to each teacher as one batched call (greedy ones; sampled ones keep their own seed), and all their
+    candidates go to the meta-prover in one call. With in_flight=1 the calls are those of decode_one.
+    """
+    if not isinstance(in_flight, int) or in_flight < 1:
+        raise ValueError(f"in_flight={in_flight!r}: expected an integer >= 1")
+    steps = STEPS[cfg.method]
+    seg = seg or cfg.make_segmentation()
+    queue = enumerate(items)
+    active: dict[int, list] = {}  # index -> [generator, its pending request]
+
+    def admit() -> None:
+        while len(active) < in_flight:
+            item = next(queue, None)
+            if item is None:
+                return
+            i, (question, answer, seed) = item
+            gen = steps(question, answer, len(teachers), cfg, seed=seed, seg=seg)
+            active[i] = [gen, next(gen)]  # every decoder asks for proposals before it returns
+
+    admit()
+    while active:
+        score_reqs = {i: a[1] for i, a in active.items() if isinstance(a[1], ScoreRequest)}
+        replies = _serve_score_many(scorer, score_reqs)
+        replies.update(_serve_propose_many(teachers, {i: a[1] for i, a in active.items() if i not in score_reqs}))
+        finished = []
+        for i in sorted(active):
+            try:
+                active[i][1] = active[i][0].send(replies[i])
+            except StopIteration as stop:
+                finished.append((i, stop.value))
+                del active[i]
+        admit()
+        yield from finished

@@ -92,6 +92,7 @@ class MetaProver:
         self.reuse_prefix_cache = reuse_prefix_cache
         self.batch_size = batch_size
         self.stats = ScoreStats()
+        self.last_pair_tokens: list[int] = []  # per pair of the last score() call: tokens it cost
         head = model.get_output_embeddings()
         if head is None or not hasattr(head, "weight"):
             raise ValueError("model: has no output embedding (lm_head) to score answer tokens with")
@@ -170,6 +171,10 @@ class MetaProver:
             candidate step extends). Pairs with the same prefix share one KV cache of it. A pair whose
             tokens do not start with the prefix's tokens (a tokenizer merging across the join)
             reuses only the tokens they share (possibly none, then it runs in full).
+
+        Afterwards ``last_pair_tokens`` holds, per pair, the tokens it cost (its suffix, plus a shared
+        prefix's tokens for the first pair of that prefix); they sum to the call's ``tokens_processed``,
+        so a caller scoring several questions in one call can charge each its own.
         """
         pairs = list(pairs)
         for i, pair in enumerate(pairs):
@@ -184,14 +189,18 @@ class MetaProver:
                 if p is not None and not ctx.startswith(p):
                     raise ValueError(f"prefixes[{i}]: the context of pairs[{i}] does not start with it")
         if not pairs:
+            self.last_pair_tokens = []
             return torch.empty(0, dtype=torch.float32)
         encoded = [_Encoded(*self.encode(ctx, ans)) for ctx, ans in pairs]
         self.stats.calls += 1
         self.stats.candidates += len(pairs)
         self.stats.tokens_full += sum(len(e.ids) for e in encoded)
-        caches, group_of = None, [None] * len(pairs)
+        caches, group_of, charged = None, [None] * len(pairs), [0] * len(pairs)
         if prefixes is not None and self.reuse_prefix_cache and self._can_reuse:
-            caches, group_of = self._prefix_caches(encoded, prefixes)
+            caches, group_of, charged = self._prefix_caches(encoded, prefixes)
+        # Tokens each pair cost: its own suffix, and a shared prefix's tokens charged to its first pair.
+        self.last_pair_tokens = [c + len(e.ids) - (e.prefix_len if g is not None else 0)
+                                 for c, e, g in zip(charged, encoded, group_of)]
         scores = torch.empty(len(pairs), dtype=torch.float32)
         # Longest first: rows of a batch have similar lengths, so little compute goes to padding.
         order = sorted(range(len(pairs)), key=lambda i: -(len(encoded[i].ids) - encoded[i].prefix_len))
@@ -201,7 +210,8 @@ class MetaProver:
 
     def _prefix_caches(self, encoded: list[_Encoded], prefixes: Sequence[str | None]):
         """Runs every distinct prefix once (batched, right-padded) and returns its KV tensors
-        (per layer, [G, kv_heads, L_max, d]) and, per candidate, its group index or None. Sets each
+        (per layer, [G, kv_heads, L_max, d]), per candidate its group index or None, and per candidate the
+        prefix tokens charged to it (a group's run, to its first candidate). Sets each
         candidate's ``prefix_len``: the tokens it shares with its prefix (its own, so a candidate whose
         tokens merge across the join still reuses the part before the merge)."""
         groups: dict[str, int] = {}
@@ -222,8 +232,9 @@ class MetaProver:
             # The position before the first answer token must run with the suffix (its hidden state).
             e.prefix_len = min(shared, e.answer_start - 1)
             group_of.append(g if e.prefix_len > 0 else None)
+        charged = [0] * len(encoded)
         if not group_ids:
-            return None, group_of
+            return None, group_of, charged
         # Only the tokens some candidate reuses need to run.
         need = [0] * len(group_ids)
         for e, g in zip(encoded, group_of):
@@ -244,7 +255,10 @@ class MetaProver:
         slot = {g: r for r, g in enumerate(used)}
         reused = sum(e.prefix_len for e, g in zip(encoded, group_of) if g is not None)
         self.stats.prefix_tokens_reused += reused - sum(need[g] for g in used)
-        return stacked, [slot[g] if g is not None else None for g in group_of]
+        for i, g in enumerate(group_of):
+            if g is not None and need[g] > 0:
+                charged[i], need[g] = need[g], 0
+        return stacked, [slot[g] if g is not None else None for g in group_of], charged
 
     def _pad(self, rows: list[list[int]], width: int) -> torch.Tensor:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0

@@ -7,13 +7,13 @@ import os
 from collections.abc import Sequence
 
 from distillkit.methods.cord.config import CordConfig
-from distillkit.methods.cord.decode import DECODERS, DecodeResult, Scorer
+from distillkit.methods.cord.decode import DecodeResult, Scorer, decode_many
 from distillkit.methods.cord.segmentation import END_MARKER
 from distillkit.methods.cord.summary import summarize, write_summary
 from distillkit.pipeline.answers import answers_match, extract_answer
 from distillkit.pipeline.config import parse_config
 from distillkit.pipeline.data import question_seed, read_questions
-from distillkit.pipeline.runs import append_record, begin_run, read_records
+from distillkit.pipeline.runs import append_record, begin_run, read_records, select_shard
 from distillkit.teachers.base import Teacher
 
 log = logging.getLogger(__name__)
@@ -83,19 +83,19 @@ def _limit_grows(old, new) -> bool:
 def begin_cord_run(cfg: CordConfig) -> list[str]:
     """Refuses a config that differs from the one ``output_path``'s records were made with (unless
     ``overwrite``: then the records, their summary and plot are moved aside) and records it. May
-    change: overwrite, progress, summary_path, plot_path, and limit upwards."""
+    change: overwrite, progress, summary_path, plot_path, questions_in_flight, and limit upwards."""
     out = cfg.output_path
     return begin_run(cfg, run_config_file(cfg),
                      run_exists=os.path.exists(out) and os.path.getsize(out) > 0,
                      outputs=[out, out + ".torn", cfg.summary_file(), cfg.plot_file()],
-                     what=f"output_path={out!r}", free=("summary_path", "plot_path"),
+                     what=f"output_path={out!r}", free=("summary_path", "plot_path", "questions_in_flight"),
                      extendable={"limit": _limit_grows})
 
 
 def run(cfg: CordConfig, *, teachers: Sequence[Teacher] | None = None, meta_prover: Scorer | None = None) -> dict:
     """Decodes every input question not yet in the output, appends one record each, and writes the
     summary (JSON + hit-rate PNG) over all records of the output. Returns the summary."""
-    questions = read_questions(cfg.input_path, cfg.limit)
+    questions = select_shard(read_questions(cfg.input_path, cfg.limit), cfg.num_shards, cfg.shard_index)
     begin_cord_run(cfg)
     done = load_done(cfg.output_path)
     done_ids = {str(r["id"]) for r in done}
@@ -108,17 +108,16 @@ def run(cfg: CordConfig, *, teachers: Sequence[Teacher] | None = None, meta_prov
         if len(teachers) != len(cfg.teachers):
             raise ValueError(f"teachers: {len(teachers)} given but the config lists {len(cfg.teachers)}")
         seg = cfg.make_segmentation()
-        decode = DECODERS[cfg.method]
         from tqdm.auto import tqdm
 
         os.makedirs(os.path.dirname(os.path.abspath(cfg.output_path)), exist_ok=True)
+        items = [(str(q["question"]), str(q["answer"]), question_seed(cfg.seed, q["id"])) for q in pending]
         with open(cfg.output_path, "a", encoding="utf-8") as out, \
                 tqdm(total=len(questions), initial=len(questions) - len(pending), desc=f"cord[{cfg.method}]",
                      unit="q", disable=not cfg.progress) as bar:
-            for q in pending:
-                res = decode(str(q["question"]), str(q["answer"]), teachers, meta_prover, cfg,
-                             seed=question_seed(cfg.seed, q["id"]), seg=seg)
-                append_record(out, make_record(q, res, seg.end_marker))
+            # Records land as their questions finish (not in input order); a resumed run goes by id.
+            for i, res in decode_many(items, teachers, meta_prover, cfg, seg=seg, in_flight=cfg.questions_in_flight):
+                append_record(out, make_record(pending[i], res, seg.end_marker))
                 bar.update(1)
     records = load_done(cfg.output_path)
     summary = summarize(records, cfg.names())

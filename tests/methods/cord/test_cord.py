@@ -249,7 +249,7 @@ def test_crash_and_resume_gives_the_same_records(tmp_path):
     ref_cfg = config(output_path=str(tmp_path / "ref.jsonl"), **kw)
     run(ref_cfg, teachers=mk(), meta_prover=FakeScorer(table))
     out = tmp_path / "out.jsonl"
-    cfg = config(output_path=str(out), **kw)
+    cfg = config(output_path=str(out), questions_in_flight=1, **kw)  # one at a time: q0..q2 done at the crash
     with pytest.raises(RuntimeError, match="injected"):
         run(cfg, teachers=[CrashingTeacher("A", "3 + 4", finish_at=3), FakeTeacher("B", finish_at=3)],
             meta_prover=FakeScorer(table))
