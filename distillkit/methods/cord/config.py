@@ -81,12 +81,6 @@ class CordConfig:
     num_shards: int = _help("split the questions into this many shards (by a stable hash of the id); this run "
                             "decodes shard shard_index; merge with `distillkit cord --merge-shards`", default=1)
     shard_index: int = _help("which shard this run decodes: 0 .. num_shards - 1", default=0)
-    questions_in_flight: int = _help(
-        "questions decoded at once: each round, one batched teacher call per teacher and one meta-prover call "
-        "serve all of them (greedy traces are those of one at a time)", default=16)
-    num_shards: int = _help("split the questions into this many shards (by a stable hash of the id); this run "
-                            "decodes shard shard_index; merge with `distillkit cord --merge-shards`", default=1)
-    shard_index: int = _help("which shard this run decodes: 0 .. num_shards - 1", default=0)
     summary_path: str | None = _help("summary JSON (default: <output>.summary.json)", default=None)
     plot_path: str | None = _help("teacher hit-rate plot PNG (default: <output>.hit_rates.png)", default=None)
     progress: bool = _help("show a progress bar", default=True)
@@ -160,14 +154,6 @@ class CordConfig:
             raise ValueError(f"scoring_backend={self.scoring_backend!r}: expected one of {SCORING_BACKENDS} or None")
         if self.teacher_kwargs is not None and not isinstance(self.teacher_kwargs, dict):
             raise ValueError(f"teacher_kwargs: expected a mapping, got {type(self.teacher_kwargs).__name__}")
-        for name in ("questions_in_flight", "num_shards"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise InputError(f"{name}={value!r}: expected an integer >= 1")
-        if not isinstance(self.shard_index, int) or isinstance(self.shard_index, bool) \
-                or not 0 <= self.shard_index < self.num_shards:
-            raise InputError(f"shard_index={self.shard_index!r}: expected an integer in [0, num_shards="
-                             f"{self.num_shards})")
         for name in ("questions_in_flight", "num_shards"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
