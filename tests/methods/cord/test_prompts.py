@@ -1,0 +1,78 @@
+"""Each teacher's chat template and recommended system prompt around CoRD's reasoning prompt."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from distillkit.methods.cord.prompts import (
+    BOXED_INSTRUCTION,
+    apply_chat_template,
+    make_teacher_prompts,
+    recommended_for,
+    split_reasoning_prompt,
+)
+
+# A ChatML template that opens the thinking block itself (as the R1 distills' and QwQ's do), and one that does not.
+OPENS_THINK = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+               "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
+PLAIN = ("{% if messages[0]['role'] != 'system' %}[SYS]default[/SYS]{% endif %}"
+         "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+         "{% if add_generation_prompt %}[assistant]{% endif %}")
+PROMPT = "3+9-7*4\n<think> ### Step"
+
+
+@pytest.fixture(scope="module")
+def world_tokenizer():
+    from distillkit.teachers.hf import load_tokenizer
+    from distillkit.world.models import asset_path
+
+    return load_tokenizer(asset_path("teacher-carry"))
+
+
+def _with_template(tok, template):
+    tok = copy.deepcopy(tok)
+    tok.chat_template = template
+    return tok
+
+
+def test_recommended_use_by_checkpoint_name():
+    assert recommended_for("deepseek-ai/DeepSeek-R1-Distill-Qwen-32B").user_instruction == BOXED_INSTRUCTION
+    assert recommended_for("Qwen/QwQ-32B").system is None
+    assert recommended_for("microsoft/Phi-4-reasoning-plus").user_instruction == ""
+    assert recommended_for("distillkit/world/assets/teacher-carry").system is None
+    assert split_reasoning_prompt(PROMPT) == ("3+9-7*4", "<think> ### Step")
+    assert split_reasoning_prompt("no think") == ("no think", "")
+
+
+def test_chat_template_wraps_the_question_and_keeps_one_think(world_tokenizer):
+    tok = _with_template(world_tokenizer, OPENS_THINK)
+    got = apply_chat_template(tok, PROMPT, system="be brief", user_instruction="Box it.")
+    assert got == ("<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\n3+9-7*4\nBox it.<|im_end|>\n"
+                   "<|im_start|>assistant\n<think> ### Step")
+    plain = apply_chat_template(_with_template(world_tokenizer, PLAIN), PROMPT)
+    assert plain == "[SYS]default[/SYS][user]3+9-7*4[assistant]<think> ### Step"  # the template's own system prompt
+
+
+def test_none_keeps_the_raw_prompt_and_auto_swaps_each_teachers_head(world_tokenizer):
+    names = ["org/DeepSeek-R1-Distill-Qwen-32B", "microsoft/Phi-4-reasoning-plus"]
+    raw = make_teacher_prompts("none", PROMPT, names)
+    beam = PROMPT + " 1: 3+9=12\n"
+    assert raw.for_teacher(0, beam) == beam and raw.for_teacher(1, beam) == beam
+    toks = [_with_template(world_tokenizer, OPENS_THINK), _with_template(world_tokenizer, PLAIN)]
+    auto = make_teacher_prompts("auto", PROMPT, names, toks, system_prompts=[None, "mine"])
+    assert auto.base == PROMPT
+    assert auto.for_teacher(0, beam) == ("<|im_start|>user\n3+9-7*4\n" + BOXED_INSTRUCTION + "<|im_end|>\n"
+                                         "<|im_start|>assistant\n<think> ### Step 1: 3+9=12\n")
+    assert auto.for_teacher(1, beam) == "[system]mine[user]3+9-7*4[assistant]<think> ### Step 1: 3+9=12\n"
+    with pytest.raises(ValueError, match="base prompt"):
+        auto.for_teacher(0, "other text")
+
+
+def test_auto_without_a_template_is_refused(world_tokenizer):
+    with pytest.raises(ValueError, match="no chat template"):
+        make_teacher_prompts("auto", PROMPT, ["t"], [world_tokenizer])
+    with pytest.raises(ValueError, match="chat_template"):
+        make_teacher_prompts("jinja", PROMPT, ["t"])
+    with pytest.raises(ValueError, match="tokenizers"):
+        make_teacher_prompts("auto", PROMPT, ["a", "b"], [world_tokenizer])
