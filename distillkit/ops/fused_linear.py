@@ -17,11 +17,28 @@ loss eagerly with the float formulas of :mod:`distillkit.reference.fused_linear`
 Registered with torch.library (``distillkit::fused_linear_skew``, custom_op + fake + autograd) so a
 torch.compile'd training step traces through it as one opaque op.
 
+Padded vocabularies (``vocab_size``): the loss is over the token ids both sides share, [0, vocab_size); the
+lm_heads are row-sliced (views) before the op, so padding rows are never read and get a zero gradient.
+Logit transforms (``*_logit_scale``, ``*_softcap``) run on each chunk's logits in the loop below, in float32
+for half inputs, the student's gradient through them by the chain rule (scale x (1 - tanh^2)).
+
+DTensor arguments (FSDP2 with lm_head in its own ``fully_shard`` group, a sharded teacher, tensor
+parallel) are gathered, not computed shard by shard: outside the custom op each DTensor becomes its full
+plain tensor (all-gather), and the student weight's gradient goes back to the parameter's own placements,
+averaged over its mesh as FSDP2 reduces every other gradient (:mod:`distillkit.ops._dtensor`). Memory cost:
+one full [V, H] copy of each gathered lm_head per rank for the duration of the call (bf16 152064 x 3584:
+1.1 GB), which is what FSDP2 allocates anyway to run that lm_head's own forward; the float32 [V, H]
+gradient accumulator is the op's in any case. Computing on vocabulary shards (local logits, all-reduced max
+and sum per row) would save that copy at the price of two collectives per chunk and a custom backward; at
+the sizes where the copy matters a rank already holds several [c, V] chunks of the same order.
+
 FLOPs per call (N tokens, hidden H, vocabulary V; H_s = H_t = H): student and teacher logits 2 x 2NHV,
 grad_hidden 2NHV, grad_weight 2NHV: 8NHV in all, i.e. 6NHV for the student head (fwd + bwd) and 2NHV for
 the teacher head (fwd only). Everything else is O(NV) and bandwidth-bound.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -30,6 +47,7 @@ from distillkit._backend import Op
 from distillkit._errors import InputError
 from distillkit.ops._checks import first_index as _first
 from distillkit.ops._checks import first_nonfinite, nonfinite_rows
+from distillkit.ops._dtensor import gather_constant, gather_input, gather_weight
 from distillkit.ops.skew_kl import SKEW_KL, _acc_dtype, _row_scale, check_options, check_token_tensors, skew_kl_rows
 
 __all__ = ["fused_linear_skew_kl", "fused_linear_skew_reverse_kl", "default_chunk_size"]
@@ -85,8 +103,27 @@ def _row_divergence(z_s, z_t, scale, alpha, temperature, reverse, detach_mixture
                         detach_mixture=detach_mixture, need_grad=need_grad, backend=backend)
 
 
+def _transform(z: torch.Tensor, logit_scale: float, softcap: float, acc_dtype: torch.dtype, need_slope: bool):
+    """The model's own logits from z = h W^T + b [c, V]: z * logit_scale, then softcap * tanh(z / softcap)
+    (softcap 0: none). Returns (logits, d logits / dz [c, V] or None). Identity: z itself, slope None.
+    Half inputs are transformed in acc_dtype (float32): tanh's slope 1 - t^2 loses everything near the cap
+    in bfloat16."""
+    if logit_scale == 1.0 and softcap == 0.0:
+        return z, None
+    if z.dtype != acc_dtype:
+        z = z.to(acc_dtype)
+    if softcap == 0.0:
+        return z * logit_scale, None
+    t = torch.tanh(z * (logit_scale / softcap))
+    slope = None
+    if need_slope:  # d/dz softcap tanh(s z / softcap) = s (1 - t^2)
+        slope = torch.addcmul(torch.ones((), dtype=t.dtype, device=t.device), t, t, value=-1.0).mul_(logit_scale)
+    return t.mul_(softcap), slope
+
+
 def _chunked(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, scale,
-             alpha, temperature, reverse, detach_mixture, chunk_size, backend, grad_flags):
+             alpha, temperature, reverse, detach_mixture, chunk_size, backend, grad_flags, student_logit_scale=1.0,
+             student_softcap=0.0, teacher_logit_scale=1.0, teacher_softcap=0.0):
     n = student_hidden.shape[0]
     vocab, dev = student_weight.shape[0], student_hidden.device
     acc_dtype = scale.dtype  # float32, float64 for float64 inputs
@@ -99,8 +136,10 @@ def _chunked(student_hidden, student_weight, student_bias, teacher_hidden, teach
     for start in range(0, n, chunk_size):
         stop = min(n, start + chunk_size)
         h_s = student_hidden[start:stop]
-        z_s = _linear(h_s, student_weight, student_bias)
-        z_t = _linear(teacher_hidden[start:stop], teacher_weight, teacher_bias)
+        z_s, slope = _transform(_linear(h_s, student_weight, student_bias), student_logit_scale, student_softcap,
+                                acc_dtype, need_grad)
+        z_t, _ = _transform(_linear(teacher_hidden[start:stop], teacher_weight, teacher_bias), teacher_logit_scale,
+                            teacher_softcap, acc_dtype, False)
         if z_t.dtype != z_s.dtype:
             z_t = z_t.to(z_s.dtype)
         d, dz = _row_divergence(z_s, z_t, scale[start:stop], alpha, temperature, reverse, detach_mixture,
@@ -109,6 +148,13 @@ def _chunked(student_hidden, student_weight, student_bias, teacher_hidden, teach
         loss_rows[start:stop] = d
         if not need_grad:
             continue
+        if slope is not None:  # chain rule through the softcap: d/dz = d/dlogits * scale (1 - tanh^2)
+            dz = dz.mul_(slope)
+            del slope
+        elif student_logit_scale != 1.0:
+            dz = dz.mul_(student_logit_scale)
+        if dz.dtype != student_hidden.dtype:
+            dz = dz.to(student_hidden.dtype)
         if grad_hidden is not None:
             torch.mm(dz, student_weight, out=grad_hidden[start:stop])
         if grad_weight is not None:
@@ -138,20 +184,21 @@ def fused_linear_skew_op(student_hidden: torch.Tensor, student_weight: torch.Ten
                          student_bias: torch.Tensor | None, teacher_hidden: torch.Tensor,
                          teacher_weight: torch.Tensor, teacher_bias: torch.Tensor | None, scale: torch.Tensor,
                          alpha: float, temperature: float, reverse: bool, detach_mixture: bool, chunk_size: int,
-                         backend: str, reduce: bool, grad_flags: int
+                         backend: str, reduce: bool, grad_flags: int, transforms: list[float]
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Chunked fused-linear skew (reverse) KL.
 
     student_hidden [N, H_s], student_weight [V, H_s], student_bias [V] or None, teacher_* likewise with H_t,
     scale [N] float32 (float64 for float64 inputs; weight x kept / denominator). reduce=True:
     loss = sum_t scale_t D_t (scalar) and, per grad_flags (1 hidden, 2 weight, 4 bias), its gradients; reduce=False: loss = scale_t D_t [N], no
-    gradients. Returns (loss, D_t [N] float32, grad_hidden, grad_weight, grad_bias); unrequested gradients
-    are empty tensors.
+    gradients. transforms = [student logit scale, student softcap, teacher logit scale, teacher softcap]
+    (softcap 0: none), applied to each chunk's logits before the temperature. Returns (loss, D_t [N] float32,
+    grad_hidden, grad_weight, grad_bias); unrequested gradients are empty tensors.
     """
     flags = grad_flags if reduce else 0
     loss_rows, g_h, g_w, g_b = _chunked(student_hidden, student_weight, student_bias, teacher_hidden,
                                         teacher_weight, teacher_bias, scale, alpha, temperature, reverse,
-                                        detach_mixture, chunk_size, backend, flags)
+                                        detach_mixture, chunk_size, backend, flags, *transforms)
     # NaN in D marks a row whose logits are undefined (e.g. a half-precision GEMM that overflowed); free to read
     check_values(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, None,
                  scale, 0, rows=loss_rows)
@@ -160,7 +207,7 @@ def fused_linear_skew_op(student_hidden: torch.Tensor, student_weight: torch.Ten
 
 @fused_linear_skew_op.register_fake
 def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, scale, alpha,
-      temperature, reverse, detach_mixture, chunk_size, backend, reduce, grad_flags):
+      temperature, reverse, detach_mixture, chunk_size, backend, reduce, grad_flags, transforms):
     n = student_hidden.shape[0]
     flags = grad_flags if reduce else 0
     loss = scale.new_empty(()) if reduce else scale.new_empty((n,))
@@ -199,14 +246,14 @@ def _(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weig
 
 def _setup_context(ctx, inputs, output):
     (student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, scale, alpha,
-     temperature, reverse, detach_mixture, chunk_size, backend, reduce, grad_flags) = inputs
+     temperature, reverse, detach_mixture, chunk_size, backend, reduce, grad_flags, transforms) = inputs
     ctx.reduce = reduce
     ctx.grad_flags = grad_flags
     ctx.has_student_bias = student_bias is not None
     if reduce:  # gradients were computed in the forward: keep them, not the inputs
         ctx.save_for_backward(output[2], output[3], output[4])
     else:  # "none": recompute with the incoming per-row gradient folded into the scale
-        ctx.options = (alpha, temperature, reverse, detach_mixture, chunk_size, backend)
+        ctx.options = (alpha, temperature, reverse, detach_mixture, chunk_size, backend, transforms)
         ctx.save_for_backward(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight,
                               teacher_bias, scale)
 
@@ -224,15 +271,15 @@ def _backward(ctx, grad_loss, _grad_rows, _g1, _g2, _g3):
         g_h, g_w, g_b = ctx.saved_tensors
     else:
         sh, sw, sb, th, tw, tb, scale = ctx.saved_tensors
-        alpha, temperature, reverse, detach_mixture, chunk_size, backend = ctx.options
+        alpha, temperature, reverse, detach_mixture, chunk_size, backend, transforms = ctx.options
         _, _, g_h, g_w, g_b = fused_linear_skew_op(sh, sw, sb, th, tw, tb, scale * grad_loss.to(scale.dtype),
                                                    alpha, temperature, reverse, detach_mixture, chunk_size,
-                                                   backend, True, flags)
+                                                   backend, True, flags, transforms)
         grad_loss = torch.ones((), dtype=scale.dtype, device=scale.device)
     return (_scale_saved(g_h, grad_loss, bool(flags & _GRAD_HIDDEN)),
             _scale_saved(g_w, grad_loss, bool(flags & _GRAD_WEIGHT)),
             _scale_saved(g_b, grad_loss, bool(flags & _GRAD_BIAS) and ctx.has_student_bias),
-            None, None, None, None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 fused_linear_skew_op.register_autograd(_backward, setup_context=_setup_context)
@@ -250,7 +297,8 @@ def _check_tensor(name, x, dims):
 
 
 def _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, weights, student_bias,
-              teacher_bias, alpha, temperature, ignore_index, reduction, chunk_size):
+              teacher_bias, alpha, temperature, ignore_index, reduction, chunk_size, vocab_size=None,
+              transforms=(1.0, None, 1.0, None)):
     _check_tensor("student_hidden", student_hidden, (2, 3))
     _check_tensor("teacher_hidden", teacher_hidden, (2, 3))
     _check_tensor("student_weight", student_weight, (2,))
@@ -269,17 +317,15 @@ def _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, la
     if teacher_weight.shape[1] != teacher_hidden.shape[-1]:
         raise InputError(f"teacher_weight {tuple(teacher_weight.shape)} must be [V, H_t] with H_t = "
                          f"teacher_hidden.shape[-1] = {teacher_hidden.shape[-1]}")
-    vocab = student_weight.shape[0]
-    if teacher_weight.shape[0] != vocab:
-        raise InputError(f"vocabulary mismatch: student_weight has V={vocab}, teacher_weight has "
-                         f"V={teacher_weight.shape[0]}")
-    if vocab < 1:
-        raise InputError("student_weight must have V >= 1 rows")
-    for name, b in (("student_bias", student_bias), ("teacher_bias", teacher_bias)):
+    v_s, v_t = student_weight.shape[0], teacher_weight.shape[0]
+    check_vocab_size(vocab_size, v_s, v_t, "student_weight", "teacher_weight")
+    if min(v_s, v_t) < 1:
+        raise InputError("student_weight and teacher_weight must have V >= 1 rows")
+    for name, b, v in (("student_bias", student_bias, v_s), ("teacher_bias", teacher_bias, v_t)):
         if b is not None:
             _check_tensor(name, b, (1,))
-            if b.shape[0] != vocab:
-                raise InputError(f"{name} must be [V={vocab}], got {tuple(b.shape)}")
+            if b.shape[0] != v:
+                raise InputError(f"{name} must be [V={v}] (the rows of its lm_head weight), got {tuple(b.shape)}")
     tensors = [("student_weight", student_weight), ("teacher_hidden", teacher_hidden),
                ("teacher_weight", teacher_weight), ("student_bias", student_bias), ("teacher_bias", teacher_bias)]
     check_token_tensors(labels, weights, lead, "the tokens' shape")
@@ -289,6 +335,37 @@ def _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, la
     check_options(alpha, temperature, ignore_index, reduction)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise InputError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    for side, (scale, cap) in (("student", transforms[:2]), ("teacher", transforms[2:])):
+        check_logit_transform(scale, cap, f"{side}_logit_scale", f"{side}_softcap")
+
+
+def check_vocab_size(vocab_size, v_student: int, v_teacher: int, student_name: str, teacher_name: str) -> None:
+    """vocab_size (None or an int) against the two sides' vocabulary sizes (lm_head rows or logits columns):
+    None needs equal sizes; an int must be in [1, min(v_student, v_teacher)]. InputError otherwise."""
+    if vocab_size is None:
+        if v_student != v_teacher:
+            raise InputError(
+                f"vocabulary mismatch: {student_name} has V={v_student}, {teacher_name} has V={v_teacher}. "
+                f"Vocabularies that differ only by padding rows (one tokenizer, lm_heads padded to different "
+                f"multiples) need vocab_size=len(tokenizer): the loss is then over token ids [0, vocab_size)")
+        return
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < 1:
+        raise InputError(f"vocab_size must be a positive int (the number of real token ids) or None, got "
+                         f"{vocab_size!r}")
+    if vocab_size > min(v_student, v_teacher):
+        raise InputError(f"vocabulary mismatch: vocab_size={vocab_size} exceeds {student_name}'s V={v_student} or "
+                         f"{teacher_name}'s V={v_teacher}; both sides must hold every real token id (a vocabulary "
+                         f"that is smaller than the tokenizer is a different vocabulary, not padding)")
+
+
+def check_logit_transform(logit_scale, softcap, scale_name: str = "logit_scale", cap_name: str = "softcap") -> None:
+    """logit_scale a finite number > 0; softcap None or a finite number > 0. InputError otherwise."""
+    if (isinstance(logit_scale, bool) or not isinstance(logit_scale, (int, float)) or not math.isfinite(logit_scale)
+            or logit_scale <= 0):
+        raise InputError(f"{scale_name} must be a finite number > 0, got {logit_scale!r}")
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float))
+                                or not math.isfinite(softcap) or softcap <= 0):
+        raise InputError(f"{cap_name} must be None or a finite number > 0, got {softcap!r}")
 
 
 def check_values(student_hidden: torch.Tensor, student_weight: torch.Tensor, student_bias: torch.Tensor | None,
@@ -350,7 +427,12 @@ def _select_backend(op: str, device: str, backend: str | None) -> str:
 
 def _fused_linear_skew(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, weights,
                        student_bias, teacher_bias, alpha, temperature, ignore_index, reduction, chunk_size,
-                       backend, reverse, detach_mixture):
+                       backend, reverse, detach_mixture, vocab_size=None, transforms=(1.0, None, 1.0, None)):
+    # DTensor arguments (FSDP2, tensor parallel) become plain full tensors here, outside the custom op
+    student_hidden, teacher_hidden = gather_input(student_hidden), gather_constant(teacher_hidden)
+    student_weight, student_bias = gather_weight(student_weight), gather_weight(student_bias)
+    teacher_weight, teacher_bias = gather_constant(teacher_weight), gather_constant(teacher_bias)
+    labels, weights = gather_constant(labels), gather_constant(weights)
     dev_type = student_hidden.device.type if isinstance(student_hidden, torch.Tensor) else "cpu"
     if torch.is_autocast_enabled(dev_type):
         # Autocast does not reach inside a custom op: apply it here as nn.Linear would (GEMMs in the autocast
@@ -364,9 +446,14 @@ def _fused_linear_skew(student_hidden, student_weight, teacher_hidden, teacher_w
             return _fused_linear_skew(cast(student_hidden), cast(student_weight), cast(teacher_hidden),
                                       cast(teacher_weight), labels, weights, cast(student_bias), cast(teacher_bias),
                                       alpha, temperature, ignore_index, reduction, chunk_size, backend, reverse,
-                                      detach_mixture)
+                                      detach_mixture, vocab_size, transforms)
     _validate(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, weights, student_bias,
-              teacher_bias, alpha, temperature, ignore_index, reduction, chunk_size)
+              teacher_bias, alpha, temperature, ignore_index, reduction, chunk_size, vocab_size, transforms)
+    if vocab_size is not None:
+        # padding rows are not tokens: a row slice (a view, still row-major); its backward leaves them 0
+        student_weight, teacher_weight = student_weight[:vocab_size], teacher_weight[:vocab_size]
+        student_bias = None if student_bias is None else student_bias[:vocab_size]
+        teacher_bias = None if teacher_bias is None else teacher_bias[:vocab_size]
     op = "fused_linear_skew_reverse_kl" if reverse else "fused_linear_skew_kl"
     name = _select_backend(op, str(student_hidden.device), backend)
     lead = student_hidden.shape[:-1]
@@ -378,13 +465,16 @@ def _fused_linear_skew(student_hidden, student_weight, teacher_hidden, teacher_w
                                   teacher_weight.detach(), None if teacher_bias is None else teacher_bias.detach(),
                                   None if labels is None else labels.reshape(-1),
                                   None if weights is None else weights.detach().reshape(-1), int(ignore_index))
+    s_scale, s_cap, t_scale, t_cap = transforms
     if name == "reference":
         from distillkit.reference import fused_linear as ref
 
         return ref.fused_linear_skew(student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
                                      checked.reshape(lead), student_bias=student_bias, teacher_bias=teacher_bias,
                                      alpha=alpha, temperature=temperature, ignore_index=ignore_index,
-                                     reduction=reduction, reverse=reverse, detach_mixture=detach_mixture)
+                                     reduction=reduction, reverse=reverse, detach_mixture=detach_mixture,
+                                     student_logit_scale=s_scale, student_softcap=s_cap,
+                                     teacher_logit_scale=t_scale, teacher_softcap=t_cap)
     scale = _row_scale(labels, checked, ignore_index, reduction, n, h_s.device, _acc_dtype(h_s.dtype))
     # the teacher is a constant: its tensors never carry autograd history into the op
     t_w = teacher_weight.detach()
@@ -398,10 +488,11 @@ def _fused_linear_skew(student_hidden, student_weight, teacher_hidden, teacher_w
                       | (_GRAD_WEIGHT if student_weight.requires_grad else 0)
                       | (_GRAD_BIAS if student_bias is not None and student_bias.requires_grad else 0))
     rows = chunk_size if chunk_size is not None else default_chunk_size(n, student_weight.shape[0], h_s.device)
+    op_transforms = [float(s_scale), float(s_cap or 0.0), float(t_scale), float(t_cap or 0.0)]
     loss, loss_rows, _, _, _ = fused_linear_skew_op(
         h_s, s_w, student_bias, h_t.contiguous(), t_w.contiguous(), t_b, scale, float(alpha),
         float(temperature), bool(reverse), bool(detach_mixture), int(max(1, min(rows, max(n, 1)))), name,
-        reduction != "none", grad_flags)
+        reduction != "none", grad_flags, op_transforms)
     return loss.reshape(lead) if reduction == "none" else loss
 
 
@@ -410,23 +501,39 @@ def fused_linear_skew_kl(student_hidden: torch.Tensor, student_weight: torch.Ten
                          weights: torch.Tensor | None = None, *, student_bias: torch.Tensor | None = None,
                          teacher_bias: torch.Tensor | None = None, alpha: float = 0.1, temperature: float = 1.0,
                          ignore_index: int = -100, reduction: str = "mean", chunk_size: int | None = None,
-                         backend: str | None = None) -> torch.Tensor:
+                         backend: str | None = None, vocab_size: int | None = None,
+                         student_logit_scale: float = 1.0, student_softcap: float | None = None,
+                         teacher_logit_scale: float = 1.0, teacher_softcap: float | None = None) -> torch.Tensor:
     """Skew KL(p || alpha p + (1 - alpha) q) from hidden states, never materialising [N, V] logits.
 
-    p = softmax((teacher_hidden @ teacher_weight.T + teacher_bias) / temperature), q likewise for the student.
+    p = softmax(f_T(teacher_hidden @ teacher_weight.T + teacher_bias) / temperature), q likewise for the student,
+    f the side's logit transform (identity by default).
 
     Args:
         student_hidden: [N, H_s] or [B, T, H_s], float16/bfloat16/float32/float64; receives a gradient.
-        student_weight: [V, H_s], the student's lm_head weight; receives a gradient (float32-accumulated).
-        teacher_hidden: [N, H_t] or [B, T, H_t]; teacher_weight: [V, H_t]. Constants (no gradient).
+        student_weight: [V_s, H_s], the student's lm_head weight; receives a gradient (float32-accumulated).
+        teacher_hidden: [N, H_t] or [B, T, H_t]; teacher_weight: [V_t, H_t]. Constants (no gradient).
         labels: [N] / [B, T] integer or None; tokens whose label is ``ignore_index`` contribute nothing.
         weights: [N] / [B, T] floating or None: per-token constants w_t (e.g. validity weights), loss_t = w_t D_t.
-        student_bias, teacher_bias: [V] or None.
+        student_bias, teacher_bias: [V_s], [V_t] or None.
         alpha: skew in [0, 1]; temperature > 0 divides both logits.
         reduction: "mean" (sum over kept tokens / number of kept tokens, 0 if none), "sum", "none" ([N]/[B, T]).
         chunk_size: rows per chunk; None sizes chunks so a chunk's logits stay bounded (see default_chunk_size).
         backend: backend of the row primitive ("cuda", "triton", "cpu"), or "reference" for the eager formula;
             None picks automatically (cuda > triton on CUDA tensors, cpu on CPU tensors).
+        vocab_size: the number of real token ids, shared by both sides, when the two lm_heads differ only by
+            padding rows (Qwen2.5 pads 151665 ids to 151936 or 152064 rows): the loss is over ids
+            [0, vocab_size) on both sides, the rows past it are not tokens (their gradient is 0). None: both
+            lm_heads must have the same rows. Sizes that differ without it, or a vocab_size larger than either
+            side, raise InputError naming both sizes.
+        student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap: each side's logits are its
+            model's own, z * logit_scale then softcap * tanh(z / softcap) when softcap is set (Gemma-2/3's
+            final_logit_softcapping, Cohere's logit_scale, 1 / Granite's logits_scaling; see
+            :func:`distillkit.losses.logit_transform_from_config`), before the temperature divides them.
+        DTensor weights, biases and hidden states (FSDP2, in any wrapping, or tensor parallel) are gathered
+            whole on each rank before the op; the weight's gradient comes back as a DTensor with the
+            parameter's placements, averaged over its mesh as FSDP2 averages every other gradient
+            (:mod:`distillkit.ops._dtensor`, which gives the memory cost).
 
     Returns:
         float32 loss (float64 for float64 inputs): a scalar, or the tokens' shape for reduction="none".
@@ -442,7 +549,8 @@ def fused_linear_skew_kl(student_hidden: torch.Tensor, student_weight: torch.Ten
     """
     return _fused_linear_skew(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, weights,
                               student_bias, teacher_bias, alpha, temperature, ignore_index, reduction, chunk_size,
-                              backend, reverse=False, detach_mixture=False)
+                              backend, reverse=False, detach_mixture=False, vocab_size=vocab_size,
+                              transforms=(student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap))
 
 
 def fused_linear_skew_reverse_kl(student_hidden: torch.Tensor, student_weight: torch.Tensor,
@@ -451,10 +559,15 @@ def fused_linear_skew_reverse_kl(student_hidden: torch.Tensor, student_weight: t
                                  student_bias: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None,
                                  alpha: float = 0.1, temperature: float = 1.0, ignore_index: int = -100,
                                  reduction: str = "mean", chunk_size: int | None = None,
-                                 backend: str | None = None, detach_mixture: bool = False) -> torch.Tensor:
+                                 backend: str | None = None, detach_mixture: bool = False,
+                                 vocab_size: int | None = None, student_logit_scale: float = 1.0,
+                                 student_softcap: float | None = None, teacher_logit_scale: float = 1.0,
+                                 teacher_softcap: float | None = None) -> torch.Tensor:
     """Skew reverse KL(q || (1 - alpha) p + alpha q) from hidden states, chunked like
-    :func:`fused_linear_skew_kl` (same arguments). detach_mixture=True stops the gradient through the
-    mixture (DistiLLM-2's variant)."""
+    :func:`fused_linear_skew_kl` (same arguments, vocab_size and logit transforms included). detach_mixture=True
+    stops the gradient through the mixture (DistiLLM-2's variant)."""
     return _fused_linear_skew(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, weights,
                               student_bias, teacher_bias, alpha, temperature, ignore_index, reduction, chunk_size,
-                              backend, reverse=True, detach_mixture=detach_mixture)
+                              backend, reverse=True, detach_mixture=detach_mixture, vocab_size=vocab_size,
+                              transforms=(student_logit_scale, student_softcap, teacher_logit_scale, teacher_softcap))
+

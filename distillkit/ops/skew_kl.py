@@ -23,6 +23,7 @@ import torch
 from distillkit._backend import FLOAT_DTYPES as _FLOAT_DTYPES
 from distillkit._backend import Backend, Op, extension
 from distillkit._errors import InputError
+from distillkit.ops._dtensor import gather_constant, gather_input
 from distillkit.reference import skew_kl as _reference
 
 # ---- launchers, one per backend, and the op's declaration --------------------------------------------
@@ -189,7 +190,8 @@ def _pick_backend(op: str, device: torch.device, backend: str | None) -> str:
     return SKEW_KL.select(device, backend=backend, label=op).name
 
 
-def _validate(student_logits, teacher_logits, labels, weights, alpha, temperature, ignore_index, reduction):
+def _validate(student_logits, teacher_logits, labels, weights, alpha, temperature, ignore_index, reduction,
+              vocab_size=None):
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(x, torch.Tensor):
             raise InputError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -197,10 +199,12 @@ def _validate(student_logits, teacher_logits, labels, weights, alpha, temperatur
             raise InputError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
         if x.dim() < 1 or x.shape[-1] < 1:
             raise InputError(f"{name} must have shape [..., V] with V >= 1, got {tuple(x.shape)}")
-    if student_logits.shape[-1] != teacher_logits.shape[-1]:
-        raise InputError(f"vocabulary mismatch: student_logits has V={student_logits.shape[-1]}, "
-                         f"teacher_logits has V={teacher_logits.shape[-1]}")
-    if student_logits.shape != teacher_logits.shape:
+    from distillkit.ops.fused_linear import check_vocab_size
+
+    check_vocab_size(vocab_size, student_logits.shape[-1], teacher_logits.shape[-1], "student_logits",
+                     "teacher_logits")
+    if student_logits.shape[:-1] != teacher_logits.shape[:-1] or (
+            vocab_size is None and student_logits.shape != teacher_logits.shape):
         raise InputError(f"teacher_logits shape {tuple(teacher_logits.shape)} must equal student_logits shape "
                          f"{tuple(student_logits.shape)}")
     if student_logits.device != teacher_logits.device:
@@ -299,8 +303,14 @@ def check_values(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Ten
 
 
 def _skew_kl(student_logits, teacher_logits, labels, weights, alpha, temperature, ignore_index, reduction, backend,
-             reverse, detach_mixture):
-    _validate(student_logits, teacher_logits, labels, weights, alpha, temperature, ignore_index, reduction)
+             reverse, detach_mixture, vocab_size=None):
+    # DTensor logits (a vocabulary-parallel lm_head) become plain full tensors, outside the custom ops
+    student_logits, teacher_logits = gather_input(student_logits), gather_input(teacher_logits)
+    labels, weights = gather_constant(labels), gather_constant(weights)
+    _validate(student_logits, teacher_logits, labels, weights, alpha, temperature, ignore_index, reduction,
+              vocab_size)
+    if vocab_size is not None:  # padding columns are not tokens: the slice's backward leaves them 0
+        student_logits, teacher_logits = student_logits[..., :vocab_size], teacher_logits[..., :vocab_size]
     op = "skew_reverse_kl" if reverse else "skew_kl"
     name = _pick_backend(op, student_logits.device, backend)
     lead_shape, vocab = student_logits.shape[:-1], student_logits.shape[-1]
@@ -330,7 +340,8 @@ def _skew_kl(student_logits, teacher_logits, labels, weights, alpha, temperature
 
 def skew_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,
             weights: torch.Tensor | None = None, *, alpha: float = 0.1, temperature: float = 1.0,
-            ignore_index: int = -100, reduction: str = "mean", backend: str | None = None) -> torch.Tensor:
+            ignore_index: int = -100, reduction: str = "mean", backend: str | None = None,
+            vocab_size: int | None = None) -> torch.Tensor:
     """Skew KL divergence KL(p || alpha p + (1 - alpha) q) of DistiLLM, fused over the vocabulary.
 
     p = softmax(teacher_logits / temperature), q = softmax(student_logits / temperature).
@@ -349,6 +360,10 @@ def skew_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
             "none" ([...], 0 at ignored tokens).
         backend: None (automatic: cuda > triton > reference on CUDA tensors, cpu > reference on CPU
             ones), or "cuda", "triton", "cpu", "reference".
+        vocab_size: the number of real token ids when the two logits differ only by padding columns: the loss
+            is over columns [0, vocab_size) of both (the student's others get gradient 0). None: both must
+            have the same V. Different V without it, or vocab_size over either V, raise InputError.
+        DTensor logits (a vocabulary-parallel lm_head) are gathered whole on each rank first.
 
     Returns:
         the loss in float32 (float64 for float64 inputs) on every backend: a scalar, or [...] for
@@ -361,19 +376,19 @@ def skew_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     run inside the custom ops); on CUDA they would cost a device sync, so NaN there propagates into the loss.
     """
     return _skew_kl(student_logits, teacher_logits, labels, weights, alpha, temperature, ignore_index, reduction,
-                    backend, reverse=False, detach_mixture=False)
+                    backend, reverse=False, detach_mixture=False, vocab_size=vocab_size)
 
 
 def skew_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,
                     weights: torch.Tensor | None = None, *, alpha: float = 0.1, temperature: float = 1.0,
                     ignore_index: int = -100, reduction: str = "mean", detach_mixture: bool = False,
-                    backend: str | None = None) -> torch.Tensor:
+                    backend: str | None = None, vocab_size: int | None = None) -> torch.Tensor:
     """Skew reverse KL divergence KL(q || (1 - alpha) p + alpha q) of DistiLLM, fused over the vocabulary.
 
-    Arguments, shapes and dtypes as in :func:`skew_kl`; alpha = 0 gives the reverse KL(q || p).
+    Arguments, shapes and dtypes as in :func:`skew_kl` (vocab_size included); alpha = 0 gives the reverse KL(q || p).
     detach_mixture: no gradient through the mixture (1 - alpha) p + alpha q (DistiLLM-2's variant).
     """
     if not isinstance(detach_mixture, bool):
         raise InputError(f"detach_mixture must be a bool, got {type(detach_mixture).__name__}")
     return _skew_kl(student_logits, teacher_logits, labels, weights, alpha, temperature, ignore_index, reduction,
-                    backend, reverse=True, detach_mixture=detach_mixture)
+                    backend, reverse=True, detach_mixture=detach_mixture, vocab_size=vocab_size)

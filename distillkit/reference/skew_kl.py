@@ -95,16 +95,25 @@ def _per_token(student_logits, teacher_logits, alpha, temperature, upcast, rever
     return _xlogy_mix(p, log_p, _log_mix(alpha, log_p, 1.0 - alpha, log_q, p > 0)).sum(-1)
 
 
+def _shared_vocab(student_logits, teacher_logits, vocab_size):
+    if vocab_size is None:
+        return student_logits, teacher_logits
+    return student_logits[..., :vocab_size], teacher_logits[..., :vocab_size]
+
+
 def skew_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,
             weights: torch.Tensor | None = None, *, alpha: float = 0.1, temperature: float = 1.0,
-            ignore_index: int = -100, reduction: str = "mean", upcast: bool = True) -> torch.Tensor:
+            ignore_index: int = -100, reduction: str = "mean", upcast: bool = True,
+            vocab_size: int | None = None) -> torch.Tensor:
     """KL(p || alpha p + (1 - alpha) q), eager.
 
     student_logits, teacher_logits: [..., V] floating; labels: [...] integer or None; weights: [...]
     floating or None.
     upcast: compute half-precision inputs in float32 (False gives plain PyTorch in the input dtype,
-    the baseline of the tests' error budget). Returns a scalar, or [...] for reduction="none".
+    the baseline of the tests' error budget). vocab_size: only columns [0, vocab_size) of both logits are
+    tokens (None: all). Returns a scalar, or [...] for reduction="none".
     """
+    student_logits, teacher_logits = _shared_vocab(student_logits, teacher_logits, vocab_size)
     skip = skipped_rows(student_logits.shape[:-1], labels, weights, ignore_index, student_logits.device)
     per_token = _per_token(zero_skipped(student_logits, skip), zero_skipped(teacher_logits, skip), alpha, temperature,
                            upcast, reverse=False)
@@ -114,9 +123,10 @@ def skew_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
 def skew_reverse_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor | None = None,
                     weights: torch.Tensor | None = None, *, alpha: float = 0.1, temperature: float = 1.0,
                     ignore_index: int = -100, reduction: str = "mean", detach_mixture: bool = False,
-                    upcast: bool = True) -> torch.Tensor:
+                    upcast: bool = True, vocab_size: int | None = None) -> torch.Tensor:
     """KL(q || (1 - alpha) p + alpha q), eager. Arguments as in :func:`skew_kl`; detach_mixture stops the
     gradient through (1 - alpha) p + alpha q."""
+    student_logits, teacher_logits = _shared_vocab(student_logits, teacher_logits, vocab_size)
     skip = skipped_rows(student_logits.shape[:-1], labels, weights, ignore_index, student_logits.device)
     per_token = _per_token(zero_skipped(student_logits, skip), zero_skipped(teacher_logits, skip), alpha, temperature,
                            upcast, reverse=True, detach_mixture=detach_mixture)

@@ -260,7 +260,7 @@ def test_fake_tensor_shapes():
         th, tw = torch.empty(6, 5), torch.empty(11, 5)
         scale = torch.empty(6)
         loss, rows, gh, gw, gb = fl.fused_linear_skew_op(sh, sw, None, th, tw, None, scale, 0.1, 1.0, False, False,
-                                                         4, "cpu", True, 3)
+                                                         4, "cpu", True, 3, [1.0, 0.0, 1.0, 0.0])
         assert loss.shape == () and rows.shape == (6,) and gh.shape == (6, 4) and gw.shape == (11, 4)
 
 
