@@ -166,9 +166,11 @@ class SFTCollator:
 
 
 def sft_loss(model, batch: dict[str, Any]):
-    """Next-token cross-entropy on response tokens; returns (loss, metrics)."""
+    """Next-token cross-entropy on response tokens; returns (loss, metrics): ``loss`` the mean over the kept
+    tokens, ``metrics["num_tokens"]`` their count (the Trainer normalises over the global count with it)."""
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
-    return out.loss, {"loss": float(out.loss.detach())}
+    kept = int((batch["labels"][:, 1:] != -100).sum())  # the model predicts token t + 1 from t
+    return out.loss, {"loss": float(out.loss.detach()), "num_tokens": kept}
 
 
 def question_seed(base: int, qid: Any) -> int:

@@ -20,9 +20,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from distillkit._errors import InputError
+
 log = logging.getLogger(__name__)
 STATE_NAME = "trainer_state.pt"
 METRICS_NAME = "metrics.jsonl"
+REPORT_TO = ("none", "tensorboard", "wandb")
 
 
 def _help(text: str, **kw) -> Any:
@@ -46,6 +49,17 @@ class TrainConfig:
     seed: int = _help("data order and initial RNG", default=0)
     progress: bool = _help("show a progress bar", default=True)
     resume: bool = _help("continue from output_dir's checkpoint when there is one", default=True)
+    adam_betas: tuple[float, float] = _help("AdamW (beta1, beta2)", default=(0.9, 0.999))
+    strategy: str = _help("none (one process) | ddp (DistributedDataParallel) | fsdp (FSDP2 fully_shard per decoder "
+                          "layer, then the root); ddp and fsdp run under torchrun", default="none")
+    gradient_checkpointing: bool = _help("recompute each decoder layer's activations in the backward "
+                                         "(Hugging Face gradient_checkpointing_enable)", default=False)
+    lora_r: int = _help("LoRA rank through peft (0: full fine-tuning); merged into the exported model", default=0)
+    lora_alpha: float = _help("LoRA alpha (the adapter's scale is alpha / r)", default=16.0)
+    lora_dropout: float = _help("LoRA dropout", default=0.0)
+    lora_target_modules: list[str] = _help("module names LoRA adapts", default_factory=lambda: ["q_proj", "v_proj"])
+    report_to: str = _help("none | tensorboard | wandb: where the metrics also go (metrics.jsonl always)",
+                           default="none")
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "grad_accum", "log_every"):
@@ -62,6 +76,30 @@ class TrainConfig:
             raise ValueError(f"max_grad_norm={self.max_grad_norm} must be >= 0")
         if self.bf16 not in ("auto", "on", "off"):
             raise ValueError(f"bf16={self.bf16!r}: expected auto, on or off")
+        from distillkit.pipeline.distributed import STRATEGIES
+
+        if self.strategy not in STRATEGIES:
+            raise InputError(f"strategy={self.strategy!r}: expected one of {STRATEGIES}")
+        if self.report_to not in REPORT_TO:
+            raise InputError(f"report_to={self.report_to!r}: expected one of {REPORT_TO}")
+        betas = tuple(self.adam_betas) if isinstance(self.adam_betas, (list, tuple)) else ()
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1
+                                      for b in betas):
+            raise InputError(f"adam_betas={self.adam_betas!r}: expected two numbers in [0, 1)")
+        self.adam_betas = (float(betas[0]), float(betas[1]))
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise InputError(f"weight_decay={self.weight_decay!r}: expected a number >= 0")
+        if isinstance(self.lora_r, bool) or not isinstance(self.lora_r, int) or self.lora_r < 0:
+            raise InputError(f"lora_r={self.lora_r!r}: expected an integer >= 0 (0: no LoRA)")
+        if not (self.lora_alpha > 0 and math.isfinite(self.lora_alpha)):
+            raise InputError(f"lora_alpha={self.lora_alpha!r}: expected a positive number")
+        if not 0 <= self.lora_dropout < 1:
+            raise InputError(f"lora_dropout={self.lora_dropout!r}: expected a number in [0, 1)")
+        if isinstance(self.lora_target_modules, str):
+            self.lora_target_modules = [self.lora_target_modules]
+        if self.lora_r > 0 and (not self.lora_target_modules
+                                or not all(isinstance(m, str) and m for m in self.lora_target_modules)):
+            raise InputError(f"lora_target_modules={self.lora_target_modules!r}: expected module names")
 
 
 # the method owns these: its run directory (the trainer writes there or below), and resuming (always on)
@@ -138,7 +176,9 @@ def _default_train(cls) -> TrainConfig:
 def torch_device(name: str) -> torch.device:
     """A config's ``device`` as a torch device: "auto" is CUDA when available, else the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # under torchrun: this rank's own GPU
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(name)
 
 
@@ -170,21 +210,71 @@ def atomic_save(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
-def save_pretrained_atomic(model, tokenizer, path: str) -> None:
-    """``save_pretrained`` of model and tokenizer into ``path`` without ever leaving a half-written
-    folder there: written beside it, then renamed into place (an older folder is moved aside first and
-    removed last, so a crash leaves either the old or the new model, plus a stray folder at worst)."""
+def save_pretrained_atomic(model, tokenizer, path: str, *, max_shard_size: str | int | None = None) -> None:
+    """``save_pretrained`` of model and tokenizer (None: the model only) into ``path`` without ever leaving a
+    half-written folder there: written beside it, then renamed into place (an older folder is moved aside first
+    and removed last, so a crash leaves either the old or the new model, plus a stray folder at worst).
+    max_shard_size: safetensors files of at most this size ("5GB", bytes; None: transformers' default)."""
     import shutil
 
     tmp, old = path + ".partial", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    model.save_pretrained(tmp, **({} if max_shard_size is None else {"max_shard_size": max_shard_size}))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
     shutil.rmtree(old, ignore_errors=True)
     if os.path.exists(path):
         os.replace(path, old)
     os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
+
+
+class _Reporter:
+    """metrics to TensorBoard or Weights & Biases besides metrics.jsonl (rank 0 only); imported on use."""
+
+    def __init__(self, cfg: TrainConfig, enabled: bool):
+        self.kind, self.writer, self.run = cfg.report_to, None, None
+        if cfg.report_to == "tensorboard":
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise ImportError("report_to=tensorboard needs the tensorboard package: pip install "
+                                  f"'distillkit[tensorboard]' (or report_to: none); import failed: {exc}") from exc
+            if enabled:
+                self.writer = SummaryWriter(log_dir=os.path.join(cfg.output_dir, "tensorboard"))
+        elif cfg.report_to == "wandb":
+            try:
+                import wandb
+            except ImportError as exc:
+                raise ImportError("report_to=wandb needs the wandb package: pip install wandb (or report_to: none); "
+                                  f"import failed: {exc}") from exc
+            if enabled:
+                self.run = wandb.init(dir=cfg.output_dir, config=asdict(cfg), resume="allow",
+                                      name=os.path.basename(os.path.abspath(cfg.output_dir)))
+
+    def log(self, step: int, metrics: dict) -> None:
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(f"train/{k}", v, step)
+            self.writer.flush()
+        if self.run is not None:
+            self.run.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.run is not None:
+            self.run.finish()
+
+
+def _lora_config(cfg: TrainConfig):
+    try:
+        from peft import LoraConfig
+    except ImportError as exc:
+        raise ImportError(f"lora_r={cfg.lora_r} needs peft: pip install 'distillkit[lora]' (or lora_r: 0 for full "
+                          f"fine-tuning); import failed: {exc}") from exc
+    return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.lora_target_modules), bias="none", task_type="CAUSAL_LM")
 
 
 class Trainer:
@@ -195,6 +285,18 @@ class Trainer:
     parameters or AdamW param groups (dicts with "params" and per-group options such as "lr"; every
     group follows the same warmup + cosine schedule, scaled to its own rate).
 
+    Loss normalisation: when ``metrics`` holds ``num_tokens`` (the micro-batch's kept tokens, ``loss`` their
+    mean), the step's gradient is that of the sum of every kept token's loss over the step's micro-batches and
+    ranks divided by their global count: the gradient of one process on the whole global batch, whatever each
+    rank's count. Without it each micro-batch weighs the same (the mean of the micro-batch losses).
+
+    Under torchrun (``strategy`` ddp or fsdp) each of the N ranks takes its own ``batch_size`` slice of every
+    global micro-batch of ``N * batch_size`` examples, a pure function of (seed, step, rank, N); ``loss_fn`` gets
+    the data-parallel model (call it, not its submodules: the wrappers' hooks run in its forward); rank 0 alone
+    writes metrics and shows the progress bar; checkpoints are DCP folders. With ``lora_r > 0`` the model is
+    wrapped by peft (adapter init seeded by ``seed``); :meth:`train` merges the adapters back into ``model`` in place
+    at the end (strategies none and ddp); under fsdp :meth:`export` writes the merged model.
+
     on_step: a callback ``on_step(step, metrics)`` called after every optimizer step, once that step's
     metrics line and checkpoint (when ``save_every`` falls on it) are on disk: ``step`` is the number of
     steps done, ``metrics`` the step's floats (loss, lr, grad_norm, ...). A callback may stop training by
@@ -204,25 +306,55 @@ class Trainer:
 
     def __init__(self, model: nn.Module, config: TrainConfig, examples: Sequence, collate: Callable,
                  loss_fn: Callable, *, params=None, on_step: Callable[[int, dict], None] | None = None):
+        from distillkit.pipeline.distributed import init_distributed, wrap_model
+
         if len(examples) == 0:
             raise ValueError("examples is empty: nothing to train on")
-        self.model, self.cfg, self.examples, self.collate, self.loss_fn = model, config, examples, collate, loss_fn
+        self.cfg, self.examples, self.collate, self.loss_fn = config, examples, collate, loss_fn
         self.on_step = on_step
         self.device = next(model.parameters()).device
-        self.optimizer = torch.optim.AdamW(_param_groups(model, params), lr=config.lr,
+        self.dist = init_distributed(config.strategy, self.device)
+        if self.dist.distributed and self.device.type == "cuda" and self.device.index != self.dist.local_rank:
+            self.device = torch.device("cuda", self.dist.local_rank)
+            model.to(self.device)
+        self.reporter = _Reporter(config, enabled=False)  # fails here, before any work, when the package is missing
+        self.base_model = model  # the caller's model: trained in place (LoRA merged into it at the end)
+        self.lora_config = None
+        if config.lora_r > 0:
+            if params is not None:
+                raise InputError("params: not with lora_r > 0 (the LoRA adapters are what is optimised)")
+            from peft import get_peft_model
+
+            self.lora_config = _lora_config(config)
+            with torch.random.fork_rng(devices=[]):  # the same adapters on every rank and in every rerun
+                torch.manual_seed(config.seed)
+                model = get_peft_model(model, self.lora_config)
+        if config.gradient_checkpointing:
+            if not hasattr(model, "gradient_checkpointing_enable"):
+                raise InputError("gradient_checkpointing: the model has no gradient_checkpointing_enable "
+                                 "(a Hugging Face PreTrainedModel has)")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.module = model  # the model to checkpoint (peft-wrapped with LoRA), before any data-parallel wrapper
+        if self.dist.is_main and config.strategy != "none":
+            log.info("%s over %d ranks", config.strategy, self.dist.world_size)
+        names = {id(p): n for n, p in model.named_parameters()}
+        groups = _param_groups(model, params)
+        self.autocast = {"on": True, "off": False}.get(config.bf16)
+        if self.autocast is None:
+            self.autocast = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.model = wrap_model(model, self.dist, bf16=self.autocast)
+        if config.strategy == "fsdp":  # fully_shard replaced the parameters by sharded ones: find them by name
+            now = dict(model.named_parameters())
+            for g in groups:
+                g["params"] = [now[names[id(p)]] for p in g["params"]]
+        self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=config.adam_betas,
                                            weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: cosine_with_warmup(
             s, warmup=config.warmup_steps, total=config.max_steps, min_ratio=config.min_lr_ratio))
         self.step = 0
         self._perms: dict[int, torch.Tensor] = {}
-        if config.bf16 == "on":
-            self.autocast = True
-        elif config.bf16 == "off":
-            self.autocast = False
-        else:
-            self.autocast = self.device.type == "cuda" and torch.cuda.is_bf16_supported()
 
-    # -- data order: a pure function of (seed, step), so a resumed run sees the same batches
+    # -- data order: a pure function of (seed, step, rank, world size), so a resumed run sees the same batches
     def _perm(self, epoch: int) -> torch.Tensor:
         if epoch not in self._perms:
             g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + epoch)
@@ -230,8 +362,10 @@ class Trainer:
         return self._perms[epoch]
 
     def batch_examples(self, step: int, micro: int) -> list:
-        n, b = len(self.examples), self.cfg.batch_size
-        start = (step * self.cfg.grad_accum + micro) * b
+        """This rank's examples of micro-batch ``micro`` of step ``step``: the global micro-batch is the next
+        ``world_size * batch_size`` examples of the seeded epoch permutations, rank r takes its r-th slice."""
+        n, b, w = len(self.examples), self.cfg.batch_size, self.dist.world_size
+        start = (step * self.cfg.grad_accum + micro) * b * w + self.dist.rank * b
         return [self.examples[int(self._perm(p // n)[p % n])] for p in range(start, start + b)]
 
     # -- checkpoints
@@ -239,31 +373,49 @@ class Trainer:
     def state_path(self) -> str:
         return os.path.join(self.cfg.output_dir, STATE_NAME)
 
-    def save(self) -> None:
-        os.makedirs(self.cfg.output_dir, exist_ok=True)
-        atomic_save({
+    def _extra_state(self) -> dict:
+        return {
             "step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "config": asdict(self.cfg),
-        }, self.state_path)
+        }
+
+    def save(self) -> None:
+        if self.dist.distributed:
+            from distillkit.pipeline.distributed import save_checkpoint
+
+            save_checkpoint(self.cfg.output_dir, self.model, self.optimizer, self._extra_state(), self.dist)
+            return
+        os.makedirs(self.cfg.output_dir, exist_ok=True)
+        atomic_save({**self._extra_state(), "model": self.module.state_dict(),
+                     "optimizer": self.optimizer.state_dict()}, self.state_path)
 
     def load(self) -> bool:
-        if not os.path.exists(self.state_path):
-            return False
-        state = torch.load(self.state_path, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.dist.distributed:
+            from distillkit.pipeline.distributed import barrier, checkpoint_path, load_checkpoint
+
+            path = checkpoint_path(self.cfg.output_dir)
+            if path is None:
+                return False
+            state = load_checkpoint(path, self.model, self.optimizer, self.dist, self.device)
+        else:
+            if not os.path.exists(self.state_path):
+                return False
+            state = torch.load(self.state_path, map_location=self.device, weights_only=False)
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"].cpu())
         if state.get("cuda_rng") is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
         self.step = int(state["step"])
-        self._truncate_metrics(self.step)
-        log.info("resumed %s at step %d", self.cfg.output_dir, self.step)
+        if self.dist.is_main:
+            self._truncate_metrics(self.step)
+            log.info("resumed %s at step %d", self.cfg.output_dir, self.step)
+        if self.dist.distributed:
+            barrier(self.dist)
         return True
 
     def _truncate_metrics(self, step: int) -> None:
@@ -302,20 +454,44 @@ class Trainer:
 
     # -- the loop
     def train_step(self) -> dict:
+        from distillkit.pipeline.distributed import all_reduce_sum, set_gradient_sync
+
         self.model.train()
-        totals: dict[str, float] = {}
-        for micro in range(self.cfg.grad_accum):
+        accum = self.cfg.grad_accum
+        weight, weighted_loss = 0.0, 0.0  # this rank's kept tokens (or micro-batches) and sum of loss x weight
+        sums: dict[str, float] = {}
+        for micro in range(accum):
             batch = self._to_device(self.collate(self.batch_examples(self.step, micro)))
             with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
                 loss, metrics = self.loss_fn(self.model, batch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss is {float(loss)} at step {self.step}")
-            (loss / self.cfg.grad_accum).backward()
+            w = float(metrics["num_tokens"]) if "num_tokens" in metrics else 1.0
+            with set_gradient_sync(self.model, self.dist, sync=micro == accum - 1):
+                (loss * w if w != 1.0 else loss).backward()  # a sum over kept tokens, divided below
+            weight += w
+            weighted_loss += float(loss.detach()) * w
             for k, v in metrics.items():
-                totals[k] = totals.get(k, 0.0) + float(v) / self.cfg.grad_accum
+                if k not in ("loss", "num_tokens"):
+                    sums[k] = sums.get(k, 0.0) + float(v)
+        keys = sorted(sums)
+        stats = all_reduce_sum(torch.tensor([weight, weighted_loss, *(sums[k] for k in keys)], dtype=torch.float64,
+                                            device=self.device), self.dist).tolist()
+        # gradients hold sum over this step's micro-batches, averaged over ranks by DDP / FSDP: times world size
+        # over the global weight, they are the global mean's
+        scale = self.dist.world_size / stats[0]
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        if scale != 1.0:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        totals = {"loss": stats[1] / stats[0]}
+        if "num_tokens" in metrics:
+            totals["num_tokens"] = stats[0]
+        totals.update({k: v / (accum * self.dist.world_size) for k, v in zip(keys, stats[2:])})
         if self.cfg.max_grad_norm > 0:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm))
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.max_grad_norm)
+            totals["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         totals["lr"] = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
@@ -328,20 +504,45 @@ class Trainer:
 
         if self.cfg.resume:
             self.load()
+        main = self.dist.is_main
+        reporter = _Reporter(self.cfg, enabled=main)
         last: dict = {}
         bar = tqdm(total=self.cfg.max_steps, initial=self.step, desc=os.path.basename(self.cfg.output_dir) or "train",
-                   unit="step", disable=not self.cfg.progress)
-        while self.step < self.cfg.max_steps:
-            last = self.train_step()
-            bar.update(1)
-            bar.set_postfix({k: f"{v:.4g}" for k, v in last.items() if k in ("loss", "grad_norm")})
-            if self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps:
-                self._log({"step": self.step, **last})
-            # the last step always checkpoints (a run resumed after it does nothing); a loop that never ran
-            # (resumed at max_steps) has nothing new to write
-            if self.step == self.cfg.max_steps or (self.cfg.save_every and self.step % self.cfg.save_every == 0):
-                self.save()
-            if self.on_step is not None:  # after the checkpoint: a callback that ends the process loses nothing
-                self.on_step(self.step, last)
-        bar.close()
+                   unit="step", disable=not (self.cfg.progress and main))
+        try:
+            while self.step < self.cfg.max_steps:
+                last = self.train_step()
+                bar.update(1)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in last.items() if k in ("loss", "grad_norm")})
+                if main and (self.step % self.cfg.log_every == 0 or self.step == self.cfg.max_steps):
+                    self._log({"step": self.step, **last})
+                    reporter.log(self.step, last)
+                # the last step always checkpoints (a run resumed after it does nothing); a loop that never ran
+                # (resumed at max_steps) has nothing new to write
+                if self.step == self.cfg.max_steps or (self.cfg.save_every and self.step % self.cfg.save_every == 0):
+                    self.save()
+                if self.on_step is not None:  # after the checkpoint: a callback that ends the process loses nothing
+                    self.on_step(self.step, last)
+        finally:
+            bar.close()
+            reporter.close()
+        if self.lora_config is not None and self.cfg.strategy != "fsdp":
+            from distillkit.pipeline.distributed import unwrap
+
+            unwrap(self.model).merge_and_unload()  # in place: the caller's model holds the merged weights
         return {"step": self.step, **last}
+
+    def export(self, path: str, tokenizer=None, *, max_shard_size: str | int = "5GB") -> None:
+        """Writes the trained model (LoRA merged) as a Hugging Face folder of safetensors shards of at most
+        ``max_shard_size`` (and ``tokenizer`` when given), atomically, from rank 0; under fsdp the shards are
+        gathered on rank 0's CPU first (every rank must call this). Call after :meth:`train`."""
+        from distillkit.pipeline.distributed import barrier, full_state_dict, rebuild_on_cpu
+
+        if self.cfg.strategy == "fsdp":
+            state = full_state_dict(self.model, self.dist)
+            if self.dist.is_main:
+                save_pretrained_atomic(rebuild_on_cpu(self.module, state, self.lora_config), tokenizer, path,
+                                       max_shard_size=max_shard_size)
+        elif self.dist.is_main:
+            save_pretrained_atomic(self.base_model, tokenizer, path, max_shard_size=max_shard_size)
+        barrier(self.dist)
