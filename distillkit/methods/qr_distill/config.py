@@ -6,31 +6,54 @@ import os
 import re
 from dataclasses import dataclass
 
-from distillkit.methods.qr_distill.router import ROUTINGS
+from distillkit.methods.qr_distill.router import (
+    COMPETENCE_KINDS,
+    LEARNED_ROUTINGS,
+    MUTUAL_FORMS,
+    MUTUAL_SCOPES,
+    REGULARIZERS,
+    ROUTINGS,
+    canonical_routing,
+)
 from distillkit.pipeline.config import config_field as _help
 from distillkit.pipeline.data import DEFAULT_PROMPT
 from distillkit.pipeline.train import TrainConfig, train_field, with_train_options
 
 _FINAL = 'End with "The final answer is X." where X is the answer.'
+# The six styles of the seed's Figure 2, worded here after its description (the figure's exact text was not
+# available): each names the structure of the path it asks for; the backward style reasons forward to a
+# candidate answer, then backward from it to verify it.
 STYLE_TEMPLATES: dict[str, str] = {
-    "vanilla": "Question: {question}\nAnswer the question. " + _FINAL + "\n",
-    "chain-of-thought": "Question: {question}\nThink step by step and write out each step of your reasoning. "
-                        + _FINAL + "\n",
-    "tree-of-thought": "Question: {question}\nPropose a few different ways to approach the problem, judge briefly "
-                       "which one is most promising, follow it to the end, and check the result. " + _FINAL + "\n",
-    "program-based": "Question: {question}\nWrite a short Python program whose output is the answer, then state "
-                     "what the program prints. " + _FINAL + "\n",
-    "backward": "Question: {question}\nReason backwards: start from what is asked, work out what is needed to "
-                "obtain it, and continue until you reach the given facts; then compute forwards. " + _FINAL + "\n",
-    "fact-retrieval": "Question: {question}\nFirst list the facts, definitions and formulas that the question "
-                      "needs, then use them to reach the answer. " + _FINAL + "\n",
+    "vanilla": "Question: {question}\nReason about the problem and solve it. " + _FINAL + "\n",
+    "chain-of-thought": "Question: {question}\nReason step by step, writing each step of the reasoning clearly before "
+                        "the final answer. " + _FINAL + "\n",
+    "tree-of-thought": "Question: {question}\nThink in a tree of thoughts: sketch several ways of solving the "
+                       "problem, choose the most promising one, and follow it to the answer. " + _FINAL + "\n",
+    "program-based": "Question: {question}\nSolve the problem with code: write a short program that prints the "
+                     "answer, then state what it prints. " + _FINAL + "\n",
+    "backward": "Question: {question}\nFirst reason forward from the given facts to a candidate answer. Then reason "
+                "backward from that candidate answer to the given facts to verify it, and give the verified "
+                "answer. " + _FINAL + "\n",
+    "fact-retrieval": "Question: {question}\nFirst recall the facts from your knowledge that the question needs, "
+                      "then reason from those facts to the answer. " + _FINAL + "\n",
 }
 DEFAULT_STYLES = list(STYLE_TEMPLATES)
-DEFAULT_JUDGE_PROMPT = (
+# Section 2.3: the judge checks every step, flags hallucinated or spurious ones, and rates the path; paths
+# with a flagged step or a low rating are dropped, and judge_keep_top keeps only the highest-rated ones.
+RATING_JUDGE_PROMPT = (
+    "You are grading a worked solution step by step.\nQuestion: {question}\nReference answer: {answer}\n"
+    "Solution:\n{response}\n\nCheck every step. A step is hallucinated when it uses a fact, number or result that "
+    "is neither given nor derived; it is spurious when it does not follow from the steps before it or does not "
+    "lead toward the answer (a correct answer reached by luck or by a wrong argument). Reply with two lines:\n"
+    "Flagged: <the numbers of the hallucinated or spurious steps, or none>\n"
+    "Rating: <an integer from 1 (unsound) to 10 (every step sound)>\n")
+YES_NO_JUDGE_PROMPT = (
     "You are grading a worked solution.\nQuestion: {question}\nReference answer: {answer}\n"
     "Solution:\n{response}\n\nIs the reasoning sound, with every step correct and leading to the final answer "
     "(not reaching it by luck or by a wrong argument)? Reply with yes or no.\nVerdict:")
-JUDGE_MODES = ("yes_no", "score")
+DEFAULT_JUDGE_PROMPT = RATING_JUDGE_PROMPT
+JUDGE_PROMPTS = {"rating": RATING_JUDGE_PROMPT, "score": RATING_JUDGE_PROMPT, "yes_no": YES_NO_JUDGE_PROMPT}
+JUDGE_MODES = ("rating", "yes_no", "score")
 BACKENDS = ("hf", "vllm")
 PATHS_NAME = "paths.jsonl"
 SUMMARY_NAME = "qr_summary.json"
@@ -68,10 +91,14 @@ class QRDistillConfig:
     # quality filtering
     judge: str | None = _help("LLM-as-judge checkpoint (any teacher backend); None: no judge pass", default=None)
     judge_backend: str = _help("hf | vllm", default="hf")
-    judge_prompt: str = _help("judge prompt with {question}, {answer}, {response}", default=DEFAULT_JUDGE_PROMPT)
-    judge_mode: str = _help("yes_no (first yes/no word) | score (first number, kept if >= judge_threshold)",
-                            default="yes_no")
-    judge_threshold: float = _help("score mode: lowest accepted score", default=7.0)
+    judge_prompt: str | None = _help("judge prompt with {question}, {answer}, {response} (default: the one of "
+                                     "judge_mode)", default=None)
+    judge_mode: str = _help("rating (Section 2.3: 'Flagged: <steps|none>' and 'Rating: N'; kept when nothing is "
+                            "flagged and N >= judge_threshold) | yes_no (first yes/no word) | score (first number, "
+                            "kept if >= judge_threshold)", default="rating")
+    judge_threshold: float = _help("rating / score mode: lowest accepted rating", default=7.0)
+    judge_keep_top: int | None = _help("keep only the N highest-rated accepted paths of each question (ties kept; "
+                                       "None: every accepted path)", default=None)
     judge_max_new_tokens: int = _help("tokens of the judge's verdict", default=16)
     filter_answer: bool = _help("keep only paths whose final answer matches the ground truth", default=True)
     filter_judge: bool = _help("keep only paths the judge accepts (when a judge is set)", default=True)
@@ -84,13 +111,30 @@ class QRDistillConfig:
                                    default=False)
     max_length: int = _help("truncate a student's prompt + path to this many tokens", default=1024)
     lora_r: int = _help("LoRA rank through peft (0: full fine-tuning)", default=0)
+    student_lora_r: list[int] | None = _help("LoRA rank per student, one per student (overrides lora_r; 0: that "
+                                             "student fully fine-tuned)", default=None)
+    qlora: bool = _help("load the students in 4-bit NF4 (bitsandbytes) under their LoRA adapters: QLoRA; needs "
+                        "CUDA, bitsandbytes and LoRA", default=False)
+    student_lrs: list[float] | None = _help("learning rate per student, one per student (default: lr for every "
+                                            "student; lr stays the projections' and competence scores' rate)",
+                                            default=None)
+    epochs: float | None = _help("passes over the kept paths; when set it decides the number of optimizer steps "
+                                 "(ceil(epochs * paths / (batch_size * grad_accum))) instead of max_steps",
+                                 default=None)
     lora_alpha: float = _help("LoRA alpha", default=16.0)
     lora_dropout: float = _help("LoRA dropout", default=0.05)
     lora_targets: list[str] = _help("module names LoRA adapts", default_factory=lambda: ["q_proj", "v_proj"])
     # routing
-    routing: str = _help("learned (router) | random (uniform top-k) | all (every student, every path)",
-                         default="learned")
-    router_encoder: str | None = _help("frozen Hugging Face encoder checkpoint for routing='learned'", default=None)
+    routing: str = _help("bernoulli (Eq. 2: per-student Bernoulli, a path may go to several students) | topk "
+                         "(the route_top_k best students) | gumbel_top1 (straight-through Gumbel-softmax; the old "
+                         "'learned') | random (uniform top-k, no router) | all (every student, every path)",
+                         default="bernoulli")
+    router_encoder: str | None = _help("frozen Hugging Face encoder checkpoint for the learned routings", default=None)
+    router_capacity_factor: float | None = _help(
+        "each student takes at most ceil(c * routes / S) of a batch's routes, as in mixture-of-experts routing "
+        "(keeps the router from sending every path to one student); None: no limit", default=1.25)
+    router_regularizer: str = _help("balance (entropy of the batch's mean assignment) | entropy (Eqs. 3-4: each "
+                                    "path's routing entropy)", default="balance")
     encoder_max_length: int = _help("encoder tokens per path", default=512)
     router_hidden: int = _help("hidden width of the router MLP", default=256)
     route_top_k: int = _help("students each path is routed to", default=1)
@@ -98,11 +142,17 @@ class QRDistillConfig:
     router_lr: float | None = _help("router learning rate (default: lr)", default=None)
     # losses
     mutual: bool = _help("mutual-student distillation (off: ablation)", default=True)
-    entropy_reg: bool = _help("entropy regularisation of the mean assignment (off: ablation)", default=True)
-    lambda_1: float = _help("weight of the mutual loss (eq. 9)", default=0.1)
-    lambda_2: float = _help("weight of the balance (entropy) loss (eq. 9)", default=0.01)
-    shared_dim: int | None = _help("D, the shared space of the mutual loss (default: largest student hidden size)",
-                                   default=None)
+    mutual_form: str = _help("token (Eq. 8: token-level states) | pooled (one mean state per path and student)",
+                             default="token")
+    mutual_scope: str = _help("routed (Eq. 7: align the students a path is routed to, on paths routed to two or "
+                              "more) | all (every student on every path)", default="routed")
+    competence: str = _help("student (Eq. 6: one competence score w_s per student) | path (a regressor scoring "
+                            "each student on each path)", default="student")
+    entropy_reg: bool = _help("the router regulariser (router_regularizer; off: ablation)", default=True)
+    lambda_1: float = _help("Eq. 9: weight of the mutual loss (alignment + competence)", default=0.1)
+    lambda_2: float = _help("Eq. 9: weight of the router regulariser", default=0.01)
+    shared_dim: int | None = _help("D, the shared space of the mutual loss (Eq. 5; default: half the narrowest "
+                                   "student's hidden size)", default=None)
     normalize_shared: bool = _help("rescale shared representations to norm sqrt(D) (avoids collapse to 0)",
                                    default=True)
     competence_tau: float = _help("temperature of the competence target softmax(-ce / tau)", default=1.0)
@@ -171,6 +221,8 @@ class QRDistillConfig:
             raise ValueError(f"temperature={self.temperature!r}: expected a number in [0, 100] (0 is greedy)")
         if self.judge_mode not in JUDGE_MODES:
             raise ValueError(f"judge_mode={self.judge_mode!r}: expected one of {JUDGE_MODES}")
+        if self.judge_prompt is None:
+            self.judge_prompt = JUDGE_PROMPTS[self.judge_mode]
         if "{response}" not in self.judge_prompt:
             raise ValueError("judge_prompt: must contain {response} (and usually {question}, {answer})")
         if not math.isfinite(self.judge_threshold):
@@ -184,11 +236,42 @@ class QRDistillConfig:
                 raise ValueError(f"student_names: names must be distinct, got {self.student_names}")
         if "{question}" not in self.prompt_template:
             raise ValueError("prompt_template: must contain {question}")
-        if self.routing not in ROUTINGS:
+        if self.routing not in ROUTINGS and self.routing not in ("learned",):
             raise ValueError(f"routing={self.routing!r}: expected one of {ROUTINGS}")
-        if self.routing == "learned" and not self.router_encoder:
-            raise ValueError("router_encoder: routing='learned' needs a frozen encoder checkpoint "
+        if self.learned_routing() and not self.router_encoder:
+            raise ValueError(f"router_encoder: routing={self.routing!r} needs a frozen encoder checkpoint "
                              "(or choose routing='random' / 'all')")
+        if self.router_capacity_factor is not None and not (
+                isinstance(self.router_capacity_factor, (int, float)) and self.router_capacity_factor >= 1
+                and math.isfinite(self.router_capacity_factor)):
+            raise ValueError(f"router_capacity_factor={self.router_capacity_factor!r}: expected a number >= 1 "
+                             "(each student's share of a batch at most c times its fair share) or None")
+        for name, allowed in (("router_regularizer", REGULARIZERS), ("mutual_form", MUTUAL_FORMS),
+                              ("mutual_scope", MUTUAL_SCOPES), ("competence", COMPETENCE_KINDS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")
+        S = len(self.students)
+        if self.student_lora_r is not None:
+            if len(self.student_lora_r) != S or not all(
+                    isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in self.student_lora_r):
+                raise ValueError(f"student_lora_r={self.student_lora_r!r}: expected {S} integers >= 0 (one per "
+                                 "student)")
+        if self.student_lrs is not None:
+            if len(self.student_lrs) != S or not all(
+                    isinstance(x, (int, float)) and x > 0 and math.isfinite(x) for x in self.student_lrs):
+                raise ValueError(f"student_lrs={self.student_lrs!r}: expected {S} positive numbers (one per student)")
+        if self.epochs is not None and not (isinstance(self.epochs, (int, float)) and self.epochs > 0
+                                            and math.isfinite(self.epochs)):
+            raise ValueError(f"epochs={self.epochs!r}: expected a positive number or None")
+        if self.qlora:
+            if not any(r > 0 for r in self.lora_ranks()):
+                raise ValueError("qlora: QLoRA trains LoRA adapters over 4-bit weights; set lora_r (or "
+                                 "student_lora_r) > 0")
+            if str(self.device) == "cpu":
+                raise ValueError("qlora: 4-bit (bitsandbytes) students need a CUDA device; device='cpu' "
+                                 "(set qlora: false)")
+        if self.judge_keep_top is not None and (not isinstance(self.judge_keep_top, int) or self.judge_keep_top < 1):
+            raise ValueError(f"judge_keep_top={self.judge_keep_top!r}: expected an integer >= 1 or None")
         if self.route_top_k > len(self.students):
             raise ValueError(f"route_top_k={self.route_top_k}: at most the number of students ({len(self.students)})")
         for name in ("gumbel_tau", "competence_tau", "lora_alpha"):
@@ -207,6 +290,16 @@ class QRDistillConfig:
             raise ValueError(f"shared_dim={self.shared_dim!r}: expected an integer >= 1 or None")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
             raise ValueError(f"device={self.device!r}: expected auto, cpu, cuda or cuda:N")
+
+    def canonical_routing(self) -> str:
+        return canonical_routing(self.routing)
+
+    def learned_routing(self) -> bool:
+        return canonical_routing(self.routing) in LEARNED_ROUTINGS
+
+    def lora_ranks(self) -> list[int]:
+        """The LoRA rank of each student (0: full fine-tuning)."""
+        return list(self.student_lora_r) if self.student_lora_r is not None else [self.lora_r] * len(self.students)
 
     def templates(self) -> dict[str, str]:
         return {**STYLE_TEMPLATES, **(self.style_templates or {})}

@@ -63,13 +63,26 @@ def propose_paths(q: dict, teachers: Sequence[Teacher], cfg: QRDistillConfig, pe
 
 _YES_NO = re.compile(r"\b(yes|no)\b", re.IGNORECASE)
 _SCORE = re.compile(r"[-+]?\d+(?:\.\d+)?")
+_RATING = re.compile(r"\b(?:rating|score)\s*[:=]?\s*([-+]?\d+(?:\.\d+)?)", re.IGNORECASE)
+_FLAGGED = re.compile(r"\bflagged\s*[:=]?\s*([^\n]*)", re.IGNORECASE)
+_NOTHING = re.compile(r"^\W*(none|no|nothing|n/?a|-)?\W*$", re.IGNORECASE)
 
 
 def parse_judgement(text: str, *, mode: str = "yes_no", threshold: float = 7.0) -> tuple[bool | None, float | None]:
     """(verdict, score) from a judge's output; (None, None) when it cannot be read.
 
+    rating (Section 2.3): "Rating: N" (else "Score: N") is the score; a "Flagged:" line naming any step
+    rejects the path whatever its rating; the verdict is (nothing flagged) and score >= threshold.
     yes_no: the first standalone "yes" / "no" (any case) gives score 1 / 0.
     score: the first number is the score; the verdict is score >= threshold."""
+    if mode == "rating":
+        m = _RATING.search(text)
+        if m is None:
+            return None, None
+        score = float(m.group(1))
+        flags = _FLAGGED.search(text)
+        flagged = flags is not None and not _NOTHING.match(flags.group(1).strip())
+        return (not flagged) and score >= threshold, score
     if mode == "yes_no":
         m = _YES_NO.search(text)
         if m is None:
@@ -212,9 +225,21 @@ def keep_path(rec: dict, cfg: QRDistillConfig) -> bool:
     return True
 
 
+def keep_top_rated(records: Sequence[dict], top: int | None) -> list[dict]:
+    """Of each question's records, those whose judge_score is among its ``top`` highest (ties kept; order kept);
+    ``top`` None: all."""
+    if top is None:
+        return list(records)
+    scores: dict[Any, list[float]] = {}
+    for r in records:
+        scores.setdefault(r["qid"], []).append(float(r.get("judge_score") or 0.0))
+    bar = {q: sorted(v, reverse=True)[min(top, len(v)) - 1] for q, v in scores.items()}
+    return [r for r in records if float(r.get("judge_score") or 0.0) >= bar[r["qid"]]]
+
+
 def filter_paths(records: Sequence[dict], cfg: QRDistillConfig) -> tuple[list[dict], dict]:
     """(kept records, counts overall and per style)."""
-    kept = [r for r in records if keep_path(r, cfg)]
+    kept = keep_top_rated([r for r in records if keep_path(r, cfg)], cfg.judge_keep_top if cfg.judging() else None)
     styles = sorted({r["style"] for r in records})
     stats = {"total": len(records), "answer_correct": sum(bool(r.get("answer_correct")) for r in records),
              "judge_valid": sum(r.get("judge_valid") is True for r in records) if cfg.judging() else None,

@@ -22,6 +22,7 @@ from distillkit.methods.qr_distill.training import (
     load_students,
     make_trainer,
     route_features,
+    routing_split,
     routing_summary,
     save_students,
 )
@@ -75,7 +76,7 @@ def run(cfg: QRDistillConfig, *, teachers: Sequence[Teacher] | None = None, judg
         raise ValueError(f"no path passed the filter ({path_stats}); check {cfg.paths_file()} or relax "
                          "filter_answer / filter_judge")
     items = build_items(kept, cfg)
-    features = route_features(cfg, kept, device, encoder) if cfg.routing == "learned" else None
+    features = route_features(cfg, kept, device, encoder) if cfg.learned_routing() else None
     students, tokenizers = load_students(cfg, device)
     model = build_model(cfg, students, features.shape[1] if features is not None else None).to(device)
     if model.router is not None:
@@ -84,7 +85,8 @@ def run(cfg: QRDistillConfig, *, teachers: Sequence[Teacher] | None = None, judg
     last = trainer.train()
     names = cfg.student_labels()
     summary = {"paths": path_stats, "train": last, "students": save_students(model, tokenizers, cfg),
-               "routing": routing_summary(model, features, items, names)}
+               "routing": routing_summary(model, features, items, names),
+               "routing_split": routing_split(cfg.output_dir, names)}
     if model.router is not None:
         torch.save({"router": model.router.state_dict(), "in_dim": features.shape[1], "hidden": cfg.router_hidden,
                     "students": names, "encoder": cfg.router_encoder}, os.path.join(cfg.output_dir, ROUTER_NAME))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -61,32 +62,63 @@ class QRCollator:
 
 
 def load_students(cfg: QRDistillConfig, device) -> tuple[list, list]:
-    """(students, tokenizers), LoRA-wrapped when lora_r > 0."""
+    """(students, tokenizers), each LoRA-wrapped when its rank (student_lora_r, else lora_r) is > 0 and loaded in
+    4-bit NF4 under its adapters when ``qlora``."""
     from transformers import AutoModelForCausalLM
 
     from distillkit.teachers.hf import load_tokenizer
 
+    quant = qlora_settings(device) if cfg.qlora else None
     students, tokenizers = [], []
-    for path in cfg.students:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    for path, rank in zip(cfg.students, cfg.lora_ranks()):
+        if quant is not None and rank > 0:
+            model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quant, dtype=torch.bfloat16,
+                                                         device_map={"": device})
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         tok = load_tokenizer(path)
         if tok.pad_token_id is None:
             tok.pad_token = tok.eos_token
-        if cfg.lora_r > 0:
-            model = apply_lora(model, cfg)
-        students.append(model.to(device))
+        if rank > 0:
+            model = apply_lora(model, cfg, rank=rank)
+        students.append(model if quant is not None and rank > 0 else model.to(device))
         tokenizers.append(tok)
     return students, tokenizers
 
 
-def apply_lora(model, cfg: QRDistillConfig):
-    """``model`` wrapped by peft with LoRA adapters (rank lora_r) on ``lora_targets``."""
+def qlora_settings(device):
+    """The 4-bit NF4 quantisation of QLoRA (double quantisation, bf16 compute); InputError naming ``qlora`` when
+    this machine cannot run it (no CUDA device, no bitsandbytes, no peft)."""
+    from distillkit._errors import InputError
+
+    device = torch.device(device)
+    if device.type != "cuda" or not torch.cuda.is_available():
+        raise InputError(f"qlora: 4-bit students need a CUDA device (device is {device}, CUDA available: "
+                         f"{torch.cuda.is_available()}); set qlora: false to train LoRA over full-precision weights")
+    for module, how in (("bitsandbytes", "pip install bitsandbytes"), ("peft", "pip install 'distillkit[lora]'")):
+        try:
+            __import__(module)
+        except ImportError as exc:
+            raise InputError(f"qlora: needs {module} ({how}; keep torch pinned on the same line); import failed: "
+                             f"{exc}") from exc
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16)
+
+
+def apply_lora(model, cfg: QRDistillConfig, *, rank: int | None = None):
+    """``model`` wrapped by peft with LoRA adapters (rank ``rank``, default lora_r) on ``lora_targets``."""
+    rank = cfg.lora_r if rank is None else rank
     try:
         from peft import LoraConfig, get_peft_model
     except ImportError as exc:
-        raise ImportError(f"lora_r={cfg.lora_r} needs peft: pip install peft (or set lora_r: 0 for full "
+        raise ImportError(f"lora_r={rank} needs peft: pip install peft (or set lora_r: 0 for full "
                           f"fine-tuning); import failed: {exc}") from exc
-    lcfg = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+    lcfg = LoraConfig(r=rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.lora_targets), bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, lcfg)
 
@@ -118,33 +150,59 @@ def route_features(cfg: QRDistillConfig, records: Sequence[dict], device, encode
 def loss_settings(cfg: QRDistillConfig):
     from distillkit.methods.qr_distill.router import LossSettings
 
-    return LossSettings(routing=cfg.routing, gumbel_tau=cfg.gumbel_tau, top_k=cfg.route_top_k, mutual=cfg.mutual,
-                        entropy_reg=cfg.entropy_reg, lambda_1=cfg.lambda_1, lambda_2=cfg.lambda_2,
+    return LossSettings(routing=cfg.canonical_routing(), gumbel_tau=cfg.gumbel_tau, top_k=cfg.route_top_k,
+                        capacity_factor=cfg.router_capacity_factor, mutual=cfg.mutual, mutual_form=cfg.mutual_form,
+                        mutual_scope=cfg.mutual_scope, competence=cfg.competence, entropy_reg=cfg.entropy_reg,
+                        regularizer=cfg.router_regularizer, lambda_1=cfg.lambda_1, lambda_2=cfg.lambda_2,
                         normalize_shared=cfg.normalize_shared, competence_tau=cfg.competence_tau)
+
+
+def default_shared_dim(hidden_sizes: Sequence[int]) -> int:
+    """D of Eq. 5 when shared_dim is not set: half the narrowest student's width (a lower-dimensional space)."""
+    return max(1, min(hidden_sizes) // 2)
 
 
 def build_model(cfg: QRDistillConfig, students: Sequence, router_in_dim: int | None):
     from distillkit.methods.qr_distill.router import QRDistillModel, student_hidden_size
 
     sizes = [student_hidden_size(m) for m in students]
-    return QRDistillModel(students, shared_dim=cfg.shared_dim or max(sizes), router_in_dim=router_in_dim,
-                          router_hidden=cfg.router_hidden, hidden_sizes=sizes)
+    return QRDistillModel(students, shared_dim=cfg.shared_dim or default_shared_dim(sizes),
+                          router_in_dim=router_in_dim, router_hidden=cfg.router_hidden, hidden_sizes=sizes)
+
+
+def steps_for(cfg: QRDistillConfig, num_paths: int) -> int:
+    """The optimizer steps of the run: ceil(epochs * paths / (batch_size * grad_accum)) when ``epochs`` is set,
+    else max_steps."""
+    if cfg.epochs is None:
+        return cfg.train.max_steps
+    return max(1, math.ceil(cfg.epochs * num_paths / (cfg.train.batch_size * cfg.train.grad_accum) - 1e-9))
+
+
+def param_groups(model, cfg: QRDistillConfig) -> list[dict]:
+    """AdamW groups: each student at its own rate (student_lrs; default lr), the router at router_lr (default
+    lr), the projections and competence scores at lr."""
+    groups, taken = [], set()
+    lrs = cfg.student_lrs or [cfg.train.lr] * model.num_students
+    for student, lr in zip(model.students, lrs):
+        params = [p for p in student.parameters() if p.requires_grad]
+        taken |= {id(p) for p in student.parameters()}
+        groups.append({"params": params, "lr": float(lr)})
+    if model.router is not None:
+        taken |= {id(p) for p in model.router.parameters()}
+        groups.append({"params": list(model.router.parameters()), "lr": float(cfg.router_lr or cfg.train.lr)})
+    groups.append({"params": [p for p in model.parameters() if id(p) not in taken], "lr": float(cfg.train.lr)})
+    return [g for g in groups if g["params"]]
 
 
 def make_trainer(model, cfg: QRDistillConfig, items: Sequence[PathItem], collate):
-    """The shared Trainer over the container (students + router + projections + regressor)."""
+    """The shared Trainer over the container (students + router + projections + competence), one AdamW group per
+    student (its own rate), for ``steps_for(cfg, len(items))`` steps."""
     from distillkit.methods.qr_distill.router import qr_loss
     from distillkit.pipeline.train import Trainer
 
-    tcfg = dataclasses.replace(cfg.train, output_dir=cfg.output_dir)
+    tcfg = dataclasses.replace(cfg.train, output_dir=cfg.output_dir, max_steps=steps_for(cfg, len(items)))
     settings = loss_settings(cfg)
-    params = None
-    if cfg.router_lr is not None and model.router is not None:  # the router learns at its own rate
-        router_ids = {id(p) for p in model.router.parameters()}
-        params = [{"params": [p for p in model.parameters() if id(p) not in router_ids]},
-                  {"params": list(model.router.parameters()), "lr": cfg.router_lr}]
-    trainer = Trainer(model, tcfg, items, collate, lambda m, b: qr_loss(m, b, settings), params=params)
-    return trainer
+    return Trainer(model, tcfg, items, collate, lambda m, b: qr_loss(m, b, settings), params=param_groups(model, cfg))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,6 +237,20 @@ def routing_summary(model, features: torch.Tensor | None, items: Sequence[PathIt
         out[style] = {"mean_prob": {n: float(v) for n, v in zip(names, p.mean(0))},
                       "top_share": {n: float(v) for n, v in zip(names, top)}, "paths": len(rows)}
     return out
+
+
+def routing_split(output_dir: str, names: Sequence[str], last_fraction: float = 0.1) -> dict:
+    """Each student's share of the routes over the last ``last_fraction`` of the logged training steps (the split
+    the students actually trained on, capacity limit included), from metrics.jsonl; {} when nothing was logged."""
+    from distillkit.pipeline.runs import read_records
+    from distillkit.pipeline.train import METRICS_NAME
+
+    path = os.path.join(output_dir, METRICS_NAME)
+    recs = [r for r in read_records(path) if "share_s0" in r] if os.path.exists(path) else []
+    if not recs:
+        return {}
+    tail = recs[-max(1, math.ceil(len(recs) * last_fraction)):]
+    return {n: sum(r.get(f"share_s{s}", 0.0) for r in tail) / len(tail) for s, n in enumerate(names)}
 
 
 def evaluate_students(model, tokenizers, cfg: QRDistillConfig) -> dict:

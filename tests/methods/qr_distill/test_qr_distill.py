@@ -101,7 +101,7 @@ class ScriptedJudge(Teacher):
 def _cfg(world, name, **kw):
     base = dict(input_path=world["questions"], output_dir=str(world["root"] / name), teachers=["scripted"],
                 students=world["students"][:2], router_encoder=world["encoder"], max_steps=3, batch_size=4, lr=1e-3,
-                progress=False, save_every=0, log_every=1, seed=3)
+                progress=False, save_every=0, log_every=1, seed=3, judge_mode="yes_no")
     base.update(kw)
     return QRDistillConfig(**base)
 
@@ -271,7 +271,8 @@ def test_router_gradient_flows_through_the_students_losses(world):
     items = _items({"a": [" 1 + 2 = 3.", " 4 + 4 = 8.", " 0 + 7 = 7."], "b": [" x y z", " q r s t", " m n"]})
     feats = torch.randn(len(items), 32)
     batch = QRCollator([world["tok"]] * 2, 64, feats)(items)
-    settings = qr.LossSettings(lambda_1=0.0, lambda_2=0.0, mutual=False, entropy_reg=False)
+    settings = qr.LossSettings(routing="gumbel_top1", capacity_factor=None, lambda_1=0.0, lambda_2=0.0, mutual=False,
+                               entropy_reg=False)
     torch.manual_seed(11)
     loss, metrics = qr.qr_loss(model, batch, settings)
     loss.backward()
@@ -471,31 +472,36 @@ TEXTS = {"a": [" 1 + 2 = 3. The final answer is 3.", " 2 + 2 = 4. The final answ
          "b": [" Program: print(3) prints 3.", " Facts: 5 is five; so 5."]}
 
 
-@pytest.mark.parametrize("routing,top_k,mutual,entropy", [
-    ("learned", 1, True, True), ("learned", 2, True, True), ("random", 1, True, False), ("all", 1, False, False),
-    ("learned", 1, False, False),
+@pytest.mark.parametrize("routing,top_k,mutual,entropy,form", [
+    ("gumbel_top1", 1, True, True, "token"), ("topk", 2, True, True, "pooled"), ("bernoulli", 1, True, True, "token"),
+    ("learned", 2, True, True, "pooled"), ("random", 1, True, False, "token"), ("all", 1, False, False, "token"),
+    ("bernoulli", 1, False, False, "token"),
 ])
-def test_three_students_every_ablation(world, routing, top_k, mutual, entropy):
+def test_three_students_every_ablation(world, routing, top_k, mutual, entropy, form):
     students = _load(world["students"])
     items = _items(TEXTS)
     feats = torch.randn(len(items), 32)
-    model = qr.QRDistillModel(students, shared_dim=20, router_in_dim=32 if routing == "learned" else None,
-                              router_hidden=16)
-    batch = QRCollator([world["tok"]] * 3, 64, feats if routing == "learned" else None)(items)
-    settings = qr.LossSettings(routing=routing, top_k=top_k, mutual=mutual, entropy_reg=entropy)
+    learned = routing not in ("random", "all")
+    model = qr.QRDistillModel(students, shared_dim=20, router_in_dim=32 if learned else None, router_hidden=16)
+    batch = QRCollator([world["tok"]] * 3, 64, feats if learned else None)(items)
+    # scope all: every projection is aligned on every path, whichever students the paths are routed to
+    settings = qr.LossSettings(routing=routing, top_k=top_k, mutual=mutual, entropy_reg=entropy, mutual_form=form,
+                               mutual_scope="all", competence="path" if form == "pooled" else "student")
     torch.manual_seed(0)
     loss, metrics = qr.qr_loss(model, batch, settings)
     loss.backward()
     assert torch.isfinite(loss)
     shares = [metrics[f"share_s{s}"] for s in range(3)]
-    # counts / batch: a few float32 roundings
-    assert sum(shares) == pytest.approx(3.0 if routing == "all" else float(top_k))
-    assert ("align" in metrics) == mutual and ("balance" in metrics) == (entropy and routing == "learned")
-    if routing == "learned":
+    assert sum(shares) == pytest.approx(1.0)  # shares of the batch's routes
+    assert ("align" in metrics) == mutual and ("balance" in metrics) == (entropy and learned)
+    if routing in ("gumbel_top1", "learned", "topk", "random"):  # exactly k routes per path
+        assert metrics["co_routed"] == (1.0 if top_k > 1 else 0.0)
+    if learned:
         assert sum(float(p.grad.abs().sum()) for p in model.router.parameters()) > 0
     if mutual:  # the projections of all three sizes receive the alignment gradient
         assert all(p.weight.grad is not None and p.weight.grad.abs().sum() > 0 for p in model.projections)
-        assert model.competence.weight.grad.abs().sum() > 0
+        scores = model.competence.weight if form == "pooled" else model.competence_scores
+        assert scores.grad.abs().sum() > 0
 
 
 def test_interrupted_training_resumes_exactly(world, tmp_path):
