@@ -1,0 +1,88 @@
+"""FSDP2 on 2 gloo ranks: the fused-linear loss with lm_head in its own fully_shard group (a sharded DTensor
+when the loss reads it) and a fully_shard'ed teacher gives one process's loss, gradients and optimizer step,
+with no glue in the caller. float64 models, so every difference left is summation order."""
+from __future__ import annotations
+
+import pytest
+import torch
+from _spawn import run, tiny_llama
+
+pytestmark = pytest.mark.timeout(180)
+
+VOCAB, BATCH, SEQ = 96, 4, 7
+CASES = [("skl", 0.1), ("srkl", 0.3)]
+
+
+def _batch():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+    labels = torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
+    labels[:, 0] = -100  # the same number of kept tokens on each rank: mean of rank means = global mean
+    return ids, labels
+
+
+def _loss(kind, student, teacher, ids, labels, alpha):
+    import distillkit
+
+    # the root's own forward (so FSDP2's hooks run), final hidden states, logits of one position only
+    hidden = student(ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+    with torch.no_grad():
+        teacher_hidden = teacher(ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
+    fn = distillkit.fused_linear_skew_reverse_kl if kind == "srkl" else distillkit.fused_linear_skew_kl
+    return fn(hidden, student.lm_head.weight, teacher_hidden, teacher.lm_head.weight, labels, alpha=alpha,
+              temperature=1.5, chunk_size=5)
+
+
+def _shard(model):
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model.lm_head)  # its own group: a sharded DTensor outside its own forward
+    fully_shard(model)
+
+
+def _worker(rank):
+    for kind, alpha in CASES:
+        _case(rank, kind, alpha)
+
+
+def _case(rank, kind, alpha):
+    from torch.distributed.tensor import DTensor
+
+    ids, labels = _batch()
+    mine = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
+    # one process: the whole batch, plain modules
+    student, teacher = tiny_llama(32, VOCAB, seed=0), tiny_llama(48, VOCAB, seed=1)
+    want_loss = _loss(kind, student, teacher, ids, labels, alpha)
+    want_rank_loss = _loss(kind, student, teacher, ids[mine], labels[mine], alpha).detach()
+    want_loss.backward()
+    want_grads = {n: p.grad.clone() for n, p in student.named_parameters()}
+    torch.optim.SGD(student.parameters(), lr=0.5).step()
+    want_after = {n: p.detach().clone() for n, p in student.named_parameters()}
+
+    # two ranks, each on its half of the batch, student and teacher fully_shard'ed, lm_heads in their own groups
+    student, teacher = tiny_llama(32, VOCAB, seed=0), tiny_llama(48, VOCAB, seed=1)
+    _shard(student)
+    _shard(teacher)
+    opt = torch.optim.SGD(student.parameters(), lr=0.5)
+    loss = _loss(kind, student, teacher, ids[mine], labels[mine], alpha)
+    assert isinstance(student.lm_head.weight, DTensor) and isinstance(teacher.lm_head.weight, DTensor)
+    assert not isinstance(loss, DTensor)
+    torch.testing.assert_close(loss.detach(), want_rank_loss, rtol=1e-12, atol=1e-14)
+    mean = loss.detach().clone()
+    torch.distributed.all_reduce(mean)
+    torch.testing.assert_close(mean / 2, want_loss.detach(), rtol=1e-12, atol=1e-14)
+    loss.backward()
+    for name, p in student.named_parameters():
+        assert isinstance(p.grad, DTensor), name
+        assert p.grad.placements == p.placements and p.grad.device_mesh == p.device_mesh, name
+        torch.testing.assert_close(p.grad.full_tensor(), want_grads[name], rtol=1e-10, atol=1e-13, msg=name)
+    opt.step()
+    for name, p in student.named_parameters():
+        torch.testing.assert_close(p.detach().full_tensor(), want_after[name], rtol=1e-10, atol=1e-13, msg=name)
+
+
+def test_fsdp2_lm_head_own_group_sharded_teacher_equals_one_process():
+    """Skew KL and skew reverse KL, one spawn (the ranks' start-up dominates the time)."""
+    run(_worker)
