@@ -128,10 +128,11 @@ def check_environment(cfg, where: dict[str, str] | None = None) -> None:
     """Checks what ``cfg`` needs from this machine (devices, backends, model and data paths: see the
     module docstring) and expands a leading ``~`` in its path fields; raises InputError naming the field
     (``where[name]``: the YAML file or the flag it came from)."""
+    served = getattr(cfg, "served_model_fields", lambda: ())()  # model names on a server, not paths here
     for f in dataclasses.fields(cfg):
         role = field_role(f)
         value = getattr(cfg, f.name)
-        if role is None or value is None:
+        if role is None or value is None or (role == "model" and f.name in served):
             continue
         items = list(value) if isinstance(value, (list, tuple)) else [value]
         checked = []

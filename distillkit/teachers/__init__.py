@@ -1,16 +1,21 @@
-"""Generation backends behind one interface (:class:`Teacher.propose`): ``hf`` (default) and ``vllm``.
+"""Generation backends behind one interface (:class:`Teacher.propose` / ``apropose``): ``hf`` (default),
+``vllm`` (both in-process) and ``openai`` (a model served behind an OpenAI-compatible HTTP API).
 
-Backends load lazily: ``import distillkit.teachers`` does not import transformers or vllm.
+Backends load lazily: ``import distillkit.teachers`` does not import transformers, vllm or httpx.
 """
 from __future__ import annotations
 
 from distillkit.teachers.base import Proposal, StepBoundary, StringStop, Teacher, as_boundary
 
-__all__ = ["Proposal", "StepBoundary", "StringStop", "Teacher", "as_boundary", "load_teacher"]
+__all__ = ["BACKENDS", "Proposal", "StepBoundary", "StringStop", "Teacher", "as_boundary", "load_teacher"]
+
+BACKENDS = ("hf", "vllm", "openai")
 
 
 def load_teacher(path: str, *, backend: str = "hf", name: str | None = None, **kwargs) -> Teacher:
-    """A teacher from a checkpoint path or Hub id with the named backend ("hf" or "vllm")."""
+    """A teacher with the named backend: "hf" or "vllm" load the checkpoint ``path`` (local path or Hub id)
+    in this process; "openai" calls the model served under the name ``path`` at ``base_url`` (a keyword
+    argument; see :class:`distillkit.teachers.openai.OpenAITeacher` for the others)."""
     if backend == "hf":
         from distillkit.teachers.hf import HFTeacher
 
@@ -19,4 +24,8 @@ def load_teacher(path: str, *, backend: str = "hf", name: str | None = None, **k
         from distillkit.teachers.vllm import VLLMTeacher
 
         return VLLMTeacher(path, name=name, **kwargs)
-    raise ValueError(f"backend={backend!r}: expected 'hf' or 'vllm'")
+    if backend == "openai":
+        from distillkit.teachers.openai import OpenAITeacher
+
+        return OpenAITeacher(path, name=name, **kwargs)
+    raise ValueError(f"backend={backend!r}: expected one of {BACKENDS}")

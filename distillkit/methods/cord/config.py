@@ -14,6 +14,7 @@ from distillkit._errors import InputError
 from distillkit.methods.cord.meta_prover import DEFAULT_TEMPLATE
 from distillkit.methods.cord.segmentation import SEGMENTATIONS, Segmentation, make_segmentation
 from distillkit.pipeline.config import config_field as _help
+from distillkit.pipeline.generation import TeacherOptions
 
 log = logging.getLogger(__name__)
 
@@ -24,7 +25,7 @@ CHAT_TEMPLATES = ("none", "auto")
 
 
 @dataclass
-class CordConfig:
+class CordConfig(TeacherOptions):
     """Everything one CoRD run needs. Paths are used as given (relative to the working directory)."""
 
     teachers: list[str] = _help("teacher checkpoints (local paths or Hub ids), K >= 1", default_factory=list)
@@ -47,7 +48,9 @@ class CordConfig:
     answer_prompt: str = _help("text put after '</think>' before the teacher writes the final answer", default="")
     n_curation: int = _help("curation: complete traces per teacher (the paper: 4, sampled; at temperature 0 "
                             "they would be identical, so n_curation > 1 needs temperature > 0)", default=4)
-    temperature: float = _help("teacher sampling temperature (the paper: 0.6); 0 is greedy", default=0.6)
+    temperature: list[float] | float = _help(
+        "teacher sampling temperature (the paper: 0.6); 0 is greedy"
+        "; one number, or a list of one per teacher (e.g. [0.5, 0.6, 0.7])", default=0.6)
     seed: int = _help("base seed; each question's seed derives from it and the question id", default=0)
     template: str = _help("meta-prover template with {context} and {answer}", default=DEFAULT_TEMPLATE)
     prompt_template: str | None = _help(
@@ -63,10 +66,8 @@ class CordConfig:
                           "step is correct) | max_length (the longest step)", default="perplexity")
     selector_model: str | None = _help("prm / binary: the PRM or judge checkpoint (local path or Hub id)",
                                        default=None)
-    teacher_backend: str = _help("hf | vllm", default="hf")
-    teacher_kwargs: dict | None = _help(
-        "extra keyword arguments for every teacher (vllm: gpu_memory_utilization, tensor_parallel_size, ...); "
-        "YAML only", default=None)
+    teacher_backend: str = _help("hf | vllm (in-process) | openai (served: teacher_base_urls; README: "
+                                 "Served teachers)", default="hf")
     scoring_backend: str | None = _help("kernel backend for the meta-prover: cuda | triton | cpu | reference "
                                         "(default: automatic)", default=None)
     reuse_prefix_cache: bool = _help("meta-prover: run each beam prefix once and reuse its KV cache",
@@ -124,9 +125,7 @@ class CordConfig:
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 hint = " or None (no cap)" if name in ("max_steps", "max_step_tokens") else ""
                 raise ValueError(f"{name}={value!r}: expected an integer >= 1{hint}")
-        if not (isinstance(self.temperature, (int, float)) and not isinstance(self.temperature, bool)
-                and 0 <= self.temperature <= 100):
-            raise ValueError(f"temperature={self.temperature!r}: expected a number in [0, 100] (0 is greedy)")
+        self.check_teacher_options(len(self.teachers))  # backend, per-teacher sampling, servers
         if self.method == "curation" and self.temperature == 0 and self.n_curation > 1:
             # greedy traces of one teacher are identical: n of them would silently be 1 trace each
             raise InputError(f"n_curation={self.n_curation} with temperature=0: the {self.n_curation} greedy traces "
@@ -148,12 +147,8 @@ class CordConfig:
         if self.teacher_names is not None and len(self.teacher_names) != len(self.teachers):
             raise ValueError(f"teacher_names: expected {len(self.teachers)} names (one per teacher), "
                              f"got {len(self.teacher_names)}")
-        if self.teacher_backend not in ("hf", "vllm"):
-            raise ValueError(f"teacher_backend={self.teacher_backend!r}: expected 'hf' or 'vllm'")
         if self.scoring_backend is not None and self.scoring_backend not in SCORING_BACKENDS:
             raise ValueError(f"scoring_backend={self.scoring_backend!r}: expected one of {SCORING_BACKENDS} or None")
-        if self.teacher_kwargs is not None and not isinstance(self.teacher_kwargs, dict):
-            raise ValueError(f"teacher_kwargs: expected a mapping, got {type(self.teacher_kwargs).__name__}")
         for name in ("questions_in_flight", "num_shards"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -52,14 +52,13 @@ def make_record(q: dict, res: DecodeResult, end_marker: str = END_MARKER) -> dic
 
 def load_teachers(cfg: CordConfig) -> list[Teacher]:
     """The config's teachers, with its generation backend."""
-    from distillkit.teachers import load_teacher
+    from distillkit.pipeline.generation import load_teachers as load_configured
 
     if cfg.teacher_backend == "hf":
-        kw = dict(dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size)
-    else:
-        kw = {} if cfg.dtype == "float32" else dict(dtype=cfg.dtype)
-    kw.update(cfg.teacher_kwargs or {})
-    return [load_teacher(p, backend=cfg.teacher_backend, name=n, **kw) for p, n in zip(cfg.teachers, cfg.names())]
+        engine = dict(dtype=cfg.dtype, device=cfg.device, batch_size=cfg.batch_size)
+    else:  # vllm in-process; openai ignores it (the server holds the weights)
+        engine = {} if cfg.dtype == "float32" else dict(dtype=cfg.dtype)
+    return load_configured(cfg, cfg.teachers, cfg.names(), **engine)  # per-teacher teacher_kwargs, servers
 
 
 def load_meta_prover(cfg: CordConfig):
