@@ -115,11 +115,12 @@ class OpenAITeacher(Teacher):
                       native | split.
     check:            probe the server once when built (``GET {base_url}/models``): an unreachable
                       server fails here, before anything else loads.
+    transport:        an ``httpx.AsyncBaseTransport`` to use instead of the network (tests).
     """
 
     def __init__(self, model: str, *, base_url: str, name: str | None = None, api_key_env: str | None = None,
                  max_concurrency: int = 16, request_timeout_s: float = 600.0, max_retries: int = 6,
-                 n_mode: str = "auto", check: bool = True):
+                 n_mode: str = "auto", check: bool = True, transport=None):
         if not isinstance(model, str) or not model:
             raise InputError(f"model={model!r}: expected the served model name")
         if not isinstance(max_concurrency, int) or isinstance(max_concurrency, bool) or max_concurrency < 1:
@@ -133,7 +134,7 @@ class OpenAITeacher(Teacher):
         self._httpx = _httpx()
         self.model, self.base_url, self.name = model, normalize_base_url(base_url), name or model
         self.max_concurrency, self.request_timeout_s = max_concurrency, float(request_timeout_s)
-        self.max_retries, self.n_mode = max_retries, n_mode
+        self.max_retries, self.n_mode, self._transport = max_retries, n_mode, transport
         self.headers = {"Content-Type": "application/json"}
         if api_key_env:
             key = os.environ.get(api_key_env)
@@ -188,7 +189,7 @@ class OpenAITeacher(Teacher):
         httpx = self._httpx
         limits = httpx.Limits(max_connections=self.max_concurrency, max_keepalive_connections=self.max_concurrency)
         return httpx.AsyncClient(base_url=self.base_url, headers=self.headers, limits=limits,
-                                 timeout=httpx.Timeout(self.request_timeout_s))
+                                 timeout=httpx.Timeout(self.request_timeout_s), transport=self._transport)
 
     def _loop_state(self):
         """(HTTP client, concurrency semaphore) of the running event loop: both are bound to one loop."""
