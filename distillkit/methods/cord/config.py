@@ -126,11 +126,13 @@ class CordConfig(TeacherOptions):
                 hint = " or None (no cap)" if name in ("max_steps", "max_step_tokens") else ""
                 raise ValueError(f"{name}={value!r}: expected an integer >= 1{hint}")
         self.check_teacher_options(len(self.teachers))  # backend, per-teacher sampling, servers
-        if self.method == "curation" and self.temperature == 0 and self.n_curation > 1:
+        temps = self.temperature if isinstance(self.temperature, (list, tuple)) else [self.temperature]
+        if self.method == "curation" and self.n_curation > 1 and any(t == 0 for t in temps):
             # greedy traces of one teacher are identical: n of them would silently be 1 trace each
-            raise InputError(f"n_curation={self.n_curation} with temperature=0: the {self.n_curation} greedy traces "
-                             "of a teacher would be identical (K traces instead of n x K); set temperature > 0 "
-                             "(the paper samples at 0.6) or n_curation: 1")
+            which = "" if len(temps) == 1 else f" for teacher(s) {[k for k, t in enumerate(temps) if t == 0]}"
+            raise InputError(f"n_curation={self.n_curation} with temperature=0{which}: the {self.n_curation} greedy "
+                             "traces of a teacher would be identical (1 trace instead of n per teacher); set "
+                             "temperature > 0 (the paper samples at 0.6) or n_curation: 1")
         if self.chat_template not in CHAT_TEMPLATES:
             raise InputError(f"chat_template={self.chat_template!r}: expected one of {CHAT_TEMPLATES}")
         if self.selector not in SELECTORS:

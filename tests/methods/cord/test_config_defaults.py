@@ -54,6 +54,9 @@ def test_curation_at_temperature_zero_is_refused_not_silently_k_traces():
     assert CordConfig(**REQUIRED, method="curation").n_curation == 4  # sampled at 0.6: 4 traces per teacher
     assert CordConfig(**REQUIRED, method="curation", temperature=0.0, n_curation=1).n_curation == 1
     assert CordConfig(**REQUIRED, method="cord", temperature=0.0).temperature == 0.0  # only curation samples n
+    with pytest.raises(ValueError, match=r"temperature=0 for teacher\(s\) \[1\]"):  # per-teacher temperatures
+        CordConfig(**REQUIRED, method="curation", temperature=[0.6, 0.0])
+    assert CordConfig(**REQUIRED, method="curation", temperature=[0.5, 0.7]).temperature == [0.5, 0.7]
 
 
 def test_selector_and_chat_template_checks():
