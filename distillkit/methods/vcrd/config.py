@@ -12,6 +12,11 @@ from distillkit.pipeline.train import (
 )
 
 WEIGHTINGS = ("uniform", "ratio", "clamped_ratio", "r_s", "r_s_minus_r_t")
+WEIGHTING_CHOICES = ("auto",) + WEIGHTINGS  # auto: ratio with a judge, clamped_ratio PRM-free
+CANDIDATE_TOKENS = ("sample", "greedy")
+NORMALIZATIONS = ("sequence", "token")
+ROLLOUT_MODES = ("offline", "online")
+JUDGE_TYPES = ("token_prob", "value_head")
 _KERNEL_BACKENDS = ("cuda", "triton", "cpu", "reference")
 
 
@@ -20,12 +25,16 @@ _KERNEL_BACKENDS = ("cuda", "triton", "cpu", "reference")
 class VcrdConfig:
     student: str = _help("student checkpoint to train (HF directory or Hub id)", default="")
     teacher: str = _help("teacher checkpoint (same tokenizer / vocabulary as the student)", default="")
-    judge: str | None = _help("process reward model checkpoint (causal LM, Math-Shepherd style); "
+    judge: str | None = _help("process reward model checkpoint (judge_type says which kind); "
                               "null = PRM-free teacher-likelihood validity", default=None)
+    judge_type: str = _help("token_prob: a causal LM scoring P(good) / (P(good) + P(bad)) after the step "
+                            "(Math-Shepherd style) | value_head: a causal LM with a scalar value head read at the "
+                            "step separator, sigmoid (Skywork-o1-Open-PRM style)", default="token_prob")
     judge_good_token: str = _help("PRM token meaning 'this step is correct'", default="+")
     judge_bad_token: str = _help("PRM token meaning 'this step is wrong'", default="-")
     judge_step_tag: str | None = _help("PRM step marker appended after the candidate token (Math-Shepherd: "
-                                       "'ки'); null reads the PRM right after the candidate", default=None)
+                                       "'ки'; a value-head PRM's step separator, e.g. a newline); null reads the "
+                                       "PRM right after the candidate", default=None)
     judge_batch_size: int = _help("PRM candidates scored per forward pass", default=64)
     prompts: str = _help("JSONL of prompts {id, question, answer}", default="")
     prompt_template: str = _help("prompt with {question}", default="{question}\n<think> ### Step")
@@ -34,6 +43,18 @@ class VcrdConfig:
     # the shared trainer's options (flat in YAML and flags: max_steps, batch_size = prompts per micro-batch, each
     # giving a teacher and a student rollout, lr, warmup_steps, seed = data order and rollout seeds, ...)
     train: TrainConfig = train_field(max_steps=100, lr=1e-5, save_every=10, log_every=1)
+    rollouts: str = _help("offline: one teacher and one student rollout per prompt generated once before training "
+                          "and kept fixed (Appendix 10.2; saved in output_dir/rollouts.jsonl) | online: new rollouts "
+                          "every step, the student's with its current weights", default="offline")
+    sft_steps: int = _help("supervised fine-tuning steps on the teacher's rollouts before distillation (Appendix "
+                           "10.2; 0 = none); offline student rollouts are drawn after it", default=0)
+    sft_lr: float | None = _help("learning rate of the SFT stage (null = lr)", default=None)
+    max_prompt_tokens: int | None = _help("prompts longer than this many tokens are left out (logged); null = no cap",
+                                          default=None)
+    candidate_tokens: str = _help("the candidate next tokens judged at each position: sample (a_S ~ q, a_T ~ p, "
+                                  "seeded; Section 2.1) | greedy (argmax of each)", default="sample")
+    normalization: str = _help("sequence: each term sums over a rollout's tokens and averages over prompts "
+                               "(Algorithm 1) | token: each term is the mean over its own tokens", default="sequence")
     rollout_tokens: int = _help("max new tokens per rollout (no stop boundary; EOS ends early)", default=256)
     temperature: float = _help("rollout sampling temperature (0 = greedy)", default=1.0)
     teacher_backend: str = _help("teacher rollouts: hf | vllm (student rollouts always use hf: its weights "
@@ -44,7 +65,8 @@ class VcrdConfig:
     alpha: float = _help("skew of both divergences, in [0, 1]", default=0.1)
     lambda_t: float = _help("weight of LV-SKL on teacher-prefix tokens", default=1.0)
     lambda_s: float = _help("weight of LV-SRKL on student-prefix tokens", default=1.0)
-    weighting: str = _help("uniform | ratio | clamped_ratio | r_s | r_s_minus_r_t", default="clamped_ratio")
+    weighting: str = _help("auto (ratio r_s / (r_t + eps) with a judge, Eq. 1; clamped_ratio PRM-free, Appendix "
+                           "10.4) | uniform | ratio | clamped_ratio | r_s | r_s_minus_r_t", default="auto")
     top_k: int = _help("PRM-free r_t: sum of the top_k largest teacher p^2 (capped at the vocabulary)",
                        default=128)
     gamma: float = _help("clamped_ratio: exponent of the validity ratio", default=0.5)
@@ -79,8 +101,19 @@ class VcrdConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be a finite number >= 0")
         if self.lambda_t == 0 and self.lambda_s == 0:
             raise ValueError("lambda_t and lambda_s are both 0: nothing to train")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting={self.weighting!r}: expected one of {WEIGHTINGS}")
+        if self.weighting not in WEIGHTING_CHOICES:
+            raise ValueError(f"weighting={self.weighting!r}: expected one of {WEIGHTING_CHOICES}")
+        for name, allowed in (("candidate_tokens", CANDIDATE_TOKENS), ("normalization", NORMALIZATIONS),
+                              ("rollouts", ROLLOUT_MODES), ("judge_type", JUDGE_TYPES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")
+        if isinstance(self.sft_steps, bool) or not isinstance(self.sft_steps, int) or self.sft_steps < 0:
+            raise ValueError(f"sft_steps={self.sft_steps!r} must be an integer >= 0 (0 = no SFT stage)")
+        if self.sft_lr is not None and not (self.sft_lr > 0 and math.isfinite(self.sft_lr)):
+            raise ValueError(f"sft_lr={self.sft_lr} must be a positive number or null")
+        if self.max_prompt_tokens is not None and (isinstance(self.max_prompt_tokens, bool) or not isinstance(
+                self.max_prompt_tokens, int) or self.max_prompt_tokens < 1):
+            raise ValueError(f"max_prompt_tokens={self.max_prompt_tokens!r} must be an integer >= 1 or null")
         if not (self.gamma >= 0 and math.isfinite(self.gamma)):
             raise ValueError(f"gamma={self.gamma} must be a finite number >= 0")
         clip = list(self.clip) if isinstance(self.clip, (list, tuple)) else None

@@ -18,6 +18,10 @@ Judges:
                                    a causal-LM process reward model in the Math-Shepherd style:
                                    score = P(good) / (P(good) + P(bad)) of the PRM's next-token
                                    distribution after prefix + candidate (+ step_tag)
+    HFValueHeadJudge(model, tokenizer, value_head, step_tag="\n")
+                                   a causal LM with a scalar value head (Skywork-o1-Open-PRM style):
+                                   score = sigmoid(value_head(last hidden state)) read at the step
+                                   separator appended after prefix + candidate
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-__all__ = ["CallableJudge", "HFProcessRewardJudge", "Judge", "check_judge_inputs", "check_scores"]
+__all__ = ["CallableJudge", "HFProcessRewardJudge", "HFValueHeadJudge", "Judge", "check_judge_inputs",
+           "check_scores", "load_value_head", "VALUE_HEAD_FILE"]
 
 
 @runtime_checkable
@@ -183,6 +188,10 @@ class HFProcessRewardJudge:
             scores[b, positions] = got
         return scores.to(prefix_ids.device)
 
+    def _forward(self, **kwargs) -> torch.Tensor:
+        """The per-position features the score is read from: the PRM's next-token logits [B, L, V]."""
+        return self.model(**kwargs).logits
+
     def _good_prob(self, logits: torch.Tensor) -> torch.Tensor:
         """P(good) / (P(good) + P(bad)) from next-token logits [..., V]."""
         pair = logits[..., [self.good_id, self.bad_id]].float()
@@ -199,7 +208,7 @@ class HFProcessRewardJudge:
             for j, s in enumerate(chunk):
                 ids[j, :len(s)] = torch.tensor(s)
                 att[j, :len(s)] = 1
-            logits = self.model(input_ids=ids.to(self.device), attention_mask=att.to(self.device)).logits
+            logits = self._forward(input_ids=ids.to(self.device), attention_mask=att.to(self.device))
             last = att.sum(1) - 1
             out.append(logits[torch.arange(len(chunk)), last.to(self.device)])
         return torch.cat(out)
@@ -241,12 +250,101 @@ class HFProcessRewardJudge:
             own = torch.block_diag(*[torch.tril(torch.ones(k, k, dtype=torch.bool))] * m)  # [m k, m k]
             allowed = torch.cat([sees_prefix, own], 1)
             mask4d = torch.zeros(allowed.shape, dtype=dtype).masked_fill(~allowed, neg)[None, None].to(dev)
-            logits = self.model(input_ids=block.reshape(1, -1).to(dev), attention_mask=mask4d,
-                                position_ids=position_ids.to(dev), use_cache=True,
-                                **cache_kwargs(self.model, cache)).logits
+            logits = self._forward(input_ids=block.reshape(1, -1).to(dev), attention_mask=mask4d,
+                                   position_ids=position_ids.to(dev), use_cache=True,
+                                   **cache_kwargs(self.model, cache))
             cache.crop(-m * k)  # drop this block's keys (negative: remove that many) before the next block
             out.append(self._good_prob(logits[0].reshape(m, k, -1)[:, -1]))
         return torch.cat(out)
 
     def __repr__(self) -> str:
         return f"HFProcessRewardJudge(good_id={self.good_id}, bad_id={self.bad_id}, tag_ids={self.tag_ids})"
+
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+# where value-head PRMs keep their head inside the checkpoint (TRL's AutoModelForCausalLMWithValueHead and
+# Skywork-o1-Open-PRM: v_head.summary.*), or in a file of its own (weight [1, H], bias [1])
+_VALUE_HEAD_PREFIXES = ("v_head.summary.", "value_head.", "score.")
+
+
+def load_value_head(path: str | os.PathLike) -> torch.nn.Linear:
+    """The scalar value head (a Linear H -> 1) of a value-head PRM checkpoint directory: from
+    ``value_head.safetensors`` ({weight, bias}) when present, else from the checkpoint's own safetensors
+    files (keys ``v_head.summary.weight`` / ``.bias``, or ``value_head.*``, ``score.*``)."""
+    import glob
+
+    from safetensors import safe_open
+
+    files = [os.path.join(path, VALUE_HEAD_FILE)]
+    if not os.path.exists(files[0]):
+        files = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            keys = list(f.keys())
+            for prefix in ("",) + _VALUE_HEAD_PREFIXES if file.endswith(VALUE_HEAD_FILE) else _VALUE_HEAD_PREFIXES:
+                if prefix + "weight" in keys:
+                    weight = f.get_tensor(prefix + "weight")
+                    bias = f.get_tensor(prefix + "bias") if prefix + "bias" in keys else None
+                    if weight.dim() != 2 or weight.shape[0] != 1:
+                        raise ValueError(f"{file}: {prefix}weight is {tuple(weight.shape)}, expected [1, hidden]")
+                    head = torch.nn.Linear(weight.shape[1], 1, bias=bias is not None)
+                    with torch.no_grad():
+                        head.weight.copy_(weight.float())
+                        if bias is not None:
+                            head.bias.copy_(bias.float().reshape(1))
+                    return head
+    raise ValueError(f"judge={str(path)!r}: no value head found ({VALUE_HEAD_FILE}, or keys "
+                     f"{[p + 'weight' for p in _VALUE_HEAD_PREFIXES]} in its safetensors files)")
+
+
+class HFValueHeadJudge(HFProcessRewardJudge):
+    """A value-head process reward model (Skywork-o1-Open-PRM style) as a token-validity judge.
+
+    model: a ``transformers`` causal LM (its last hidden state is read); value_head: a Linear H -> 1;
+    score(prefix, candidate) = sigmoid(value_head(h)) with h the last hidden state at the step separator
+    ``step_tag`` appended after ``prefix + candidate`` (None: read at the candidate itself). Sequences,
+    vocabulary routes, batching and the prefix-cache reuse are those of :class:`HFProcessRewardJudge`.
+    """
+
+    def __init__(self, model, tokenizer, value_head: torch.nn.Module, *, step_tag: str | None = "\n",
+                 policy_tokenizer=None, batch_size: int = 64, reuse_prefix_cache: bool = True):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: expected >= 1")
+        hidden = model.get_input_embeddings().weight.shape[1]
+        head_in = getattr(value_head, "in_features", None)
+        if head_in is not None and head_in != hidden:
+            raise ValueError(f"value_head takes {head_in} features, the model's hidden size is {hidden}")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.value_head = value_head.to(device=self.device, dtype=torch.float32).eval()
+        self.good_id = self.bad_id = None
+        self.tag_ids = tokenizer.encode(step_tag, add_special_tokens=False) if step_tag else []
+        if step_tag and not self.tag_ids:
+            raise ValueError(f"step_tag={step_tag!r} encodes to no token")
+        self.policy_tokenizer, self.batch_size = policy_tokenizer, batch_size
+        self.reuse_prefix_cache = reuse_prefix_cache
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, policy_tokenizer=None, dtype="float32", device="cpu",
+                        **kwargs) -> HFValueHeadJudge:
+        """Loads the causal LM and its value head (:func:`load_value_head`) from a local directory."""
+        from transformers import AutoModelForCausalLM
+
+        from distillkit.teachers.hf import load_tokenizer, resolve_dtype
+
+        head = load_value_head(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype), attn_implementation="sdpa")
+        tok = load_tokenizer(path)
+        if policy_tokenizer is not None and policy_tokenizer.get_vocab() == tok.get_vocab():
+            policy_tokenizer = None
+        return cls(model.to(device), tok, head, policy_tokenizer=policy_tokenizer, **kwargs)
+
+    def _forward(self, **kwargs) -> torch.Tensor:
+        """The last hidden state [B, L, H] (after the final norm)."""
+        return self.model(output_hidden_states=True, **kwargs).hidden_states[-1]
+
+    def _good_prob(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.value_head(hidden.float()).squeeze(-1)).cpu()
+
+    def __repr__(self) -> str:
+        return f"HFValueHeadJudge(tag_ids={self.tag_ids})"

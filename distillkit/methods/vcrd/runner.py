@@ -11,13 +11,21 @@ import torch
 
 from distillkit._errors import InputError
 from distillkit.methods.vcrd.config import VcrdConfig
-from distillkit.methods.vcrd.step import output_head, rollout, rollout_seed, vcrd_step
+from distillkit.methods.vcrd.step import (
+    _eval_mode,
+    build_rollouts,
+    output_head,
+    rollout,
+    rollout_seed,
+    vcrd_step,
+)
 from distillkit.pipeline.config import parse_config
 from distillkit.pipeline.runs import config_values, write_json_atomic
 from distillkit.pipeline.train import (
     save_pretrained_atomic,
     torch_device,
 )
+from distillkit.teachers.base import Proposal
 
 log = logging.getLogger(__name__)
 
@@ -25,10 +33,12 @@ log = logging.getLogger(__name__)
 # ---- training --------------------------------------------------------------------------------------
 
 class VcrdObjective:
-    """The Trainer's ``loss_fn(model, prompts)``: rollouts (no grad) + weights + fused losses.
+    """The Trainer's ``loss_fn(model, batch)``: rollouts + weights + fused losses.
 
-    ``trainer`` must be set after the Trainer is built: the rollout seeds derive from its step and
-    the micro-batch index (counted here: the Trainer calls once per micro-batch, in order)."""
+    A batch is a list of prompts (online rollouts: drawn here, no grad, the student's with its current
+    weights) or of :class:`FixedRollout` (offline: drawn once before training). ``trainer`` must be set
+    after the Trainer is built: the rollout and candidate-token seeds derive from its step and the
+    micro-batch index (counted here: the Trainer calls once per micro-batch, in order)."""
 
     def __init__(self, teacher_model, teacher_backend, tokenizer, cfg: VcrdConfig, judge=None):
         self.teacher_model, self.teacher_backend, self.tokenizer = teacher_model, teacher_backend, tokenizer
@@ -42,20 +52,123 @@ class VcrdObjective:
         self._step = step
         return rollout_seed(self.cfg.train.seed, step, self._micro)
 
-    def __call__(self, model, prompts: list[str]):
+    def __call__(self, model, batch: list):
         from distillkit.teachers.hf import HFTeacher
 
         cfg = self.cfg
         seed = self._next_seed()
-        was_training = model.training
-        student_backend = HFTeacher(model, self.tokenizer, name="student", batch_size=max(1, len(prompts)))
-        model.train(was_training)  # HFTeacher puts the model in eval mode; rollout() handles generation
-        rolls = rollout(self.teacher_backend, student_backend, self.tokenizer, prompts,
-                        max_new_tokens=cfg.rollout_tokens, temperature=cfg.temperature, seed=seed)
+        if batch and isinstance(batch[0], FixedRollout):
+            rolls = build_rollouts(self.tokenizer, [r.prompt for r in batch], [r.teacher for r in batch],
+                                   [r.student for r in batch], max_new_tokens=cfg.rollout_tokens)
+        else:
+            was_training = model.training
+            student_backend = HFTeacher(model, self.tokenizer, name="student", batch_size=max(1, len(batch)))
+            model.train(was_training)  # HFTeacher puts the model in eval mode; rollout() handles generation
+            rolls = rollout(self.teacher_backend, student_backend, self.tokenizer, batch,
+                            max_new_tokens=cfg.rollout_tokens, temperature=cfg.temperature, seed=seed)
+        # seed and seed + 1 drew the rollouts; seed + 2 draws the candidate tokens
         res = vcrd_step(model, self.teacher_model, rolls, judge=self.judge, weighting=cfg.weighting,
                         alpha=cfg.alpha, lambda_t=cfg.lambda_t, lambda_s=cfg.lambda_s, top_k=cfg.top_k,
-                        gamma=cfg.gamma, clip=cfg.clip, eps=cfg.eps, backend=cfg.backend)
+                        gamma=cfg.gamma, clip=cfg.clip, eps=cfg.eps, backend=cfg.backend,
+                        candidate_tokens=cfg.candidate_tokens, normalization=cfg.normalization, seed=seed + 2)
         return res.loss, res.metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class FixedRollout:
+    """One prompt with its teacher and student rollouts, drawn once before training (offline mode)."""
+    prompt: str
+    teacher: Proposal
+    student: Proposal
+
+
+ROLLOUTS_NAME = "rollouts.jsonl"
+
+
+def _propose_all(backend, prompts: list[str], cfg: VcrdConfig, seed: int, side: int) -> list[Proposal]:
+    """One rollout per prompt, in batches of ``batch_size`` prompts, batch i sampled with a seed from
+    (seed, i, side): the same whatever else the run does."""
+    from tqdm.auto import tqdm
+
+    out: list[Proposal] = []
+    size = max(1, cfg.train.batch_size)
+    with _eval_mode([backend]):
+        for i in tqdm(range(0, len(prompts), size), desc="rollouts", unit="batch", disable=not cfg.train.progress):
+            got = backend.propose(prompts[i:i + size], n=1, max_new_tokens=cfg.rollout_tokens, stop=None,
+                                  temperature=cfg.temperature, seed=rollout_seed(seed, i // size, side) + side)
+            out += [p[0] for p in got]
+    return out
+
+
+def _read_rollouts(path: str, side: str, n: int) -> list[Proposal] | None:
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    if len(rows) != n or any(side not in r for r in rows):
+        return None
+    return [Proposal(**r[side]) for r in rows]
+
+
+def _write_rollouts(path: str, prompts: list[str], sides: dict[str, list[Proposal]]) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i, prompt in enumerate(prompts):
+            rec = {"prompt": prompt, **{k: dataclasses.asdict(v[i]) for k, v in sides.items()}}
+            f.write(json.dumps(rec) + "\n")
+    os.replace(tmp, path)
+
+
+def offline_rollouts(cfg: VcrdConfig, prompts: list[str], backend, tokenizer, student=None, *,
+                     side: str = "teacher") -> list[Proposal]:
+    """The fixed rollouts of one side (teacher: through ``backend``; student: the model ``student``),
+    drawn once and kept in output_dir/rollouts.jsonl, so that a resumed run trains on the same ones."""
+    from distillkit.teachers.hf import HFTeacher
+
+    path = os.path.join(cfg.output_dir, ROLLOUTS_NAME)
+    have = _read_rollouts(path, side, len(prompts))
+    if have is not None:
+        return have
+    if side == "student":
+        was_training = student.training
+        backend = HFTeacher(student, tokenizer, name="student", batch_size=max(1, cfg.train.batch_size))
+        student.train(was_training)
+    got = _propose_all(backend, prompts, cfg, cfg.train.seed, 0 if side == "teacher" else 1)
+    other = "student" if side == "teacher" else "teacher"
+    sides = {side: got}
+    kept = _read_rollouts(path, other, len(prompts))
+    if kept is not None:
+        sides[other] = kept
+    _write_rollouts(path, prompts, sides)
+    return got
+
+
+def sft_stage(student, tokenizer, cfg: VcrdConfig, prompts: list[str], teacher_rollouts: list[Proposal]) -> dict:
+    """Supervised fine-tuning of ``student`` (in place) on prompt + teacher rollout, ``sft_steps`` steps
+    before distillation (Appendix 10.2); resumable in output_dir/sft."""
+    from distillkit.pipeline.data import Example, SFTCollator, sft_loss
+    from distillkit.pipeline.train import Trainer
+
+    examples = [Example(id=str(i), prompt=p, response=r.text, answer="") for i, (p, r)
+                in enumerate(zip(prompts, teacher_rollouts)) if r.text]
+    if not examples:
+        raise InputError("sft_steps > 0 but every teacher rollout is empty: nothing to fine-tune on")
+    tcfg = dataclasses.replace(cfg.train, output_dir=os.path.join(cfg.output_dir, "sft"), max_steps=cfg.sft_steps,
+                               lr=cfg.sft_lr or cfg.train.lr, warmup_steps=min(cfg.train.warmup_steps, cfg.sft_steps))
+    return Trainer(student, tcfg, examples, SFTCollator(tokenizer), sft_loss).train()
+
+
+def cap_prompts(prompts: list[str], tokenizer, max_tokens: int | None) -> list[str]:
+    """The prompts of at most ``max_tokens`` tokens (all when None); the others are left out, logged."""
+    if max_tokens is None:
+        return prompts
+    kept = [p for p in prompts if len(tokenizer(p)["input_ids"]) <= max_tokens]
+    if len(kept) < len(prompts):
+        log.warning("max_prompt_tokens=%d: leaving out %d of %d prompts", max_tokens, len(prompts) - len(kept),
+                    len(prompts))
+    if not kept:
+        raise InputError(f"max_prompt_tokens={max_tokens}: every prompt is longer")
+    return kept
 
 
 def load_prompts(cfg: VcrdConfig) -> list[str]:
@@ -99,7 +212,13 @@ def load_models(cfg: VcrdConfig, device):
     else:
         backend = HFTeacher(teacher, tokenizer, name="teacher", batch_size=max(1, cfg.train.batch_size))
     judge = None
-    if cfg.judge:
+    if cfg.judge and cfg.judge_type == "value_head":
+        from distillkit.methods.vcrd.judges import HFValueHeadJudge
+
+        judge = HFValueHeadJudge.from_pretrained(cfg.judge, policy_tokenizer=tokenizer, dtype=cfg.teacher_dtype,
+                                                 device=device, step_tag=cfg.judge_step_tag,
+                                                 batch_size=cfg.judge_batch_size)
+    elif cfg.judge:
         from distillkit.methods.vcrd.judges import HFProcessRewardJudge
 
         judge = HFProcessRewardJudge.from_pretrained(
@@ -132,9 +251,20 @@ def run(cfg: VcrdConfig) -> dict:
     questions = read_questions_for_eval(cfg.eval_data, cfg.eval_limit) if cfg.eval_data else None
     begin_dir_run(cfg, cfg.output_dir, free=RESUME_FREE_FIELDS, previous_from="vcrd_summary.json")
     student, teacher, teacher_backend, tokenizer, judge = load_models(cfg, device)
+    prompts = cap_prompts(prompts, tokenizer, cfg.max_prompt_tokens)
+    teacher_rolls = None
+    if cfg.rollouts == "offline" or cfg.sft_steps:
+        teacher_rolls = offline_rollouts(cfg, prompts, teacher_backend, tokenizer, side="teacher")
+    if cfg.sft_steps:
+        sft_stage(student, tokenizer, cfg, prompts, teacher_rolls)
+    examples: list = prompts
+    if cfg.rollouts == "offline":  # drawn once, by the student as it starts distillation (after SFT)
+        student_rolls = offline_rollouts(cfg, prompts, None, tokenizer, student, side="student")
+        examples = [FixedRollout(p, t, s) for p, t, s in zip(prompts, teacher_rolls, student_rolls)]
+    student.train()
     tcfg = dataclasses.replace(cfg.train, output_dir=cfg.output_dir)
     objective = VcrdObjective(teacher, teacher_backend, tokenizer, cfg, judge)
-    trainer = Trainer(student, tcfg, prompts, list, objective)
+    trainer = Trainer(student, tcfg, examples, list, objective)
     objective.trainer = trainer
     last = trainer.train()
     final = os.path.join(cfg.output_dir, "final")

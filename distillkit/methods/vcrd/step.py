@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from distillkit.methods.vcrd.config import WEIGHTINGS
+from distillkit.methods.vcrd.config import CANDIDATE_TOKENS, NORMALIZATIONS, WEIGHTING_CHOICES, WEIGHTINGS
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +168,24 @@ def combine_validity(r_s: torch.Tensor, r_t: torch.Tensor, weighting: str, *, ga
     return torch.exp(torch.clamp(scaled, math.log(lo), math.log(hi)))
 
 
+def resolve_weighting(weighting: str, judge) -> str:
+    """``auto``: the raw ratio r_s / (r_t + eps) of Eq. 1 with a judge, the gamma-scaled, clipped ratio of the
+    PRM-free variant (Appendix 10.4) without one; any other weighting as given."""
+    if weighting not in WEIGHTING_CHOICES:
+        raise ValueError(f"weighting={weighting!r}: expected one of {WEIGHTING_CHOICES}")
+    if weighting == "auto":
+        return "clamped_ratio" if judge is None else "ratio"
+    return weighting
+
+
+def _candidates(logits: torch.Tensor, how: str, generator: torch.Generator | None) -> torch.Tensor:
+    """One candidate token per row of logits [n, V]: sampled from softmax(logits) or the argmax."""
+    if how == "greedy":
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float(), dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
 @dataclass
 class ValidityWeights:
     """Per position of [R, L] (0 where the position predicts no rollout token), float32:
@@ -185,9 +203,10 @@ def _logits_chunk(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 @torch.no_grad()
 def validity_weights(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, student_head, teacher_head,
                      input_ids: torch.Tensor, target_mask: torch.Tensor, *, judge=None,
-                     weighting: str = "clamped_ratio", top_k: int = 128, gamma: float = 0.5,
+                     weighting: str = "auto", top_k: int = 128, gamma: float = 0.5,
                      clip: Sequence[float] = (0.5, 2.0), eps: float = 1e-8, chunk_rows: int | None = None,
-                     backend: str | None = None) -> ValidityWeights:
+                     backend: str | None = None, candidate_tokens: str = "sample",
+                     seed: int = 0) -> ValidityWeights:
     """Validity weights of every target position, without [N, V] logits.
 
     student_hidden [R, L, H_s], teacher_hidden [R, L, H_t]: last hidden states (detached here);
@@ -196,12 +215,17 @@ def validity_weights(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
     r_s = p_T(a_S), r_t = sum of the top_k largest p_T^2) or a :class:`distillkit.methods.vcrd.judges.Judge`
     (r_s = judge(ids, a_S), r_t = judge(ids, a_T)). Logits exist for ``chunk_rows`` target rows at a
     time (default: distillkit.ops.fused_linear.default_chunk_size).
+
+    candidate_tokens: "sample" (Section 2.1: a_S ~ q(.|c), a_T ~ p(.|c), drawn with a generator seeded
+    by ``seed``, so the same inputs and seed give the same tokens) or "greedy" (the argmax of each).
+    weighting "auto": see :func:`resolve_weighting`.
     """
     from distillkit.ops.fused_linear import default_chunk_size
     from distillkit.validity import teacher_likelihood_validity
 
-    if weighting not in WEIGHTINGS:
-        raise ValueError(f"weighting={weighting!r}: expected one of {WEIGHTINGS}")
+    weighting = resolve_weighting(weighting, judge)
+    if candidate_tokens not in CANDIDATE_TOKENS:
+        raise ValueError(f"candidate_tokens={candidate_tokens!r}: expected one of {CANDIDATE_TOKENS}")
     (w_s, b_s), (w_t, b_t) = student_head, teacher_head
     vocab = w_s.shape[0]
     if w_t.shape[0] != vocab:
@@ -215,14 +239,20 @@ def validity_weights(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
     a_t = torch.empty_like(a_s)
     r_s = torch.empty(m, dtype=torch.float32, device=h_s.device)
     r_t = torch.empty_like(r_s)
-    fused_w = torch.empty_like(r_s) if judge is None and weighting == "clamped_ratio" else None
+    # the fused PRM-free kernel takes the student's argmax itself: only the greedy candidates can use it
+    fused = judge is None and weighting == "clamped_ratio" and candidate_tokens == "greedy"
+    fused_w = torch.empty_like(r_s) if fused else None
+    generator = None
+    if candidate_tokens == "sample":
+        generator = torch.Generator(device=h_s.device)
+        generator.manual_seed(int(seed) % (1 << 63))
     with torch.autocast(h_s.device.type, enabled=False):
         for start in range(0, m, rows):
             sl = slice(start, min(m, start + rows))
             z_s = _logits_chunk(h_s[sl], w_s, b_s)
             z_t = _logits_chunk(h_t[sl], w_t, b_t)
-            a_s[sl] = z_s.argmax(-1)
-            a_t[sl] = z_t.argmax(-1)
+            a_s[sl] = _candidates(z_s, candidate_tokens, generator)
+            a_t[sl] = _candidates(z_t, candidate_tokens, generator)
             if judge is None:
                 log_p = torch.log_softmax(z_t.float(), dim=-1)
                 r_s[sl] = log_p.gather(-1, a_s[sl, None]).squeeze(-1).exp()
@@ -266,13 +296,16 @@ def _compute_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
 def vcrd_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, labels: torch.Tensor,
               weights: torch.Tensor, num_prompts: int, student_head, teacher_head, *, alpha: float = 0.1,
               lambda_t: float = 1.0, lambda_s: float = 1.0, backend: str | None = None,
-              chunk_size: int | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              chunk_size: int | None = None, normalization: str = "sequence",
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """lambda_T * LV-SKL(teacher-prefix rows) + lambda_S * LV-SRKL(student-prefix rows).
 
     student_hidden [2B, L, H_s] (differentiable), teacher_hidden [2B, L, H_t] (constant), labels [2B, L]
     int64 (IGNORE_INDEX off the rollouts), weights [2B, L] float32 (weight of position t, which predicts
     token t + 1), num_prompts = B (rows < B: teacher prefix, rows >= B: student prefix); heads as in
-    :func:`validity_weights`. Each term is a mean over its rollout tokens of w_t D_t (0 without tokens).
+    :func:`validity_weights`. normalization "sequence" (Algorithm 1): each term sums w_t D_t over the tokens of
+    each rollout and averages over the B prompts; "token": each term is the mean of w_t D_t over its own rollout
+    tokens (0 without tokens), which shifts the lambda_T : lambda_S balance when the rollouts differ in length.
     Returns (scalar loss, {"loss_teacher_prefix", "loss_student_prefix"} detached).
     """
     from distillkit.ops.fused_linear import (
@@ -280,6 +313,8 @@ def vcrd_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, labels
         fused_linear_skew_reverse_kl,
     )
 
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization={normalization!r}: expected one of {NORMALIZATIONS}")
     (w_s, b_s), (w_t, b_t) = student_head, teacher_head
     dtype_s = _compute_dtype(student_hidden, w_s)
     dtype_t = _compute_dtype(teacher_hidden, w_t)
@@ -290,6 +325,8 @@ def vcrd_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, labels
                  teacher_bias=None if b_t is None else b_t.detach().to(dtype_t))
     ws, wt = w_s.to(dtype_s), w_t.detach().to(dtype_t)
     B = num_prompts
+    reduction = "mean" if normalization == "token" else "sum"
+    per_prompt = 1.0 if normalization == "token" else 1.0 / max(B, 1)
     zero = h_s.new_zeros((), dtype=torch.float32)
     parts = {"loss_teacher_prefix": zero, "loss_student_prefix": zero}
     with torch.autocast(student_hidden.device.type, enabled=False):
@@ -297,12 +334,12 @@ def vcrd_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, labels
         if lambda_t:
             parts["loss_teacher_prefix"] = fused_linear_skew_kl(
                 h_s[:B], ws, h_t[:B], wt, labels[:B], weights[:B], alpha=alpha, ignore_index=IGNORE_INDEX,
-                reduction="mean", chunk_size=chunk_size, backend=backend, **heads)
+                reduction=reduction, chunk_size=chunk_size, backend=backend, **heads) * per_prompt
             loss = loss + lambda_t * parts["loss_teacher_prefix"]
         if lambda_s:
             parts["loss_student_prefix"] = fused_linear_skew_reverse_kl(
                 h_s[B:], ws, h_t[B:], wt, labels[B:], weights[B:], alpha=alpha, ignore_index=IGNORE_INDEX,
-                reduction="mean", chunk_size=chunk_size, backend=backend, **heads)
+                reduction=reduction, chunk_size=chunk_size, backend=backend, **heads) * per_prompt
             loss = loss + lambda_s * parts["loss_student_prefix"]
     return loss, {k: v.detach() for k, v in parts.items()}
 
@@ -314,12 +351,14 @@ class StepResult:
     weights: ValidityWeights
 
 
-def vcrd_step(student, teacher, rollouts: Rollouts, *, judge=None, weighting: str = "clamped_ratio",
+def vcrd_step(student, teacher, rollouts: Rollouts, *, judge=None, weighting: str = "auto",
               alpha: float = 0.1, lambda_t: float = 1.0, lambda_s: float = 1.0, top_k: int = 128,
               gamma: float = 0.5, clip: Sequence[float] = (0.5, 2.0), eps: float = 1e-8,
-              backend: str | None = None, chunk_size: int | None = None) -> StepResult:
+              backend: str | None = None, chunk_size: int | None = None, candidate_tokens: str = "sample",
+              normalization: str = "sequence", seed: int = 0) -> StepResult:
     """Hidden states of both models on the rollouts, validity weights, and the VCRD loss (with a graph
-    into the student's parameters). Metrics: the loss and its parts, mean w / r_s / r_t per side, and
+    into the student's parameters); ``candidate_tokens`` and ``seed`` as in :func:`validity_weights`,
+    ``normalization`` as in :func:`vcrd_loss`. Metrics: the loss and its parts, mean w / r_s / r_t per side, and
     rollout token counts."""
     device = next(student.parameters()).device
     rollouts = rollouts.to(device)
@@ -330,9 +369,10 @@ def vcrd_step(student, teacher, rollouts: Rollouts, *, judge=None, weighting: st
     mask = target_positions(rollouts.labels)
     vw = validity_weights(student_h, teacher_h, s_head, t_head, rollouts.input_ids, mask, judge=judge,
                           weighting=weighting, top_k=top_k, gamma=gamma, clip=clip, eps=eps, chunk_rows=chunk_size,
-                          backend=backend)
+                          backend=backend, candidate_tokens=candidate_tokens, seed=seed)
     loss, parts = vcrd_loss(student_h, teacher_h, rollouts.labels, vw.weight, rollouts.num_prompts, s_head, t_head,
-                            alpha=alpha, lambda_t=lambda_t, lambda_s=lambda_s, backend=backend, chunk_size=chunk_size)
+                            alpha=alpha, lambda_t=lambda_t, lambda_s=lambda_s, backend=backend, chunk_size=chunk_size,
+                            normalization=normalization)
     metrics = {"loss": float(loss.detach()), **{k: float(v) for k, v in parts.items()}}
     B = rollouts.num_prompts
     for side, rows in (("teacher_prefix", slice(0, B)), ("student_prefix", slice(B, None))):

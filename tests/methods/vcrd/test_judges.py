@@ -124,3 +124,59 @@ def test_callable_judge_checks_and_masks():
         CallableJudge(lambda p, t: torch.full(t.shape, float("nan")))(ids, ids)
     with pytest.raises(TypeError, match="fn"):
         CallableJudge(3)
+
+
+def _direct_value(model, head, ids, cand, mask, tag_ids):
+    """score[b, t] = sigmoid(head(last hidden state)) after ids[b, :t+1] + cand[b, t] + tag, one sequence each."""
+    want = torch.zeros(ids.shape, dtype=torch.float64)
+    with torch.no_grad():
+        for b, t in mask.nonzero().tolist():
+            seq = torch.tensor(ids[b, :t + 1].tolist() + [int(cand[b, t])] + tag_ids)[None]
+            h = model(input_ids=seq, output_hidden_states=True).hidden_states[-1][0, -1]
+            want[b, t] = torch.sigmoid(head(h.to(head.weight.dtype))).double()
+    return want
+
+
+def test_value_head_judge_reads_the_step_separator_and_loads_from_a_checkpoint(prm, tmp_path):
+    from safetensors.torch import save_file
+
+    from distillkit.methods.vcrd.judges import HFValueHeadJudge
+
+    tok, _ = prm
+    model = tiny_causal_lm(len(tok), arch="llama", hidden_size=32, num_layers=2, num_heads=2, seed=12)
+    head = torch.nn.Linear(32, 1)
+    with torch.no_grad():
+        head.weight.normal_(0, 0.1, generator=torch.Generator().manual_seed(3))  # the normed state is ~sqrt(32) long
+        head.bias.zero_()
+    ids, cand, mask = _batch(tok, seed=2)
+    tag = "###"
+    tag_ids = tok.encode(tag, add_special_tokens=False)
+    want = _direct_value(model, head, ids, cand, mask, tag_ids)
+    truth = _direct_value(copy.deepcopy(model).double(), copy.deepcopy(head).double(), ids, cand, mask, tag_ids)
+    assert want[mask].std() > 0.01  # scores that differ: the head reads a position-dependent state
+    for kw in (dict(reuse_prefix_cache=True, batch_size=3), dict(reuse_prefix_cache=False), dict(policy_tokenizer=tok)):
+        got = HFValueHeadJudge(model, tok, head, step_tag=tag, **kw)(ids, cand, mask)
+        assert_eager_budget(got[mask], want[mask], truth[mask], out_dtype=torch.float32, scale="element",
+                            what=str(kw))
+        assert (got[~mask] == 0).all()
+    # the separator matters: read at the candidate itself the scores differ
+    at_candidate = HFValueHeadJudge(model, tok, head, step_tag=None)(ids, cand, mask)
+    assert not torch.allclose(at_candidate[mask], want[mask].float(), atol=1e-3)
+    # a checkpoint with the head inside it (v_head.summary.*, as Skywork-o1-Open-PRM stores it)
+    ckpt = tmp_path / "vprm"
+    model.save_pretrained(ckpt)
+    tok.save_pretrained(ckpt)
+    from safetensors.torch import load_file
+
+    state = load_file(str(ckpt / "model.safetensors"))
+    state.update({"v_head.summary.weight": head.weight.detach().clone(),
+                  "v_head.summary.bias": head.bias.detach().clone()})
+    save_file(state, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+    loaded = HFValueHeadJudge.from_pretrained(ckpt, step_tag=tag, policy_tokenizer=tok)
+    assert loaded.policy_tokenizer is None  # same vocabulary: the ids route
+    got = loaded(ids, cand, mask)
+    assert_eager_budget(got[mask], want[mask], truth[mask], out_dtype=torch.float32, scale="element", what="loaded")
+    empty = tmp_path / "no_head"
+    model.save_pretrained(empty)
+    with pytest.raises(ValueError, match="no value head"):
+        HFValueHeadJudge.from_pretrained(empty)

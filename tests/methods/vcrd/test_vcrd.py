@@ -31,7 +31,9 @@ from distillkit.teachers.hf import HFTeacher
 from distillkit.world.tiny import build_tokenizer, save_tiny_checkpoint, tiny_causal_lm
 
 PROMPTS = ["1 + 2\n<think> ### Step", "3 * 4 = ?\n<think> ### Step"]
-OPTS = dict(alpha=0.2, lambda_t=0.7, lambda_s=1.3, top_k=16, gamma=0.5, clip=(0.5, 2.0), chunk_size=5)
+# greedy candidates and per-term token means: the variants whose formulas these tests check against full logits
+OPTS = dict(alpha=0.2, lambda_t=0.7, lambda_s=1.3, top_k=16, gamma=0.5, clip=(0.5, 2.0), chunk_size=5,
+            candidate_tokens="greedy", normalization="token")
 
 
 def _peaky(model, scale):
@@ -68,8 +70,9 @@ def _full_logits(model, rolls, dtype):
     return m, m(input_ids=rolls.input_ids, attention_mask=rolls.attention_mask).logits
 
 
-def _reference_loss(z_s, z_t, rolls, weights, *, alpha, lambda_t, lambda_s):
-    """lambda_T mean_T(w SKL) + lambda_S mean_S(w SRKL) from full logits and the reference formulas;
+def _reference_loss(z_s, z_t, rolls, weights, *, alpha, lambda_t, lambda_s, normalization="token"):
+    """lambda_T mean_T(w SKL) + lambda_S mean_S(w SRKL) from full logits and the reference formulas
+    (normalization "sequence": each term's sum over tokens / number of prompts, Algorithm 1);
     position t's logits predict token t + 1."""
     z_s, z_t = z_s[:, :-1], z_t[:, :-1].detach()
     labels, w = rolls.labels[:, 1:], weights[:, :-1].to(z_s.dtype)
@@ -79,7 +82,8 @@ def _reference_loss(z_s, z_t, rolls, weights, *, alpha, lambda_t, lambda_s):
                           (lambda_s, ref_skl.skew_reverse_kl, slice(B, None))):
         d = fn(z_s[rows], z_t[rows], alpha=alpha, reduction="none")
         keep = labels[rows] != IGNORE_INDEX
-        total = total + lam * torch.where(keep, d * w[rows], torch.zeros_like(d)).sum() / keep.sum().clamp(min=1)
+        count = keep.sum().clamp(min=1) if normalization == "token" else B
+        total = total + lam * torch.where(keep, d * w[rows], torch.zeros_like(d)).sum() / count
     return total
 
 
@@ -117,10 +121,12 @@ def test_rollouts_are_reproducible_from_the_seed(world):
 # the default kernel backend here is "cpu" (the C++ extension), "reference" is the eager fallback; the
 # Triton interpreter is covered at the op level (tests/ops), too slow to repeat through whole models
 @pytest.mark.parametrize("case", ["uniform", "clamped_ratio", "ratio", "judge:r_s_minus_r_t",
-                                  "clamped_ratio@reference"])
+                                  "clamped_ratio@reference", "clamped_ratio#sequence", "judge:ratio#sequence"])
 def test_step_gradient_matches_float64_reference(world, case):
     _, student, teacher, rolls = world
     judge, backend = None, None
+    case, _, normalization = case.partition("#")
+    normalization = normalization or "token"
     case, _, backend = case.partition("@")
     if backend and not backends()[backend][0]:
         pytest.skip(f"backend {backend}: {backends()[backend][1]}")
@@ -128,7 +134,8 @@ def test_step_gradient_matches_float64_reference(world, case):
     if case.startswith("judge:"):
         weighting = case.split(":")[1]
         judge = CallableJudge(lambda p, t: ((t * 7 + p) % 11).float() / 10)
-    res, got = _step_grads(student, teacher, rolls, judge=judge, weighting=weighting, backend=backend or None)
+    res, got = _step_grads(student, teacher, rolls, judge=judge, weighting=weighting, backend=backend or None,
+                           normalization=normalization)
     assert res.metrics["tokens_teacher_prefix"] > 0 and res.metrics["tokens_student_prefix"] > 0
     # the same weights (constants) in the float64 reference and the float32 eager baseline
     errs, losses = {}, {}
@@ -136,7 +143,7 @@ def test_step_gradient_matches_float64_reference(world, case):
         s, z_s = _full_logits(student, rolls, dtype)
         _, z_t = _full_logits(teacher, rolls, dtype)
         loss = _reference_loss(z_s, z_t, rolls, res.weights.weight, alpha=OPTS["alpha"],
-                               lambda_t=OPTS["lambda_t"], lambda_s=OPTS["lambda_s"])
+                               lambda_t=OPTS["lambda_t"], lambda_s=OPTS["lambda_s"], normalization=normalization)
         loss.backward()
         losses[dtype] = loss.detach()
         errs[dtype] = _grads(s)
@@ -286,6 +293,85 @@ def test_weighting_formulas_on_hand_made_validities():
         combine_validity(r_s, r_t, "softmax")
 
 
+def test_sequence_normalization_is_per_prompt_sums_and_the_default(world):
+    _, student, teacher, rolls = world
+    opts = {k: v for k, v in OPTS.items() if k != "normalization"}
+    seq = vcrd_step(student, teacher, rolls, **opts).metrics  # the default: Algorithm 1
+    tok = vcrd_step(student, teacher, rolls, **opts, normalization="token").metrics
+    B = rolls.num_prompts
+    for side in ("teacher_prefix", "student_prefix"):
+        # sum over tokens / B against the mean over tokens: the two differ by (tokens of the side) / B
+        n = tok[f"tokens_{side}"]
+        assert seq[f"loss_{side}"] == pytest.approx(tok[f"loss_{side}"] * n / B, rel=1e-5)
+    # the teacher and student rollouts differ in length here, so the lambda_T : lambda_S balance changes
+    assert tok["tokens_teacher_prefix"] != tok["tokens_student_prefix"]
+    with pytest.raises(ValueError, match="normalization"):
+        vcrd_step(student, teacher, rolls, **opts, normalization="batch")
+
+
+def _hand_made(vocab=5, rows=4000):
+    """Identity heads: hidden state = logits, one fixed student and teacher distribution on every row."""
+    z_s = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5])[:vocab]
+    z_t = torch.tensor([0.0, 1.5, 1.0, 0.2, -2.0])[:vocab]
+    h_s, h_t = z_s.expand(1, rows, vocab).clone(), z_t.expand(1, rows, vocab).clone()
+    head = (torch.eye(vocab), None)
+    ids = torch.zeros(1, rows, dtype=torch.long)
+    mask = torch.ones(1, rows, dtype=torch.bool)
+    return h_s, h_t, head, ids, mask, z_s, z_t
+
+
+def test_candidate_tokens_are_sampled_from_each_model_with_a_seed():
+    from distillkit.methods.vcrd import validity_weights
+
+    h_s, h_t, head, ids, mask, z_s, z_t = _hand_made()
+    judge = _RecordingJudge(lambda p, t: (t.float() + 1) / 10)
+    kw = dict(judge=judge, weighting="ratio", chunk_rows=512)
+    validity_weights(h_s, h_t, head, head, ids, mask, **kw, seed=3)  # the default: sample
+    (_, a_s, _), (_, a_t, _) = judge.calls
+    for a, z in ((a_s, z_s), (a_t, z_t)):
+        freq = torch.bincount(a[0], minlength=5).double() / a.shape[1]
+        p = torch.softmax(z.double(), 0)
+        # 4000 draws: 5 standard errors of a frequency, sqrt(p (1 - p) / n) <= 0.008
+        assert (freq - p).abs().max() < 0.04, (freq, p)
+    assert not torch.equal(a_s, a_t)
+    judge.calls.clear()
+    validity_weights(h_s, h_t, head, head, ids, mask, **kw, seed=3)
+    validity_weights(h_s, h_t, head, head, ids, mask, **kw, seed=4)
+    assert torch.equal(judge.calls[0][1], a_s) and torch.equal(judge.calls[1][1], a_t)  # reproducible
+    assert not torch.equal(judge.calls[2][1], a_s)  # another seed, other tokens
+    judge.calls.clear()
+    validity_weights(h_s, h_t, head, head, ids, mask, **kw, candidate_tokens="greedy")
+    assert (judge.calls[0][1] == z_s.argmax()).all() and (judge.calls[1][1] == z_t.argmax()).all()
+    # PRM-free: r_s = p_T(a_S) at the sampled student token
+    vw = validity_weights(h_s, h_t, head, head, ids, mask, weighting="r_s", top_k=5, seed=3, chunk_rows=512)
+    p_t = torch.softmax(z_t, 0)
+    torch.testing.assert_close(vw.r_s[0], p_t[a_s[0]])
+    with pytest.raises(ValueError, match="candidate_tokens"):
+        validity_weights(h_s, h_t, head, head, ids, mask, candidate_tokens="beam")
+
+
+def test_judge_weight_is_the_raw_ratio_and_prm_free_the_clipped_one():
+    from distillkit.methods.vcrd import validity_weights
+
+    h_s, h_t, head, ids, mask, z_s, z_t = _hand_made(rows=8)
+    # a judge rates every student token 0.9, every teacher token 0.1: Eq. 1 gives 9, beyond the [0.5, 2] clip
+    judge = CallableJudge(lambda p, t: torch.full(t.shape, 0.9))
+    both = CallableJudge(lambda p, t: torch.where(t == int(z_s.argmax()), 0.9, 0.1))
+    vw = validity_weights(h_s, h_t, head, head, ids, mask, judge=both, candidate_tokens="greedy")  # default: auto
+    torch.testing.assert_close(vw.weight, torch.full((1, 8), 0.9 / (0.1 + 1e-8)))
+    vw = validity_weights(h_s, h_t, head, head, ids, mask, judge=judge, candidate_tokens="greedy")
+    torch.testing.assert_close(vw.weight, torch.full((1, 8), 0.9 / (0.9 + 1e-8)))
+    # the clipped form stays reachable with a judge, and is auto's choice without one
+    vw = validity_weights(h_s, h_t, head, head, ids, mask, judge=both, candidate_tokens="greedy",
+                          weighting="clamped_ratio")
+    assert float(vw.weight.max()) == pytest.approx(2.0)
+    auto = validity_weights(h_s, h_t, head, head, ids, mask, top_k=5, candidate_tokens="greedy")
+    clamped = validity_weights(h_s, h_t, head, head, ids, mask, top_k=5, candidate_tokens="greedy",
+                               weighting="clamped_ratio")
+    torch.testing.assert_close(auto.weight, clamped.weight, rtol=0, atol=0)
+    assert VcrdConfig(student="s", teacher="t", prompts="p").weighting == "auto"
+
+
 # ---- end to end --------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -373,13 +459,64 @@ def test_run_writes_metrics_model_and_resumes_exactly(ckpts, monkeypatch):
         torch.testing.assert_close(resumed[k], final[k], rtol=0, atol=0, msg=k)  # resume is bit-exact
 
 
+def _record_rollouts(monkeypatch):
+    seen = []
+    real_step = vcrd.vcrd_step
+
+    def recording(student, teacher, rolls, **k):
+        seen.append(sorted(rolls.texts[:rolls.num_prompts]) + ["|"] + sorted(rolls.texts[rolls.num_prompts:]))
+        return real_step(student, teacher, rolls, **k)
+
+    monkeypatch.setattr(vcrd_runner, "vcrd_step", recording)
+    return seen
+
+
+def test_rollouts_are_drawn_once_offline_by_default_and_per_step_online(ckpts, monkeypatch):
+    # every step's micro-batch holds all 3 prompts: offline, each step trains on the same rollouts
+    seen = _record_rollouts(monkeypatch)
+    cfg = _run_cfg(ckpts, "offline", steps=2, batch_size=3, eval_data=None, save_every=0)
+    assert cfg.rollouts == "offline"
+    vcrd.run(cfg)
+    assert len(seen) == 2 and seen[0] == seen[1]
+    with open(os.path.join(cfg.output_dir, "rollouts.jsonl"), encoding="utf-8") as f:
+        rows = [json.loads(x) for x in f]
+    assert len(rows) == 3 and sorted(r["teacher"]["text"] for r in rows) == seen[0][:3]
+    assert sorted(r["student"]["text"] for r in rows) == seen[0][4:]
+    seen.clear()
+    vcrd.run(_run_cfg(ckpts, "online", steps=2, batch_size=3, eval_data=None, save_every=0, rollouts="online"))
+    assert len(seen) == 2 and seen[0] != seen[1]  # new rollouts every step (other seeds, a trained student)
+
+
+def test_sft_stage_trains_on_teacher_rollouts_before_distillation(ckpts, monkeypatch):
+    from distillkit.methods.vcrd.runner import cap_prompts
+    from distillkit.world.tiny import build_tokenizer
+
+    seen = _record_rollouts(monkeypatch)
+    cfg = _run_cfg(ckpts, "sft", steps=1, batch_size=3, eval_data=None, save_every=0, sft_steps=2, sft_lr=5e-2)
+    vcrd.run(cfg)
+    sft = [json.loads(x) for x in _read(os.path.join(cfg.output_dir, "sft", "metrics.jsonl")).splitlines()]
+    assert [x["step"] for x in sft] == [1, 2] and sft[0]["lr"] == pytest.approx(5e-2)
+    # the student rollouts of distillation come from the fine-tuned student: not those of the plain run
+    plain = _run_cfg(ckpts, "no-sft", steps=1, batch_size=3, eval_data=None, save_every=0)
+    vcrd.run(plain)
+    assert seen[0][:3] == seen[1][:3] and seen[0][4:] != seen[1][4:]
+    with pytest.raises(ValueError, match="sft_steps"):
+        _run_cfg(ckpts, "x", sft_steps=-1)
+    # the prompt cap leaves out longer prompts
+    tok = build_tokenizer()
+    short, long = "1 + 1", "1 + 1 + 1 + 1 + 1 + 1"
+    assert cap_prompts([short, long], tok, len(tok(short)["input_ids"])) == [short]
+    assert cap_prompts([short, long], tok, None) == [short, long]
+
+
 # ---- config ------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("field,value", [
     ("student", ""), ("teacher", ""), ("prompts", ""), ("weighting", "softmax"), ("alpha", 1.5), ("clip", [2.0, 1.0]),
     ("clip", [0.5]), ("top_k", 0), ("gamma", -1.0), ("temperature", -0.5), ("steps", 0), ("backend", "gpu"),
     ("lambda_t", -1.0), ("rollout_tokens", 0), ("teacher_backend", "tgi"), ("prompt_template", "no field"),
-    ("device", "tpu"), ("bf16", "maybe"),
+    ("device", "tpu"), ("bf16", "maybe"), ("candidate_tokens", "beam"), ("normalization", "batch"),
+    ("rollouts", "sometimes"), ("judge_type", "llm"), ("max_prompt_tokens", 0), ("sft_lr", -1.0),
 ])
 def test_config_errors_name_the_field(field, value):
     base = dict(student="s", teacher="t", prompts="p.jsonl")
@@ -424,7 +561,7 @@ def test_rerun_with_another_config_is_refused_unless_overwrite(ckpts, monkeypatc
     summary_path = os.path.join(cfg.output_dir, "vcrd_summary.json")
     before = _read(summary_path)
     monkeypatch.setattr(vcrd_runner, "load_models", _no_models)  # refused before any model loads
-    with pytest.raises(InputError, match=r"lr: 0\.01 -> 0\.02; weighting: 'clamped_ratio' -> 'uniform'"):
+    with pytest.raises(InputError, match=r"lr: 0\.01 -> 0\.02; weighting: 'auto' -> 'uniform'"):
         vcrd.run(dataclasses.replace(cfg, lr=2e-2, weighting="uniform"))
     assert _read(summary_path) == before  # the finished run's record is untouched
     monkeypatch.undo()
