@@ -2,8 +2,15 @@
 
 Rounds of teacher-specific branch SFT followed by weight-space merging: in each of T rounds, K
 branches start from the current merged student and train S steps on their own teacher's traces
-(only traces whose final answer is correct); the branches are merged (average, or TIES / DARE) into
-the next round's start, and the merged student is evaluated after every round.
+(one random trace per prompt among those whose final answer is correct, Section 4.1; ``traces_per_prompt:
+all`` keeps every correct one); the branches are merged (average, or TIES / DARE) into the next round's
+start, and the merged student is evaluated after every round (accuracy averaged over ``eval_samples``
+sampled answers per question when above 1, as the paper averages 16 runs). The final model is the best
+round by that accuracy (``select: last`` takes the last round).
+
+TIES / DARE need a base: the previous round's merge, or in round 1 the student. A student given as a
+Hub id or saved in another dtype than the float32 branches is first loaded as the branches are
+(``from_pretrained``, float32) and written to ``output_dir/base``, which is then the merge's base.
 
 One process (default): branches train one after another, holding one branch plus the running
 average in memory (TIES / DARE stream the saved branches from disk instead). Under torchrun, rank k
@@ -26,6 +33,7 @@ import torch
 from distillkit._errors import InputError
 from distillkit.pipeline.config import config_field as _help
 from distillkit.pipeline.config import parse_config
+from distillkit.pipeline.data import question_seed
 from distillkit.pipeline.runs import config_values, write_json_atomic
 from distillkit.pipeline.train import (
     TrainConfig,
@@ -37,13 +45,15 @@ from distillkit.pipeline.train import (
 
 log = logging.getLogger(__name__)
 MERGES = ("average", "ties", "dare", "dare_ties")
+SELECTS = ("best", "last")
+TRACES_PER_PROMPT = ("one", "all")
 
 
 # each branch trains steps_per_round steps in its own directory, checkpointing a few times
 @with_train_options(derived=("max_steps", "save_every", "log_every"))
 @dataclass
 class MotConfig:
-    student: str = _help("student checkpoint to start from (HF directory)", default="")
+    student: str = _help("student checkpoint to start from (HF directory or Hub id)", default="")
     teacher_data: list[str] = _help("one JSONL of traces per teacher ({question, answer, response} or CoRD records)",
                                     default_factory=list)
     output_dir: str = _help("run directory: branches, merged rounds, metrics, plot, final model", default="mot-run")
@@ -53,7 +63,14 @@ class MotConfig:
     weights: list[float] | None = _help("merge weight per teacher branch (default equal)", default=None)
     density: float = _help("ties/dare: fraction of each task vector kept", default=0.5)
     lam: float = _help("ties/dare: scale of the merged task vector", default=1.0)
+    traces_per_prompt: str = _help("one: one random correct trace per prompt per teacher (Section 4.1, seeded) | "
+                                   "all: every correct trace", default="one")
+    select: str = _help("final model: best (the round with the highest eval accuracy; the last round without "
+                        "eval_data) | last", default="best")
     eval_data: str | None = _help("JSONL {id, question, answer} evaluated after every round", default=None)
+    eval_samples: int = _help("answers per eval question: 1 = greedy; n > 1 = n sampled answers (eval_temperature) "
+                              "and the accuracy averaged over them", default=1)
+    eval_temperature: float = _help("sampling temperature of the eval answers when eval_samples > 1", default=1.0)
     eval_limit: int = _help("at most this many eval questions", default=64)
     max_new_tokens: int = _help("generation budget per eval answer", default=64)
     prompt_template: str = _help("prompt with {question}", default="{question}\n<think> ### Step")
@@ -68,13 +85,19 @@ class MotConfig:
             raise ValueError("student: a checkpoint directory is required")
         if len(self.teacher_data) < 1:
             raise ValueError("teacher_data: at least one teacher's JSONL is required")
-        for name in ("rounds", "steps_per_round", "eval_limit", "max_new_tokens", "max_length"):
+        for name in ("rounds", "steps_per_round", "eval_limit", "max_new_tokens", "max_length", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.merge not in MERGES:
             raise ValueError(f"merge={self.merge!r}: expected one of {MERGES}")
         if self.weights is not None and len(self.weights) != len(self.teacher_data):
             raise ValueError(f"weights has {len(self.weights)} entries for {len(self.teacher_data)} teachers")
+        if self.select not in SELECTS:
+            raise ValueError(f"select={self.select!r}: expected one of {SELECTS}")
+        if self.traces_per_prompt not in TRACES_PER_PROMPT:
+            raise ValueError(f"traces_per_prompt={self.traces_per_prompt!r}: expected one of {TRACES_PER_PROMPT}")
+        if not (self.eval_temperature > 0 and self.eval_temperature < float("inf")):
+            raise ValueError(f"eval_temperature={self.eval_temperature} must be a finite number > 0")
         if not 0 < self.density <= 1:
             raise ValueError(f"density={self.density} must lie in (0, 1]")
         if "{question}" not in self.prompt_template:
@@ -83,8 +106,20 @@ class MotConfig:
             raise ValueError(f"device={self.device!r}: expected auto, cpu or cuda")
 
 
+def one_trace_per_prompt(examples, seed: int):
+    """One trace per distinct prompt, drawn at random (seeded: the same draw whatever the run order), in
+    the order of each prompt's first trace."""
+    import random
+
+    groups: dict[str, list] = {}
+    for ex in examples:
+        groups.setdefault(ex.prompt, []).append(ex)
+    return [random.Random(question_seed(seed, prompt)).choice(group) for prompt, group in groups.items()]
+
+
 def load_teacher_datasets(cfg: MotConfig):
-    """Teacher-specific datasets, keeping only traces whose final answer is correct."""
+    """Teacher-specific datasets, keeping only traces whose final answer is correct (one per prompt unless
+    ``traces_per_prompt`` is all)."""
     from distillkit.pipeline.answers import answers_match, extract_answer
     from distillkit.pipeline.data import load_examples
 
@@ -94,6 +129,8 @@ def load_teacher_datasets(cfg: MotConfig):
                             is_correct=lambda resp, ans: answers_match(extract_answer(resp), ans))
         if not exs:
             raise ValueError(f"teacher_data[{k}]={path!r} has no trace with a correct final answer")
+        if cfg.traces_per_prompt == "one":
+            exs = one_trace_per_prompt(exs, cfg.train.seed * 1009 + k)
         datasets.append(exs)
     return datasets
 
@@ -149,10 +186,41 @@ def merge_round_local(cfg: MotConfig, tokenizer, datasets, round_idx: int, devic
         save_pretrained_atomic(running, tokenizer, out)
     else:
         method = {"ties": "ties", "dare": "dare", "dare_ties": "dare_ties"}[cfg.merge]
+        base = merge_base(cfg, round_idx, tokenizer, device)
         merge_checkpoints([os.path.join(branch_dir(cfg, round_idx, k), "model") for k in range(K)], out,
-                          method=method, base=start, weights=weights, density=cfg.density, lam=cfg.lam,
+                          method=method, base=base, weights=weights, density=cfg.density, lam=cfg.lam,
                           seed=cfg.train.seed + round_idx, overwrite=True, progress=cfg.train.progress)
         tokenizer.save_pretrained(out)
+
+
+def _float32_safetensors(path: str) -> bool:
+    """True when ``path`` is a local safetensors checkpoint whose floating tensors are all float32 (the
+    branches' dtype), so that it can be the merge's base as it is."""
+    from distillkit.merge.checkpoint import _Checkpoint
+
+    if not os.path.isdir(path):
+        return False
+    try:
+        tensors = _Checkpoint(path, "base").tensors
+    except InputError:
+        return False
+    return all(t.dtype == torch.float32 for t in tensors.values() if t.dtype.is_floating_point)
+
+
+def merge_base(cfg: MotConfig, round_idx: int, tokenizer, device) -> str:
+    """The TIES / DARE base of a round: the previous round's merge (written float32 by this run), or the
+    student in round 1. A student that is a Hub id, or a checkpoint in another dtype than the float32 branches
+    (or not in safetensors), is loaded as the branches are (``from_pretrained``, float32) and saved once to
+    ``output_dir/base``; the merged model is float32 like the branches."""
+    start = round_dir(cfg, round_idx - 1)
+    if round_idx > 0 or _float32_safetensors(start):
+        return start
+    base = os.path.join(cfg.output_dir, "base")
+    if not _float32_safetensors(base):
+        model = _load(start, device)
+        save_pretrained_atomic(model, tokenizer, base)
+        del model
+    return base
 
 
 def merge_round_distributed(cfg: MotConfig, tokenizer, datasets, round_idx: int, device) -> None:
@@ -185,10 +253,64 @@ def evaluate_round(cfg: MotConfig, tokenizer, round_idx: int, device, datasets) 
         metrics[f"train_loss_teacher{k}"] = mean_loss(model, collate, exs[:64])
     if cfg.eval_data:
         questions = read_questions_for_eval(cfg.eval_data, cfg.eval_limit)
-        acc = answer_accuracy(model, tokenizer, questions, prompt_template=cfg.prompt_template,
-                              max_new_tokens=cfg.max_new_tokens)
-        metrics["accuracy"] = acc["accuracy"]
+        if cfg.eval_samples == 1:
+            acc = answer_accuracy(model, tokenizer, questions, prompt_template=cfg.prompt_template,
+                                  max_new_tokens=cfg.max_new_tokens)
+            metrics["accuracy"] = acc["accuracy"]
+        else:
+            per_sample = sampled_accuracy(model, tokenizer, questions, cfg, seed=cfg.train.seed + 7919 * round_idx)
+            metrics["accuracy"] = sum(per_sample) / len(per_sample)
+            metrics["accuracy_samples"] = per_sample
     return metrics
+
+
+@torch.no_grad()
+def sampled_accuracy(model, tokenizer, questions: Sequence[dict], cfg: MotConfig, *, seed: int,
+                     batch_size: int = 16) -> list[float]:
+    """Answer accuracy of each of ``cfg.eval_samples`` sampled runs over ``questions`` (temperature
+    ``cfg.eval_temperature``; run i seeded from ``seed`` and i), framed as the greedy evaluation frames them."""
+    from distillkit.pipeline.answers import answers_match, extract_answer
+    from distillkit.pipeline.data import check_reference_answer, fill_prompt
+
+    for i, q in enumerate(questions):
+        check_reference_answer(q, f"questions[{i}]")
+    prompts = [fill_prompt(cfg.prompt_template, question=q["question"]) for q in questions]
+    device = next(model.parameters()).device
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    out = []
+    try:
+        for run_idx in range(cfg.eval_samples):
+            correct = 0
+            with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+                torch.manual_seed(seed * 1_000_003 + run_idx)
+                for i in range(0, len(prompts), batch_size):
+                    enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True,
+                                    add_special_tokens=False).to(device)
+                    if tokenizer.bos_token_id is not None:  # the same framing as training (bos + prompt)
+                        bos = torch.full((enc["input_ids"].shape[0], 1), tokenizer.bos_token_id, device=device)
+                        enc["input_ids"] = torch.cat([bos, enc["input_ids"]], 1)
+                        enc["attention_mask"] = torch.cat([torch.ones_like(bos), enc["attention_mask"]], 1)
+                    gen = model.generate(**enc, max_new_tokens=cfg.max_new_tokens, do_sample=True,
+                                         temperature=cfg.eval_temperature, top_k=0, top_p=1.0,
+                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                    texts = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                    correct += sum(answers_match(extract_answer(t), q["answer"])
+                                   for t, q in zip(texts, questions[i:i + batch_size]))
+            out.append(correct / max(1, len(prompts)))
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return out
+
+
+def best_round(history: Sequence[dict], select: str) -> int:
+    """The index of the final model's round: the highest accuracy (the earliest of equals) with ``best``
+    when the rounds were evaluated, else the last."""
+    if select == "last" or not history or "accuracy" not in history[0]:
+        return len(history) - 1
+    return max(range(len(history)), key=lambda r: (history[r]["accuracy"], -r))
 
 
 def _rounds_grow(old, new) -> bool:
@@ -259,10 +381,17 @@ def run(cfg: MotConfig) -> list[dict]:
         if distributed:
             dist.barrier()
     if is_main:
+        chosen = best_round(history[:cfg.rounds], cfg.select)
+        log.info("final model: round %d (select=%s)", chosen + 1, cfg.select)
+        write_json_atomic(metrics_path, {"config": config_values(cfg), "rounds": history,
+                                         "final_round": chosen + 1})
         final = os.path.join(cfg.output_dir, "final")
+        partial = final + ".partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.copytree(round_dir(cfg, chosen), partial)
         if os.path.isdir(final):
             shutil.rmtree(final)
-        shutil.copytree(round_dir(cfg, cfg.rounds - 1), final)
+        os.replace(partial, final)
     return history
 
 

@@ -169,3 +169,118 @@ def test_rerun_with_another_config_is_refused_and_more_rounds_extend(setup, tmp_
     with pytest.raises(InputError, match=r"eval\.jsonl:1 \(id 'e0'\): answer=None"):
         run(dataclasses.replace(cfg, output_dir=str(tmp_path / "bad"), eval_data=str(bad)))
     assert len(first) == 1
+
+
+# ---- the paper's protocol: one trace per prompt, the best round, sampled evaluation, TIES/DARE bases ----
+
+def test_one_random_correct_trace_per_prompt_per_teacher(tmp_path):
+    from distillkit.methods.mot import one_trace_per_prompt
+
+    rows = []
+    for q in range(6):
+        for j in range(4):  # four correct traces per question, and a wrong one MoT never picks
+            rows.append({"id": f"{q}-{j}", "question": f"{q} + 1", "answer": str(q + 1),
+                         "response": f" trace {j}: {q} + 1 = {q + 1}</think> The final answer is {q + 1}."})
+        rows.append({"id": f"{q}-bad", "question": f"{q} + 1", "answer": str(q + 1),
+                     "response": " The final answer is 99."})
+    path = _write(tmp_path / "t.jsonl", rows)
+    base = dict(student="s", teacher_data=[path, path], seed=3)
+    one = load_teacher_datasets(MotConfig(**base))
+    assert MotConfig(**base).traces_per_prompt == "one"
+    for exs in one:
+        assert len(exs) == 6 and len({ex.prompt for ex in exs}) == 6
+        assert all("99" not in ex.response for ex in exs)
+    assert one == load_teacher_datasets(MotConfig(**base))  # seeded: the same draw again
+    assert [ex.id for ex in one[0]] != [ex.id for ex in one[1]]  # each teacher draws its own
+    picks = {tuple(ex.id for ex in one_trace_per_prompt(load_examples(path), seed)) for seed in range(8)}
+    assert len(picks) > 1  # random, not the first trace
+    every = load_teacher_datasets(MotConfig(**base, traces_per_prompt="all"))
+    assert [len(exs) for exs in every] == [24, 24]
+    with pytest.raises(ValueError, match="traces_per_prompt"):
+        MotConfig(**base, traces_per_prompt="two")
+
+
+def test_best_round_is_returned_not_the_last(setup, tmp_path):
+    from distillkit.methods.mot import best_round
+
+    assert best_round([{"accuracy": 0.5}, {"accuracy": 0.7}, {"accuracy": 0.6}], "best") == 1
+    assert best_round([{"accuracy": 0.5}, {"accuracy": 0.7}, {"accuracy": 0.7}], "best") == 1
+    assert best_round([{"accuracy": 0.5}, {"accuracy": 0.7}, {"accuracy": 0.6}], "last") == 2
+    assert best_round([{"round": 1}, {"round": 2}], "best") == 1  # not evaluated: the last
+    root, student, data, evals = setup
+    cfg = _cfg(root, student, data, evals, "best", rounds=2, steps_per_round=1, output_dir=str(tmp_path / "best"))
+    history = run(cfg)
+    chosen = best_round(history, "best")
+    record = json.loads((tmp_path / "best" / "mot_metrics.json").read_text())
+    assert record["final_round"] == chosen + 1
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "best" / "final").state_dict()
+    want = AutoModelForCausalLM.from_pretrained(tmp_path / "best" / f"round{chosen}" / "merged").state_dict()
+    assert all(torch.equal(final[k], want[k]) for k in want)
+
+
+def test_evaluation_averages_sampled_runs(setup, tmp_path):
+    from distillkit.methods.mot import sampled_accuracy
+
+    root, student, data, evals = setup
+    model = AutoModelForCausalLM.from_pretrained(student)
+    tok = build_tokenizer()
+    questions = [{"id": f"e{i}", "question": f"{i} + 0", "answer": str(i % 10)} for i in range(10)]
+    cfg = _cfg(root, student, data, evals, "x", eval_samples=4, eval_temperature=3.0, max_new_tokens=3)
+    runs = sampled_accuracy(model, tok, questions, cfg, seed=1)
+    assert len(runs) == 4 and all(0 <= a <= 1 for a in runs)
+    assert runs == sampled_accuracy(model, tok, questions, cfg, seed=1)  # seeded
+    assert len(set(runs)) > 1  # sampled: the runs differ
+    # through a round's evaluation: the accuracy is the mean of the runs
+    from distillkit.methods.mot import evaluate_round
+
+    cfg = _cfg(root, student, data, evals, "x", eval_samples=3, eval_temperature=3.0)
+    got = evaluate_round(cfg, tok, -1, torch.device("cpu"), [load_examples(data[0])[:2]])
+    assert len(got["accuracy_samples"]) == 3
+    assert got["accuracy"] == pytest.approx(sum(got["accuracy_samples"]) / 3)
+    with pytest.raises(ValueError, match="eval_samples"):
+        _cfg(root, student, data, evals, "x", eval_samples=0)
+
+
+def _hub_cache(root, repo_id, src):
+    """A Hugging Face Hub cache holding ``src``'s files as ``repo_id`` (what a download leaves on disk)."""
+    import shutil
+
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    commit = "0" * 40
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(src, repo / "snapshots" / commit)
+    return str(root)
+
+
+@pytest.mark.parametrize("where", ["hub_id", "bfloat16_dir"])
+def test_ties_in_round_one_takes_a_hub_id_or_another_dtype_as_base(setup, tmp_path, monkeypatch, where):
+    import huggingface_hub.constants as hub
+
+    from distillkit.merge import merge_checkpoints
+
+    root, student, data, evals = setup
+    bf16 = tmp_path / "student-bf16"
+    AutoModelForCausalLM.from_pretrained(student, dtype=torch.bfloat16).save_pretrained(bf16)
+    build_tokenizer().save_pretrained(bf16)
+    name = str(bf16)
+    if where == "hub_id":  # a Hub id resolved from the local Hub cache (offline: nothing is downloaded)
+        cache = _hub_cache(tmp_path / "hub", "tiny-org/tiny-student", bf16)
+        monkeypatch.setattr(hub, "HF_HUB_CACHE", cache)
+        monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        name = "tiny-org/tiny-student"
+    out = tmp_path / "ties"
+    cfg = _cfg(root, name, data, evals, "x", merge="ties", density=0.5, steps_per_round=1, eval_data=None,
+               output_dir=str(out))
+    run(cfg)
+    # the base is the student loaded as the branches are (float32): the same merge by hand
+    base = tmp_path / "base32"
+    AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.float32).save_pretrained(base)
+    merge_checkpoints([out / "round0" / f"branch{k}" / "model" for k in range(2)], tmp_path / "manual",
+                      method="ties", base=base, weights=[1.0, 1.0], density=0.5, lam=1.0, progress=False)
+    got = AutoModelForCausalLM.from_pretrained(out / "final").state_dict()
+    want = AutoModelForCausalLM.from_pretrained(tmp_path / "manual").state_dict()
+    assert got["lm_head.weight"].dtype == torch.float32
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
