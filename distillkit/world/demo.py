@@ -82,6 +82,10 @@ class DemoConfig:
     cord_shard: int = field(default=40, metadata={
         "help": "questions per CoRD job (a method's jobs run side by side; each question is decoded under a seed "
                 "of its own, so the split does not change the traces)"})
+    cord_in_flight: int = field(default=40, metadata={
+        "help": "questions a CoRD job decodes at once (one batched generate per teacher and step; the traces are "
+                "those of one at a time)"})
+    cord_score_batch: int = field(default=16, metadata={"help": "candidates per meta-prover forward in CoRD"})
     sections: list[str] = field(default_factory=lambda: list(SECTIONS), metadata={
         "help": f"which parts to run: some of {' '.join(SECTIONS)}", "show_default": True})
     seed: int = field(default=0, metadata={"help": "every seed derives from it"})
@@ -92,7 +96,7 @@ class DemoConfig:
     def __post_init__(self):
         for name in ("n_distill", "n_eval", "beam_size", "sft_steps", "sft_seeds", "batch_size", "mot_rounds",
                      "vcrd_steps",
-                     "qr_steps", "cord_shard", "threads"):
+                     "qr_steps", "cord_shard", "cord_in_flight", "cord_score_batch", "threads"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected an integer >= 1")
         if not isinstance(self.vcrd_sft_steps, int) or self.vcrd_sft_steps < 0:
@@ -141,8 +145,11 @@ def cord_shard(cfg: DemoConfig, method: str, questions: list[dict], shard: int) 
     from distillkit.methods.cord.meta_prover import MetaProver
     from distillkit.teachers.hf import HFTeacher
 
-    teachers = [HFTeacher.from_pretrained(M.asset_path(n), name=n) for n in M.TEACHERS]
-    prover = MetaProver.from_pretrained(M.asset_path(M.META_PROVER), backend="reference")
+    # one generate call per teacher and step serves every question in flight (beam_size rows each)
+    rows = cfg.beam_size * cfg.cord_in_flight
+    teachers = [HFTeacher.from_pretrained(M.asset_path(n), name=n, batch_size=rows) for n in M.TEACHERS]
+    prover = MetaProver.from_pretrained(M.asset_path(M.META_PROVER), backend="reference",
+                                        batch_size=cfg.cord_score_batch)
     stem = os.path.join(cfg.out, "traces", "shards", f"{method}-{shard}")
     os.makedirs(os.path.dirname(stem), exist_ok=True)
     for old in (stem + ".jsonl", stem + ".jsonl.run_config.json"):
@@ -154,7 +161,7 @@ def cord_shard(cfg: DemoConfig, method: str, questions: list[dict], shard: int) 
         output_path=stem + ".jsonl", method=method, beam_size=cfg.beam_size, max_steps=W.NUM_OPS + 1,
         token_budget=M.max_new_tokens(), max_step_tokens=16, max_answer_tokens=8, seed=cfg.seed,
         temperature=0.0, n_curation=1,  # greedy teachers, one curation trace each (not the paper's 0.6 / 4)
-        scoring_backend="reference", progress=False)
+        scoring_backend="reference", progress=False, questions_in_flight=cfg.cord_in_flight)
     t0 = time.perf_counter()
     cord.run(c, teachers=teachers, meta_prover=prover)
     return {"path": c.output_path, "elapsed_s": time.perf_counter() - t0}
@@ -164,8 +171,10 @@ def cord_merge(cfg: DemoConfig, method: str, shards: list[dict]) -> dict:
     """The records of a method's slices, in order, as traces/<method>.jsonl -> cord's summary of them +
     {"path", "elapsed_s": summed over the slices} + :func:`step_check`; writes the hit-rate plot."""
     from distillkit.methods import cord
+    from distillkit.pipeline.runs import merge_shard_records
 
-    records = [r for s in shards for r in cord.load_done(s["path"])]
+    # in question order (a slice writes its records as its questions finish)
+    records = merge_shard_records([s["path"] for s in shards], [str(i) for i in range(cfg.n_distill)])
     path = _write_jsonl(os.path.join(cfg.out, "traces", f"{method}.jsonl"), records)
     summary = cord.summarize(records, list(M.TEACHERS))
     summary["method"] = method
