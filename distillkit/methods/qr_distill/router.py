@@ -492,12 +492,13 @@ def token_mutual_loss(states: Sequence[torch.Tensor], masks: Sequence[torch.Tens
 
 
 def token_mutual_loss_reference(hiddens, masks, proj_weights, proj_biases, ce, theta, routed, *, normalize: bool,
-                                competence_tau: float = 1.0, eps: float = 1e-6):
-    """The token form written literally in float64 for tests: (L_align, L_comp). hiddens[s] [B, T_s, H_s];
+                                competence_tau: float = 1.0, eps: float = 1e-6, dtype: torch.dtype = torch.float64):
+    """The token form written literally (loops over rows and students) for tests: (L_align, L_comp), computed
+    in ``dtype`` (float64: the truth; float32: plain PyTorch's error budget). hiddens[s] [B, T_s, H_s];
     masks[s] [B, T_s] bool; proj_weights[s] [D, H_s]; proj_biases[s] [D] or None; ce [B, S]; theta [S];
     routed [B, S] bool. Every row's students must share one response length (no resampling here)."""
     S, B = len(hiddens), ce.shape[0]
-    d64 = torch.float64
+    d64 = dtype
     w_all = torch.softmax(theta.to(d64), 0)
     align, n_rows, comp, n_valid = torch.zeros((), dtype=d64), 0, torch.zeros((), dtype=d64), 0
     for b in range(B):
