@@ -135,6 +135,9 @@ class CordConfig(TeacherOptions):
                              "temperature > 0 (the paper samples at 0.6) or n_curation: 1")
         if self.chat_template not in CHAT_TEMPLATES:
             raise InputError(f"chat_template={self.chat_template!r}: expected one of {CHAT_TEMPLATES}")
+        if self.chat_template == "auto" and self.prompt_template is not None and "<think>" not in self.prompt_template:
+            raise InputError("prompt_template: chat_template='auto' needs a '<think>' in it (the question before "
+                             "it is the user turn, the reasoning after it the assistant's)")
         if self.selector not in SELECTORS:
             raise InputError(f"selector={self.selector!r}: expected one of {SELECTORS}")
         if self.selector in ("prm", "binary") and not (isinstance(self.selector_model, str) and self.selector_model):

@@ -9,6 +9,9 @@ record. Cost: K traces + the integrator's reasoning and answer (``tokens_generat
 
     res = decode_integration(question, answer, teachers, meta_prover, cfg, integrator=teachers[0])
 
+Chat templates: pass teachers (and the integrator) wrapped by :func:`~distillkit.methods.cord.prompts.
+with_chat_templates`; the integrator's task then becomes its user turn (the text before ``"<think>"``).
+
 The template is this project's wording of the task (the paper's Table 17 prompt asks the same: combine the
 traces into one coherent, correct reasoning); ``template=`` takes the paper's text verbatim.
 """
@@ -19,7 +22,7 @@ from collections.abc import Sequence
 from distillkit._errors import InputError
 from distillkit.methods.cord.config import CordConfig
 from distillkit.methods.cord.decode import Beam, DecodeResult
-from distillkit.methods.cord.prompts import make_teacher_prompts, split_reasoning_prompt
+from distillkit.methods.cord.prompts import split_reasoning_prompt
 from distillkit.methods.cord.segmentation import Segmentation
 from distillkit.pipeline.data import fill_prompt
 from distillkit.teachers.base import StringStop, Teacher
@@ -58,12 +61,10 @@ def _temperature(cfg: CordConfig, k: int) -> float:
 
 def decode_integration(question: str, answer: str, teachers: Sequence[Teacher], scorer, cfg: CordConfig, *,
                        seed: int = 0, seg: Segmentation | None = None, integrator: Teacher | None = None,
-                       integrator_name: str = "integrator", integrator_tokenizer=None,
-                       template: str = INTEGRATION_TEMPLATE) -> DecodeResult:
+                       integrator_name: str = "integrator", template: str = INTEGRATION_TEMPLATE) -> DecodeResult:
     """Integration for one question -> a :class:`~distillkit.methods.cord.decode.DecodeResult` (what
     ``runner.make_record`` records). ``integrator``: the merging model (default: the first teacher);
-    ``integrator_tokenizer``: its tokenizer, for ``cfg.chat_template == "auto"``; ``scorer``: the meta-prover
-    (or None: the record's score is NaN)."""
+    ``scorer``: the meta-prover (or None: the record's score is NaN)."""
     seg = seg or cfg.make_segmentation()
     if not teachers:
         raise InputError("teachers: expected at least one teacher")
@@ -81,9 +82,6 @@ def decode_integration(question: str, answer: str, teachers: Sequence[Teacher], 
     # The integrator's answer opens like a teacher's reasoning ("<think> ### Step"), so the merged text is a trace.
     opening = split_reasoning_prompt(prompt)[1]
     task = integration_prompt(question, traces, names, template=template) + "\n" + opening
-    if cfg.chat_template == "auto":
-        tok = [integrator_tokenizer] if integrator_tokenizer is not None else None
-        task = make_teacher_prompts("auto", task, [getattr(integrator, "name", integrator_name)], tok).per_teacher[0]
     (merged,), = integrator.propose([task], n=1, max_new_tokens=cfg.token_budget, stop=stop,
                                     temperature=_temperature(cfg, 0), seed=seed + 104723)
     tokens += merged.num_tokens

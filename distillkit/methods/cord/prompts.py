@@ -11,10 +11,13 @@ while the beams themselves, the meta-prover and the records keep the raw prompt:
 text is swapped for teacher k's (:meth:`TeacherPrompts.for_teacher`). ``chat_template: none`` (the world's
 default: its models have no template) leaves every prompt as it is.
 
-The decode loop calls it in one place per teacher call (``teacher.propose``)::
+The run applies it by wrapping each teacher once (:func:`with_chat_templates`): every prefix a teacher is
+asked to continue (a beam, or a finished beam before its answer) is rewritten on the way in, so the decode
+loop itself is unchanged::
 
-    prompts = make_teacher_prompts(cfg, prompt, tokenizers)        # once per question
-    teacher.propose([prompts.for_teacher(k, beam.text) ...], ...)   # instead of [beam.text ...]
+    teachers = with_chat_templates(cfg, teachers)     # chat_template "none": the same teachers
+
+or, per question, :func:`make_teacher_prompts` and ``prompts.for_teacher(k, beam.text)``.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from distillkit._errors import InputError
+from distillkit.teachers.base import Teacher
 
 THINK = "<think>"
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -133,3 +137,66 @@ def load_tokenizer(path: str):
     from distillkit.teachers.hf import load_tokenizer as _load
 
     return _load(path)
+
+
+def _recommended_kwargs(name: str, system_prompt: str | None) -> dict:
+    rec = recommended_for(name)
+    return dict(system=system_prompt if system_prompt is not None else rec.system,
+                user_instruction=rec.user_instruction)
+
+
+class TemplatedTeacher(Teacher):
+    """A teacher that sees every prefix inside its chat template: ``apply_chat_template(tokenizer, prefix)``
+    (the text before the first ``"<think>"`` is the user turn, the rest the assistant's reasoning so far).
+    Token counts, stops and sampling are the wrapped teacher's."""
+
+    def __init__(self, inner: Teacher, tokenizer, *, system: str | None = None, user_instruction: str = ""):
+        self.inner, self.tokenizer = inner, tokenizer
+        self.system, self.user_instruction = system, user_instruction
+        self.name = getattr(inner, "name", "teacher")
+
+    def view(self, prefix: str) -> str:
+        """The text the wrapped teacher continues for ``prefix``."""
+        if THINK not in prefix:
+            raise InputError("chat_template='auto': a teacher's prefix has no '<think>' to tell the question "
+                             "from the reasoning; use a reasoning prompt with '<think>' or chat_template: none")
+        return apply_chat_template(self.tokenizer, prefix, system=self.system, user_instruction=self.user_instruction)
+
+    def propose(self, prefixes, **kwargs):
+        if isinstance(prefixes, str):
+            raise TypeError("prefixes: expected a list of strings, got a single string")
+        return self.inner.propose([self.view(p) for p in prefixes], **kwargs)
+
+
+class ServedTemplatedTeacher(TemplatedTeacher):
+    """:class:`TemplatedTeacher` over a served teacher: ``apropose`` stays natively concurrent."""
+
+    async def apropose(self, prefixes, **kwargs):
+        return await self.inner.apropose([self.view(p) for p in prefixes], **kwargs)
+
+
+def with_chat_templates(cfg, teachers: Sequence[Teacher], tokenizers: Sequence | None = None, *,
+                        system_prompts: Sequence[str | None] | None = None) -> list[Teacher]:
+    """``teachers`` as the run uses them: unchanged with ``cfg.chat_template == "none"``; with "auto" each
+    wrapped in its chat template with the system prompt and instruction recommended for its checkpoint
+    (``cfg.teachers[k]``). tokenizers: one per teacher (None: loaded from ``cfg.teachers``)."""
+    teachers = list(teachers)
+    if cfg.chat_template == "none":
+        return teachers
+    if cfg.chat_template != "auto":
+        raise InputError(f"chat_template={cfg.chat_template!r}: expected 'none' or 'auto'")
+    if len(teachers) != len(cfg.teachers):
+        raise InputError(f"teachers: {len(teachers)} given but the config lists {len(cfg.teachers)}")
+    tokenizers = list(tokenizers) if tokenizers is not None else [load_tokenizer(t) for t in cfg.teachers]
+    if system_prompts is not None and len(system_prompts) != len(teachers):
+        raise InputError(f"system_prompts: expected {len(teachers)} (one per teacher), got {len(system_prompts)}")
+    out = []
+    for k, (teacher, tok) in enumerate(zip(teachers, tokenizers)):
+        if isinstance(teacher, TemplatedTeacher):
+            out.append(teacher)  # already wrapped
+            continue
+        served = getattr(type(teacher), "apropose", None) is not Teacher.apropose
+        cls = ServedTemplatedTeacher if served else TemplatedTeacher
+        kw = _recommended_kwargs(cfg.teachers[k], system_prompts[k] if system_prompts is not None else None)
+        out.append(cls(teacher, tok, **kw))
+    return out

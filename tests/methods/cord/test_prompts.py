@@ -76,3 +76,54 @@ def test_auto_without_a_template_is_refused(world_tokenizer):
         make_teacher_prompts("jinja", PROMPT, ["t"])
     with pytest.raises(ValueError, match="tokenizers"):
         make_teacher_prompts("auto", PROMPT, ["a", "b"], [world_tokenizer])
+
+
+class Inner:
+    """Records the prefixes it is asked to continue."""
+
+    def __init__(self):
+        self.name, self.seen = "inner", []
+
+    def propose(self, prefixes, **kw):
+        self.seen.append(list(prefixes))
+        return [["ok"] for _ in prefixes]
+
+
+def test_with_chat_templates_wraps_each_teacher_and_none_keeps_them(world_tokenizer):
+    import asyncio
+
+    from distillkit.methods.cord import CordConfig
+    from distillkit.methods.cord.prompts import ServedTemplatedTeacher, TemplatedTeacher, with_chat_templates
+    from distillkit.teachers.base import Teacher
+
+    class Local(Teacher):
+        def __init__(self):
+            self.name, self.inner = "local", Inner()
+
+        def propose(self, prefixes, **kw):
+            return self.inner.propose(prefixes, **kw)
+
+    class Served(Local):
+        async def apropose(self, prefixes, **kw):
+            return [["served"] for _ in prefixes]
+
+    base = dict(meta_prover="M", input_path="i", output_path="o")
+    teachers = [Local(), Served()]
+    names = ["org/DeepSeek-R1-Distill-Qwen-32B", "microsoft/Phi-4-reasoning-plus"]
+    none = CordConfig(teachers=names, **base)
+    assert with_chat_templates(none, teachers) == teachers
+    cfg = CordConfig(teachers=names, chat_template="auto", **base)
+    toks = [_with_template(world_tokenizer, OPENS_THINK), _with_template(world_tokenizer, PLAIN)]
+    wrapped = with_chat_templates(cfg, teachers, toks)
+    assert type(wrapped[0]) is TemplatedTeacher and type(wrapped[1]) is ServedTemplatedTeacher
+    assert wrapped[0].name == "local"
+    beam = PROMPT + " 1: 3+9=12\n</think>"  # a finished beam before its answer
+    wrapped[0].propose([beam], n=1)
+    assert teachers[0].inner.seen == [["<|im_start|>user\n3+9-7*4\n" + BOXED_INSTRUCTION + "<|im_end|>\n"
+                                       "<|im_start|>assistant\n<think> ### Step 1: 3+9=12\n</think>"]]
+    assert asyncio.run(wrapped[1].apropose([beam])) == [["served"]]  # served teachers stay concurrent
+    assert with_chat_templates(cfg, wrapped, toks) == wrapped  # wrapping twice is wrapping once
+    with pytest.raises(ValueError, match="<think>"):
+        wrapped[0].propose(["no marker"])
+    with pytest.raises(ValueError, match="prompt_template"):
+        CordConfig(teachers=names, chat_template="auto", prompt_template="Q: {question}\nA:", **base)
