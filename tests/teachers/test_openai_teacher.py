@@ -172,3 +172,18 @@ def test_base_url_and_argument_checks():
     for bad in (dict(max_concurrency=0), dict(max_retries=-1), dict(request_timeout_s=0), dict(n_mode="x")):
         with pytest.raises(InputError):
             teacher(script, **bad)
+
+
+def test_stop_string_straddling_the_prompt_continues():
+    """Hugging Face stop strings look at the whole sequence: a prefix ending in "\\n" and a step that begins
+    "### Step" match "\\n### Step" at once (transformers serve answers "### Step"); the teacher goes on
+    from there, so the step is the one the in-process backend gives."""
+    answers = iter([reply(choice("### Step"), tokens=8), reply(choice(" 2: 3+4=7\n### Step"), tokens=10)])
+    script = Script(lambda b: next(answers))
+    (p,), = teacher(script).propose(["Q\n<think> ### Step 1: 1+2=3\n"], max_new_tokens=32, stop=SEG)
+    assert (p.text, p.num_tokens, p.finished, p.stop_reason) == ("### Step 2: 3+4=7\n", 18, False, "boundary")
+    first, second = [r[2] for r in script.completions()]
+    assert second["prompt"] == first["prompt"] + "### Step" and second["max_tokens"] == 32 - 8
+    eos = Script(lambda b: reply(choice(" The final answer is 7.")))  # no stop string anywhere: EOS, no retry
+    (p,), = teacher(eos).propose(["Q\n"], stop=SEG)
+    assert p.stop_reason == "eos" and len(eos.completions()) == 1
