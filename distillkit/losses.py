@@ -9,6 +9,8 @@ module and the function with the same options give the same result and gradients
 
     logit_transform_from_config(config) -> dict(logit_scale=..., softcap=...)   a model's final logit transform
     FusedLinearSkewKLLoss.from_configs(student_config, teacher_config, **options) reads both sides' transforms
+    final_hidden_states(model, input_ids, ...) -> [B, T, H]   the fused losses' input, through the wrapper's
+                                                              own forward (DDP, FSDP2), logits of one position
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from torch import nn
 from distillkit._errors import InputError
 
 __all__ = ["SkewKLLoss", "SkewReverseKLLoss", "FusedLinearSkewKLLoss", "FusedLinearSkewReverseKLLoss",
-           "logit_transform_from_config"]
+           "logit_transform_from_config", "final_hidden_states"]
 
 # model_type prefix -> (config attribute, multiplies (True) or divides (False) the logits)
 _LOGIT_SCALE_ATTRS = (
@@ -63,6 +65,26 @@ def logit_transform_from_config(config) -> dict:
                              f"this model multiplies or divides its logits by it; pass logit_scale (student_/teacher_"
                              f"logit_scale) explicitly")
     return dict(logit_scale=1.0, softcap=softcap)
+
+
+def final_hidden_states(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                        **kwargs) -> torch.Tensor:
+    """The final hidden states [B, T, H] of a Hugging Face causal LM (after its final norm: what its lm_head
+    multiplies), taken through ``model``'s own forward, so that a DistributedDataParallel or FSDP2 wrapper runs
+    its hooks (hidden states from ``ddp_model.module.model(...)`` skip DDP's gradient all-reduce; see
+    distillkit.ops._ddp). The model computes the logits of one position only (``logits_to_keep=1``), not [B, T, V].
+
+    model: the model as trained (the DDP wrapper itself, an FSDP2-sharded root, or a plain model); input_ids
+    [B, T]; attention_mask [B, T] or None; kwargs go to the forward. Gradients flow back through the hidden
+    states as through the model's own logits.
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True, logits_to_keep=1,
+                **kwargs)
+    hidden_states = getattr(out, "hidden_states", None)
+    if not hidden_states:
+        raise InputError(f"{type(model).__name__} returned no hidden_states for output_hidden_states=True: pass a "
+                         "Hugging Face causal LM (or its DDP / FSDP2 wrapper)")
+    return hidden_states[-1]
 
 
 class _SkewOptions(nn.Module):

@@ -47,6 +47,7 @@ from distillkit._backend import Op
 from distillkit._errors import InputError
 from distillkit.ops._checks import first_index as _first
 from distillkit.ops._checks import first_nonfinite, nonfinite_rows
+from distillkit.ops._ddp import check_ddp_forward
 from distillkit.ops._dtensor import gather_constant, gather_input, gather_weight
 from distillkit.ops.skew_kl import SKEW_KL, _acc_dtype, _row_scale, check_options, check_token_tensors, skew_kl_rows
 
@@ -428,6 +429,7 @@ def _select_backend(op: str, device: str, backend: str | None) -> str:
 def _fused_linear_skew(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, weights,
                        student_bias, teacher_bias, alpha, temperature, ignore_index, reduction, chunk_size,
                        backend, reverse, detach_mixture, vocab_size=None, transforms=(1.0, None, 1.0, None)):
+    check_ddp_forward(student_weight)  # hidden states that bypassed DDP's forward would never sync
     # DTensor arguments (FSDP2, tensor parallel) become plain full tensors here, outside the custom op
     student_hidden, teacher_hidden = gather_input(student_hidden), gather_constant(teacher_hidden)
     student_weight, student_bias = gather_weight(student_weight), gather_weight(student_bias)

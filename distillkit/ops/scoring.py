@@ -12,6 +12,14 @@ vocabulary with an online log-sum-exp, so no [M, V] float32 tensor is ever made 
 Both are inference-only: they run under ``torch.no_grad()`` and return detached tensors (no
 gradient flows to hidden, weight or bias). No autograd Function: scoring is inference-only.
 
+Models whose logits are not ``hidden @ weight.T + bias`` (Gemma-2/3's final softcap, Cohere's and Granite's
+logit scaling) pass ``logit_scale`` and ``softcap`` (see distillkit.losses.logit_transform_from_config):
+logits = softcap * tanh(z * logit_scale / softcap). The kernels below take no transform, so with one the
+lm_head runs as torch GEMMs in float32 (float64 for float64 inputs), chunked over the vocabulary with the same
+online log-sum-exp, whichever backend is named (``reference`` still runs the eager formula).
+DTensor arguments (an FSDP2-sharded or tensor-parallel lm_head) are gathered whole on each rank first
+(distillkit.ops._dtensor: one full [V, H] copy for the call).
+
 Backends (``backend=`` or DISTILLKIT_BACKEND; automatic: cuda > triton > reference on CUDA tensors, cpu >
 reference on CPU ones), each given contiguous tensors, int64 ids and a float32 bias:
 
@@ -31,6 +39,8 @@ from distillkit._backend import FLOAT_DTYPES as _FLOAT_DTYPES
 from distillkit._backend import Backend, Op, extension
 from distillkit._errors import InputError
 from distillkit.ops._checks import first_nonfinite, nonfinite_rows
+from distillkit.ops._dtensor import gather_constant
+from distillkit.reference.fused_linear import logit_transform as _logit_transform
 from distillkit.reference.scoring import segment_mean_exp
 
 __all__ = ["answer_logprobs", "predictive_perplexity", "check_values", "resolve_backend", "IMPLEMENTED"]
@@ -78,12 +88,49 @@ def _prepare(name, hidden, weight, answer_ids, bias):
     return hidden.detach().contiguous(), weight.detach().contiguous(), answer_ids.to(torch.int64).contiguous(), bias32
 
 
-def _answer_logprobs(hidden, weight, answer_ids, bias, backend):
+def _answer_logprobs(hidden, weight, answer_ids, bias, backend, logit_scale=1.0, softcap=None):
     """float32 [M] on the chosen backend; inputs already validated."""
     name = resolve_backend(hidden.device, backend)
     if hidden.shape[0] == 0:
         return torch.empty(0, dtype=torch.float32, device=hidden.device)
+    if logit_scale != 1.0 or softcap is not None:
+        if name == "reference":
+            from distillkit.reference import scoring as ref
+
+            return ref.answer_logprobs(hidden, weight, answer_ids, bias=bias, logit_scale=logit_scale,
+                                       softcap=softcap).to(torch.float32)
+        return _transformed_logprobs(hidden, weight, answer_ids, bias, logit_scale, softcap).to(torch.float32)
     return SCORING.backends[name].run(*_prepare(name, hidden, weight, answer_ids, bias)).to(torch.float32)
+
+
+# logits elements per vocabulary chunk of the transformed path (16 MB in float32)
+_TRANSFORM_CHUNK_ELEMENTS = 1 << 22
+
+
+def _transformed_logprobs(hidden, weight, answer_ids, bias, logit_scale, softcap):
+    """log softmax(f(hidden @ weight.T + bias))[m, answer_ids[m]] with f the logit transform: torch GEMMs over
+    vocabulary chunks [M, c] and an online log-sum-exp, in float32 (float64 for float64 inputs). -> [M]."""
+    acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+    h = hidden.detach().to(acc)
+    m, v = h.shape[0], weight.shape[0]
+    ids = answer_ids.to(torch.int64)
+    run_max = torch.full((m,), float("-inf"), dtype=acc, device=h.device)
+    run_sum = torch.zeros(m, dtype=acc, device=h.device)
+    picked = torch.zeros(m, dtype=acc, device=h.device)
+    cols = max(1, _TRANSFORM_CHUNK_ELEMENTS // max(m, 1))
+    for start in range(0, v, cols):
+        stop = min(v, start + cols)
+        z = h @ weight[start:stop].detach().to(acc).T  # [M, c]
+        if bias is not None:
+            z += bias[start:stop].detach().to(acc)
+        z = _logit_transform(z, logit_scale, softcap)
+        new_max = torch.maximum(run_max, z.amax(1))
+        run_sum = run_sum * torch.exp(run_max - new_max) + torch.exp(z - new_max.unsqueeze(1)).sum(1)
+        run_max = new_max
+        inside = (ids >= start) & (ids < stop)
+        local = torch.where(inside, ids - start, torch.zeros_like(ids)).unsqueeze(1)
+        picked = torch.where(inside, z.gather(1, local).squeeze(1), picked)
+    return picked - (run_max + torch.log(run_sum))
 
 
 def _check_tensor(name: str, x) -> None:
@@ -221,7 +268,8 @@ def _validate_cu_seqlens(cu_seqlens, m: int) -> torch.Tensor:
 
 @torch.no_grad()
 def answer_logprobs(hidden: torch.Tensor, weight: torch.Tensor, answer_ids: torch.Tensor, *,
-                    bias: torch.Tensor | None = None, backend: str | None = None) -> torch.Tensor:
+                    bias: torch.Tensor | None = None, backend: str | None = None, logit_scale: float = 1.0,
+                    softcap: float | None = None) -> torch.Tensor:
     """Log-probability of each answer token under the lm_head: log softmax(hidden @ weight.T + bias)[m, answer_ids[m]].
 
     Args:
@@ -233,6 +281,10 @@ def answer_logprobs(hidden: torch.Tensor, weight: torch.Tensor, answer_ids: torc
         bias: optional [V] floating lm_head bias (used in float32).
         backend: None (automatic: cuda > triton for CUDA tensors, cpu > reference for CPU tensors),
             or "cuda", "triton", "cpu", "reference".
+        logit_scale, softcap: the model's final logit transform, logits = softcap * tanh(z * logit_scale /
+            softcap) (z * logit_scale when softcap is None); with one, torch GEMMs chunked over the vocabulary
+            run instead of the backend's kernel (see the module docstring).
+        DTensor hidden, weight or bias (FSDP2, tensor parallel) are gathered whole on each rank first.
 
     Returns:
         float32 [M], detached (no gradient; runs under no_grad). Products accumulate in float32; the
@@ -244,14 +296,21 @@ def answer_logprobs(hidden: torch.Tensor, weight: torch.Tensor, answer_ids: torc
         inf anywhere in weight or bias (it would poison every row's log-sum-exp), NaN or inf in hidden.
         BackendUnavailable: the named backend cannot run here.
     """
+    hidden, weight, bias = gather_constant(hidden), gather_constant(weight), gather_constant(bias)
+    answer_ids = gather_constant(answer_ids)
     _validate(hidden, weight, answer_ids, bias)
-    return _answer_logprobs(hidden, weight, answer_ids, bias, backend)
+    from distillkit.ops.fused_linear import check_logit_transform
+
+    check_logit_transform(logit_scale, softcap)
+    return _answer_logprobs(hidden, weight, answer_ids, bias, backend, float(logit_scale),
+                            None if softcap is None else float(softcap))
 
 
 @torch.no_grad()
 def predictive_perplexity(hidden: torch.Tensor, weight: torch.Tensor, answer_ids: torch.Tensor,
                           cu_seqlens: torch.Tensor | Sequence[int], *, bias: torch.Tensor | None = None,
-                          backend: str | None = None) -> torch.Tensor:
+                          backend: str | None = None, logit_scale: float = 1.0,
+                          softcap: float | None = None) -> torch.Tensor:
     """CoRD's score per candidate: S_c = exp(mean of log p(answer_ids[m]) over m in segment c).
 
     Segment c is rows [cu_seqlens[c], cu_seqlens[c+1]) of hidden/answer_ids (all candidates' answer
@@ -259,7 +318,7 @@ def predictive_perplexity(hidden: torch.Tensor, weight: torch.Tensor, answer_ids
     geometric-mean answer probability in (0, 1], higher is better (1 / the usual perplexity).
 
     Args:
-        hidden, weight, answer_ids, bias, backend: as in answer_logprobs.
+        hidden, weight, answer_ids, bias, backend, logit_scale, softcap: as in answer_logprobs.
         cu_seqlens: [C+1] integer tensor (any device), or sequence / array of ints; starts at 0, strictly
             increasing (no empty segment), last entry == M.
 
@@ -274,5 +333,6 @@ def predictive_perplexity(hidden: torch.Tensor, weight: torch.Tensor, answer_ids
     if hidden.dim() != 2:
         raise InputError(f"hidden: expected shape [M, H], got {tuple(hidden.shape)}")
     cu = _validate_cu_seqlens(cu_seqlens, hidden.shape[0])
-    lp = answer_logprobs(hidden, weight, answer_ids, bias=bias, backend=backend)
+    lp = answer_logprobs(hidden, weight, answer_ids, bias=bias, backend=backend, logit_scale=logit_scale,
+                         softcap=softcap)
     return segment_mean_exp(lp, cu).to(torch.float32)

@@ -20,15 +20,21 @@ __all__ = ["answer_logprobs", "predictive_perplexity", "segment_ids"]
 @torch.no_grad()
 def answer_logprobs(hidden: torch.Tensor, weight: torch.Tensor, answer_ids: torch.Tensor, *,
                     bias: torch.Tensor | None = None,
-                    compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """log softmax(hidden @ weight.T + bias)[m, answer_ids[m]] -> [M] in ``compute_dtype``.
+                    compute_dtype: torch.dtype = torch.float32, logit_scale: float = 1.0,
+                    softcap: float | None = None) -> torch.Tensor:
+    """log softmax(f(hidden @ weight.T + bias))[m, answer_ids[m]] -> [M] in ``compute_dtype``.
 
     hidden [M, H] and weight [V, H] (any floating dtype) are upcast to ``compute_dtype`` before the
-    matmul, so float64 gives the exact formula and float32 mirrors "fp32 accumulation".
+    matmul, so float64 gives the exact formula and float32 mirrors "fp32 accumulation". f is the model's
+    final logit transform (distillkit.reference.fused_linear.logit_transform): z * logit_scale, then
+    softcap * tanh(z / softcap) when softcap is set.
     """
+    from distillkit.reference.fused_linear import logit_transform
+
     logits = hidden.to(compute_dtype) @ weight.to(compute_dtype).T  # [M, V]
     if bias is not None:
         logits = logits + bias.to(compute_dtype)
+    logits = logit_transform(logits, logit_scale, softcap)
     lse = torch.logsumexp(logits, dim=-1)  # [M]
     picked = logits.gather(1, answer_ids.long().view(-1, 1)).squeeze(1)
     return picked - lse
@@ -58,11 +64,13 @@ def segment_mean_exp(logprobs: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.
 @torch.no_grad()
 def predictive_perplexity(hidden: torch.Tensor, weight: torch.Tensor, answer_ids: torch.Tensor,
                           cu_seqlens: torch.Tensor, *, bias: torch.Tensor | None = None,
-                          compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                          compute_dtype: torch.dtype = torch.float32, logit_scale: float = 1.0,
+                          softcap: float | None = None) -> torch.Tensor:
     """S_c = exp(mean_{m in segment c} log p(answer_ids[m])) -> [C] in ``compute_dtype``.
 
     This is the seed paper's score (the geometric-mean answer probability, in (0, 1], higher is
     better; i.e. 1 / the conventional perplexity).
     """
-    lp = answer_logprobs(hidden, weight, answer_ids, bias=bias, compute_dtype=compute_dtype)
+    lp = answer_logprobs(hidden, weight, answer_ids, bias=bias, compute_dtype=compute_dtype,
+                         logit_scale=logit_scale, softcap=softcap)
     return segment_mean_exp(lp, cu_seqlens)
