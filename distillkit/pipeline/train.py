@@ -329,11 +329,14 @@ class Trainer:
             with torch.random.fork_rng(devices=[]):  # the same adapters on every rank and in every rerun
                 torch.manual_seed(config.seed)
                 model = get_peft_model(model, self.lora_config)
-        if config.gradient_checkpointing:
-            if not hasattr(model, "gradient_checkpointing_enable"):
-                raise InputError("gradient_checkpointing: the model has no gradient_checkpointing_enable "
+        if config.gradient_checkpointing:  # transformers 5 names it activation checkpointing
+            if hasattr(model, "activation_checkpointing_enable"):
+                model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            elif hasattr(model, "gradient_checkpointing_enable"):
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                raise InputError("gradient_checkpointing: the model has no activation_checkpointing_enable "
                                  "(a Hugging Face PreTrainedModel has)")
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.module = model  # the model to checkpoint (peft-wrapped with LoRA), before any data-parallel wrapper
         if self.dist.is_main and config.strategy != "none":
             log.info("%s over %d ranks", config.strategy, self.dist.world_size)

@@ -4,7 +4,7 @@ import json
 import os
 
 import pytest
-from _launch import torchrun
+from _trainer_launch import torchrun
 from _trainer_run import run
 
 from _tolerance import assert_eager_budget, relative_error

@@ -156,3 +156,115 @@ def test_resume_keeps_metrics_after_a_bad_line(tmp_path):
     trainer._truncate_metrics(4)
     assert (out / "metrics.jsonl").read_text().splitlines() == lines[:4]
     assert (out / "metrics.jsonl.torn").read_text() == lines[5] + "\n"
+
+
+def test_train_options_checked():
+    from distillkit._errors import InputError
+
+    for bad, match in (({"strategy": "deepspeed"}, "strategy"), ({"report_to": "mlflow"}, "report_to"),
+                       ({"adam_betas": (0.9,)}, "adam_betas"), ({"adam_betas": (0.9, 1.0)}, "adam_betas"),
+                       ({"lora_r": -1}, "lora_r"), ({"lora_dropout": 1.0}, "lora_dropout"),
+                       ({"lora_alpha": 0}, "lora_alpha"), ({"weight_decay": -0.1}, "weight_decay"),
+                       ({"lora_r": 8, "lora_target_modules": []}, "lora_target_modules")):
+        with pytest.raises(InputError, match=match):
+            TrainConfig(output_dir="x", **bad)
+    assert TrainConfig(output_dir="x", adam_betas=[0.9, 0.95]).adam_betas == (0.9, 0.95)
+
+
+def test_betas_weight_decay_reach_adamw(tmp_path):
+    """MoT's paper values (0.9, 0.95) and 0.1 are what AdamW runs with."""
+    tok = build_tokenizer()
+    cfg = TrainConfig(output_dir=str(tmp_path), adam_betas=(0.9, 0.95), weight_decay=0.1, progress=False)
+    trainer = Trainer(_model(tok), cfg, _examples(4), SFTCollator(tok), sft_loss)
+    assert all(g["betas"] == (0.9, 0.95) and g["weight_decay"] == 0.1 for g in trainer.optimizer.param_groups)
+
+
+def test_strategy_needs_torchrun(tmp_path, monkeypatch):
+    from distillkit._errors import InputError
+
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    tok = build_tokenizer()
+    with pytest.raises(InputError, match="torchrun"):
+        Trainer(_model(tok), TrainConfig(output_dir=str(tmp_path), strategy="fsdp"), _examples(4), SFTCollator(tok),
+                sft_loss)
+
+
+def test_gradient_checkpointing_recomputes_and_matches(tmp_path):
+    """With gradient_checkpointing each decoder layer's inside runs twice per micro-batch (forward, then again in
+    the backward) and training reaches the weights of a plain run within the float32 budget."""
+    tok = build_tokenizer()
+    states, calls = {}, {}
+    for name, dtype, ckpt in (("truth", torch.float64, False), ("plain", torch.float32, False),
+                              ("ckpt", torch.float32, True)):
+        model = _model(tok).to(dtype)
+        n, act = [0], model.model.layers[0].mlp.act_fn
+        # counted in forward itself: torch runs no module hooks during a checkpoint's recompute
+
+        def counted(x, n=n, forward=act.forward):
+            n[0] += 1
+            return forward(x)
+
+        act.forward = counted
+        cfg = TrainConfig(output_dir=str(tmp_path / name), max_steps=2, batch_size=4, lr=1e-3, progress=False,
+                          gradient_checkpointing=ckpt)
+        Trainer(model, cfg, _examples(8), SFTCollator(tok), sft_loss).train()
+        states[name], calls[name] = model.state_dict(), n[0]
+    assert calls["plain"] == 2 and calls["ckpt"] == 4
+    for k in states["truth"]:
+        assert_eager_budget(states["ckpt"][k], states["plain"][k], states["truth"][k], what=k)
+
+
+def test_lora_merged_in_place_and_exported(tmp_path):
+    """lora_r > 0: peft adapters on the target modules are trained, then merged into the caller's model (plain
+    module names again); export writes it loadable by from_pretrained."""
+    from transformers import AutoModelForCausalLM
+
+    from distillkit._errors import InputError
+
+    tok = build_tokenizer()
+    model = _model(tok)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = TrainConfig(output_dir=str(tmp_path / "lora"), max_steps=3, batch_size=4, lr=1e-2, progress=False,
+                      lora_r=4, lora_alpha=8, lora_target_modules=["q_proj", "v_proj"])
+    trainer = Trainer(model, cfg, _examples(8), SFTCollator(tok), sft_loss)
+    trainer.train()
+    after = model.state_dict()
+    assert set(after) == set(before)  # merged: no lora_A / lora_B / base_layer left
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {f"model.layers.{i}.self_attn.{m}.weight" for i in range(2) for m in ("q_proj", "v_proj")}
+    trainer.export(str(tmp_path / "export"), tok)
+    loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "export")).state_dict()
+    assert all(torch.equal(loaded[k], after[k]) for k in after)
+    with pytest.raises(InputError, match="params"):
+        Trainer(_model(tok), cfg, _examples(8), SFTCollator(tok), sft_loss, params=list(model.parameters()))
+
+
+def test_report_to(tmp_path, monkeypatch):
+    """tensorboard: event files under output_dir/tensorboard; wandb missing: an ImportError naming it."""
+    tok = build_tokenizer()
+    cfg = TrainConfig(output_dir=str(tmp_path / "tb"), max_steps=2, batch_size=4, log_every=1, progress=False,
+                      report_to="tensorboard")
+    Trainer(_model(tok), cfg, _examples(8), SFTCollator(tok), sft_loss).train()
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb" / "tensorboard"))
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    with pytest.raises(ImportError, match="pip install wandb"):
+        Trainer(_model(tok), TrainConfig(output_dir=str(tmp_path / "w"), report_to="wandb"), _examples(8),
+                SFTCollator(tok), sft_loss)
+
+
+def test_uneven_micro_batches_weigh_by_tokens(tmp_path):
+    """grad_accum over micro-batches of different kept-token counts gives the big batch's gradient (the mean over
+    every kept token), not the mean of the micro-batches' means."""
+    tok = build_tokenizer()
+    exs = [Example(str(i), "1 + 1 =", " 2" * (1 + 3 * (i % 2)) + ".", "2") for i in range(8)]
+    states = []
+    for bs, acc, dtype in ((4, 1, torch.float64), (4, 1, torch.float32), (2, 2, torch.float32)):
+        model = _model(tok).to(dtype)
+        cfg = TrainConfig(output_dir=str(tmp_path / f"b{bs}-{dtype}"), max_steps=2, batch_size=bs, grad_accum=acc,
+                          lr=1e-3, seed=3, progress=False)
+        Trainer(model, cfg, exs, SFTCollator(tok), sft_loss).train()
+        states.append(model.state_dict())
+    truth, big_batch, accumulated = states
+    for k in truth:
+        assert_eager_budget(accumulated[k], big_batch[k], truth[k], what=k)
