@@ -100,12 +100,13 @@ def _propose_all(backend, prompts: list[str], cfg: VcrdConfig, seed: int, side: 
     return out
 
 
-def _read_rollouts(path: str, side: str, n: int) -> list[Proposal] | None:
+def _read_rollouts(path: str, side: str, prompts: list[str]) -> list[Proposal] | None:
+    """The kept rollouts of one side, or None when the file holds none for exactly these prompts."""
     if not os.path.exists(path):
         return None
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    if len(rows) != n or any(side not in r for r in rows):
+    if [r.get("prompt") for r in rows] != prompts or any(side not in r for r in rows):
         return None
     return [Proposal(**r[side]) for r in rows]
 
@@ -126,7 +127,7 @@ def offline_rollouts(cfg: VcrdConfig, prompts: list[str], backend, tokenizer, st
     from distillkit.teachers.hf import HFTeacher
 
     path = os.path.join(cfg.output_dir, ROLLOUTS_NAME)
-    have = _read_rollouts(path, side, len(prompts))
+    have = _read_rollouts(path, side, prompts)
     if have is not None:
         return have
     if side == "student":
@@ -136,7 +137,7 @@ def offline_rollouts(cfg: VcrdConfig, prompts: list[str], backend, tokenizer, st
     got = _propose_all(backend, prompts, cfg, cfg.train.seed, 0 if side == "teacher" else 1)
     other = "student" if side == "teacher" else "teacher"
     sides = {side: got}
-    kept = _read_rollouts(path, other, len(prompts))
+    kept = _read_rollouts(path, other, prompts)
     if kept is not None:
         sides[other] = kept
     _write_rollouts(path, prompts, sides)
