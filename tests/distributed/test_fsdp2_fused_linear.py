@@ -10,7 +10,9 @@ from _spawn import run, tiny_llama
 pytestmark = pytest.mark.timeout(180)
 
 VOCAB, BATCH, SEQ = 96, 4, 7
-CASES = [("skl", 0.1), ("srkl", 0.3)]
+# (loss, alpha, keywords): the plain losses, and a padded vocabulary with logit transforms
+CASES = [("skl", 0.1, {}), ("srkl", 0.3, {}),
+         ("skl", 0.2, dict(vocab_size=VOCAB - 6, student_softcap=3.0, teacher_logit_scale=0.5))]
 
 
 def _batch():
@@ -21,7 +23,7 @@ def _batch():
     return ids, labels
 
 
-def _loss(kind, student, teacher, ids, labels, alpha):
+def _loss(kind, student, teacher, ids, labels, alpha, kw):
     import distillkit
 
     # the root's own forward (so FSDP2's hooks run), final hidden states, logits of one position only
@@ -30,7 +32,7 @@ def _loss(kind, student, teacher, ids, labels, alpha):
         teacher_hidden = teacher(ids, output_hidden_states=True, logits_to_keep=1).hidden_states[-1]
     fn = distillkit.fused_linear_skew_reverse_kl if kind == "srkl" else distillkit.fused_linear_skew_kl
     return fn(hidden, student.lm_head.weight, teacher_hidden, teacher.lm_head.weight, labels, alpha=alpha,
-              temperature=1.5, chunk_size=5)
+              temperature=1.5, chunk_size=5, **kw)
 
 
 def _shard(model):
@@ -43,19 +45,20 @@ def _shard(model):
 
 
 def _worker(rank):
-    for kind, alpha in CASES:
-        _case(rank, kind, alpha)
+    for kind, alpha, kw in CASES:
+        _case(rank, kind, alpha, kw)
+    _logits_level_and_scoring(rank)
 
 
-def _case(rank, kind, alpha):
+def _case(rank, kind, alpha, kw):
     from torch.distributed.tensor import DTensor
 
     ids, labels = _batch()
     mine = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
     # one process: the whole batch, plain modules
     student, teacher = tiny_llama(32, VOCAB, seed=0), tiny_llama(48, VOCAB, seed=1)
-    want_loss = _loss(kind, student, teacher, ids, labels, alpha)
-    want_rank_loss = _loss(kind, student, teacher, ids[mine], labels[mine], alpha).detach()
+    want_loss = _loss(kind, student, teacher, ids, labels, alpha, kw)
+    want_rank_loss = _loss(kind, student, teacher, ids[mine], labels[mine], alpha, kw).detach()
     want_loss.backward()
     want_grads = {n: p.grad.clone() for n, p in student.named_parameters()}
     torch.optim.SGD(student.parameters(), lr=0.5).step()
@@ -66,7 +69,7 @@ def _case(rank, kind, alpha):
     _shard(student)
     _shard(teacher)
     opt = torch.optim.SGD(student.parameters(), lr=0.5)
-    loss = _loss(kind, student, teacher, ids[mine], labels[mine], alpha)
+    loss = _loss(kind, student, teacher, ids[mine], labels[mine], alpha, kw)
     assert isinstance(student.lm_head.weight, DTensor) and isinstance(teacher.lm_head.weight, DTensor)
     assert not isinstance(loss, DTensor)
     torch.testing.assert_close(loss.detach(), want_rank_loss, rtol=1e-12, atol=1e-14)
@@ -83,6 +86,40 @@ def _case(rank, kind, alpha):
         torch.testing.assert_close(p.detach().full_tensor(), want_after[name], rtol=1e-10, atol=1e-13, msg=name)
 
 
+def _logits_level_and_scoring(rank):
+    """DTensor logits (a vocabulary-sharded lm_head's output) and a sharded lm_head in the scoring op: the
+    plain tensors' results, the logits' gradient handed back with their placements."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    import distillkit
+
+    mesh = init_device_mesh("cpu", (2,))
+    g = torch.Generator().manual_seed(5)
+    z_s, z_t = torch.randn(6, VOCAB, generator=g, dtype=torch.float64), torch.randn(6, VOCAB, generator=g,
+                                                                                    dtype=torch.float64)
+    labels = torch.randint(0, VOCAB, (6,), generator=g)
+    plain = z_s.clone().requires_grad_(True)
+    want = distillkit.skew_reverse_kl(plain, z_t, labels, alpha=0.2, vocab_size=VOCAB - 3)
+    want.backward()
+    sharded = distribute_tensor(z_s, mesh, [Shard(1)]).requires_grad_(True)
+    got = distillkit.skew_reverse_kl(sharded, distribute_tensor(z_t, mesh, [Shard(1)]), labels, alpha=0.2,
+                                     vocab_size=VOCAB - 3)
+    got.backward()
+    torch.testing.assert_close(got, want, rtol=1e-13, atol=0)
+    assert isinstance(sharded.grad, DTensor) and sharded.grad.placements == (Shard(1),)
+    torch.testing.assert_close(sharded.grad.full_tensor(), plain.grad, rtol=1e-13, atol=1e-16)
+
+    hidden, weight = torch.randn(5, 16, generator=g), torch.randn(VOCAB, 16, generator=g)
+    ids = torch.randint(0, VOCAB, (5,), generator=g)
+    for kw in ({}, dict(softcap=2.0)):
+        want = distillkit.answer_logprobs(hidden, weight, ids, **kw)
+        got = distillkit.answer_logprobs(hidden, distribute_tensor(weight, mesh, [Shard(0)]), ids, **kw)
+        assert not isinstance(got, DTensor)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_fsdp2_lm_head_own_group_sharded_teacher_equals_one_process():
-    """Skew KL and skew reverse KL, one spawn (the ranks' start-up dominates the time)."""
+    """Skew KL, skew reverse KL, and a padded vocabulary with logit transforms; then DTensor logits and a
+    sharded lm_head in the scoring op: one spawn (the ranks' start-up dominates the time)."""
     run(_worker)
