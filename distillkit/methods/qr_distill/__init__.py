@@ -11,12 +11,16 @@ After the seed "Learning from Diverse Reasoning Paths with Routing and Collabora
    ("The final answer is", \\boxed{}, last number), must match the ground truth; (b) an LLM judge (any
    teacher backend, configurable prompt, yes/no or score verdict) must accept the reasoning. Both
    verdicts are recorded per path; ``filter_answer`` / ``filter_judge`` switch them off (ablations).
-3. **Routing.** A frozen Hugging Face encoder mean-pools each path's text; an MLP and a
-   straight-through Gumbel-softmax assign it to one (top-k) of S students; the assignment multiplies
-   each student's per-path loss, so the router learns from the students' losses; an entropy term on
-   the mean assignment keeps students evenly used. ``routing`` = random | all are the ablations.
-4. **Mutual distillation.** Per-student projections of the last hidden states into a shared space,
-   competence scores, a soft ensemble and an MSE alignment (``mutual``: off is the ablation).
+3. **Routing** (Eq. 2). A frozen Hugging Face encoder mean-pools each path's text; an MLP scores each of the
+   S students; ``routing`` = bernoulli (default: each student drawn independently, so a path may go to one
+   or more students) | topk | gumbel_top1 (straight-through Gumbel-softmax, the old ``learned``), trained
+   straight-through from the students' losses; a regulariser (balance, or the per-path entropy of Eqs. 3-4)
+   and a capacity limit (``router_capacity_factor``: each student takes at most c times its fair share of
+   a batch) keep students in use. ``routing`` = random | all are the ablations.
+4. **Mutual distillation** (Eqs. 5-8). Per-student projections of the token-level last hidden states into
+   a lower-dimensional shared space; the students a path is routed to are aligned to their ensemble,
+   weighted by one competence score per student (``mutual``: off is the ablation; ``mutual_form: pooled``
+   and ``competence: path`` the variants).
 
 The exact formulas are in :mod:`distillkit.methods.qr_distill.router`. Students may differ in architecture,
 size and tokenizer; LoRA through ``peft`` with ``lora_r > 0``.
@@ -31,6 +35,7 @@ from distillkit.methods.qr_distill.config import (  # noqa: F401
     DEFAULT_JUDGE_PROMPT,
     DEFAULT_STYLES,
     JUDGE_MODES,
+    JUDGE_PROMPTS,
     PATHS_NAME,
     ROUTER_NAME,
     STYLE_TEMPLATES,
@@ -43,6 +48,7 @@ from distillkit.methods.qr_distill.paths import (  # noqa: F401
     imported_records,
     judge_paths,
     keep_path,
+    keep_top_rated,
     make_path_record,
     parse_judgement,
     path_key,
@@ -55,13 +61,19 @@ from distillkit.methods.qr_distill.training import (  # noqa: F401
     apply_lora,
     build_items,
     build_model,
+    default_shared_dim,
     evaluate_students,
     load_encoder,
     load_students,
     loss_settings,
     make_trainer,
+    param_groups,
+    qlora_settings,
     route_features,
+    routing_split,
     routing_summary,
     save_students,
+    steps_for,
 )
+from distillkit.methods.qr_distill.world_run import world_check  # noqa: F401
 from distillkit.pipeline.data import fill_prompt as fill  # noqa: F401 (the old name of fill_prompt)

@@ -720,9 +720,12 @@ def qr_loss(model: QRDistillModel, batch: dict, settings: LossSettings) -> tuple
 
 
 @torch.no_grad()
-def routing_probabilities(router: Router, features: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Noise-free router probabilities softmax(a) for every row of ``features``: float32 [N, S]."""
+def routing_probabilities(router: Router, features: torch.Tensor, batch_size: int = 256, *,
+                          routing: str = "gumbel_top1") -> torch.Tensor:
+    """Noise-free router probabilities for every row of ``features``: float32 [N, S]; softmax(a) for the softmax
+    routings, sigmoid(a) (each student's own probability of being drawn) for ``bernoulli``."""
     device = next(router.parameters()).device
-    out = [torch.softmax(router(features[i:i + batch_size].to(device)).float(), -1).cpu()
+    act = torch.sigmoid if canonical_routing(routing) == "bernoulli" else (lambda a: torch.softmax(a, -1))
+    out = [act(router(features[i:i + batch_size].to(device)).float()).cpu()
            for i in range(0, len(features), batch_size)]
     return torch.cat(out) if out else torch.zeros(0, router.mlp[-1].out_features)

@@ -85,11 +85,12 @@ def run(cfg: QRDistillConfig, *, teachers: Sequence[Teacher] | None = None, judg
     last = trainer.train()
     names = cfg.student_labels()
     summary = {"paths": path_stats, "train": last, "students": save_students(model, tokenizers, cfg),
-               "routing": routing_summary(model, features, items, names),
+               "routing": routing_summary(model, features, items, names, routing=cfg.canonical_routing()),
                "routing_split": routing_split(cfg.output_dir, names)}
     if model.router is not None:
         torch.save({"router": model.router.state_dict(), "in_dim": features.shape[1], "hidden": cfg.router_hidden,
-                    "students": names, "encoder": cfg.router_encoder}, os.path.join(cfg.output_dir, ROUTER_NAME))
+                    "students": names, "encoder": cfg.router_encoder,
+                    "routing": cfg.canonical_routing()}, os.path.join(cfg.output_dir, ROUTER_NAME))
     if cfg.eval_data:
         summary["eval"] = evaluate_students(model, tokenizers, cfg)
     summary["config"] = config_values(cfg)

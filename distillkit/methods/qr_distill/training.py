@@ -221,14 +221,15 @@ def save_students(model, tokenizers, cfg: QRDistillConfig) -> list[str]:
     return out
 
 
-def routing_summary(model, features: torch.Tensor | None, items: Sequence[PathItem], names: Sequence[str]) -> dict:
-    """Per style: the router's mean probability of each student and the share of paths whose
-    most likely student it is (noise-free), over the training paths."""
+def routing_summary(model, features: torch.Tensor | None, items: Sequence[PathItem], names: Sequence[str], *,
+                    routing: str = "gumbel_top1") -> dict:
+    """Per style: the router's mean probability of each student (``routing_probabilities``) and the share of
+    paths whose most likely student it is (noise-free, before any capacity limit), over the training paths."""
     from distillkit.methods.qr_distill.router import routing_probabilities
 
     if model.router is None or features is None:
         return {}
-    probs = routing_probabilities(model.router, features)
+    probs = routing_probabilities(model.router, features, routing=routing)
     out = {}
     for style in sorted({it.style for it in items}):
         rows = torch.tensor([it.index for it in items if it.style == style])
