@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 from dataclasses import dataclass
 
 from distillkit._errors import InputError
@@ -66,6 +67,11 @@ class CordConfig(TeacherOptions):
                           "step is correct) | max_length (the longest step)", default="perplexity")
     selector_model: str | None = _help("prm / binary: the PRM or judge checkpoint (local path or Hub id)",
                                        default=None)
+    integrator: str | None = _help("method integration: the teacher (a name from teacher_names, or its path) that "
+                                   "merges the K traces (default: the first teacher)", default=None)
+    mcts_exploration: float = _help("method mcts: UCT's exploration constant c", default=1.0)
+    mcts_token_budget: int | None = _help("method mcts: teacher tokens the search may generate per question "
+                                          "(default: CoRD's bound, beam_size x K x token_budget)", default=None)
     teacher_backend: str = _help("hf | vllm (in-process) | openai (served: teacher_base_urls; README: "
                                  "Served teachers)", default="hf")
     scoring_backend: str | None = _help("kernel backend for the meta-prover: cuda | triton | cpu | reference "
@@ -133,6 +139,15 @@ class CordConfig(TeacherOptions):
             raise InputError(f"n_curation={self.n_curation} with temperature=0{which}: the {self.n_curation} greedy "
                              "traces of a teacher would be identical (1 trace instead of n per teacher); set "
                              "temperature > 0 (the paper samples at 0.6) or n_curation: 1")
+        if self.integrator is not None and self.integrator not in self.names() + list(self.teachers):
+            raise InputError(f"integrator={self.integrator!r}: expected one of the teachers {self.names()}")
+        if not (isinstance(self.mcts_exploration, (int, float)) and not isinstance(self.mcts_exploration, bool)
+                and 0 <= self.mcts_exploration < math.inf):
+            raise InputError(f"mcts_exploration={self.mcts_exploration!r}: expected a finite number >= 0")
+        if self.mcts_token_budget is not None and (not isinstance(self.mcts_token_budget, int)
+                                                   or isinstance(self.mcts_token_budget, bool)
+                                                   or self.mcts_token_budget < 1):
+            raise InputError(f"mcts_token_budget={self.mcts_token_budget!r}: expected an integer >= 1 or None")
         if self.chat_template not in CHAT_TEMPLATES:
             raise InputError(f"chat_template={self.chat_template!r}: expected one of {CHAT_TEMPLATES}")
         if self.chat_template == "auto" and self.prompt_template is not None and "<think>" not in self.prompt_template:

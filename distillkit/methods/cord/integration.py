@@ -7,7 +7,8 @@ the question and the K traces under :data:`INTEGRATION_TEMPLATE` and writes one 
 merged reasoning, so a student learns it exactly as it learns a CoRD trace; the meta-prover scores it for the
 record. Cost: K traces + the integrator's reasoning and answer (``tokens_generated``).
 
-    res = decode_integration(question, answer, teachers, meta_prover, cfg, integrator=teachers[0])
+    res = decode_integration(question, answer, teachers, meta_prover, cfg)   # cfg.integrator: a teacher's name
+    distillkit cord --config ... --method integration [--integrator NAME]
 
 Chat templates: pass teachers (and the integrator) wrapped by :func:`~distillkit.methods.cord.prompts.
 with_chat_templates`; the integrator's task then becomes its user turn (the text before ``"<think>"``).
@@ -21,7 +22,6 @@ from collections.abc import Sequence
 
 from distillkit._errors import InputError
 from distillkit.methods.cord.config import CordConfig
-from distillkit.methods.cord.decode import Beam, DecodeResult
 from distillkit.methods.cord.prompts import split_reasoning_prompt
 from distillkit.methods.cord.segmentation import Segmentation
 from distillkit.pipeline.data import fill_prompt
@@ -56,50 +56,90 @@ def integration_prompt(question: str, traces: Sequence[str], names: Sequence[str
 
 def _temperature(cfg: CordConfig, k: int) -> float:
     t = cfg.temperature
-    return float(t[k]) if isinstance(t, (list, tuple)) else float(t)
+    if isinstance(t, (list, tuple)):
+        return float(t[min(k, len(t) - 1)])
+    return float(t)
+
+
+def _top_p(cfg: CordConfig, k: int) -> float:
+    t = getattr(cfg, "top_p", 1.0)
+    if isinstance(t, (list, tuple)):
+        return float(t[min(k, len(t) - 1)])
+    return float(t)
+
+
+def integrator_index(cfg: CordConfig) -> int:
+    """The teacher that merges the traces: ``cfg.integrator`` (a name from teacher_names, or a teacher's path),
+    the first teacher when unset."""
+    name = getattr(cfg, "integrator", None)
+    if name is None:
+        return 0
+    for names in (cfg.names(), list(cfg.teachers)):
+        if name in names:
+            return names.index(name)
+    raise InputError(f"integrator={name!r}: expected one of the teachers {cfg.names()}")
+
+
+def _strip_end(text: str, end_marker: str) -> str:
+    return text[:-len(end_marker)] if text.endswith(end_marker) else text
+
+
+def integration_steps(question: str, answer: str, num_teachers: int, cfg: CordConfig, *, seed: int = 0,
+                      seg: Segmentation | None = None, integrator: int | None = None,
+                      template: str = INTEGRATION_TEMPLATE):
+    """Generator of Integration for one question, in the decode loop's request protocol (``decode.serve_one``,
+    ``decode.decode_many``): yields teacher requests (each teacher's trace, then the integrator's merged
+    reasoning, then its answer) and the meta-prover's scoring request; returns a DecodeResult.
+    ``integrator``: the index of the teacher that merges (default :func:`integrator_index`); an index equal to
+    ``num_teachers`` names an extra model served after the teachers (see :func:`decode_integration`)."""
+    from distillkit.methods.cord.decode import Beam, DecodeResult, ProposeRequest, ScoreRequest
+
+    seg = seg or cfg.make_segmentation()
+    names = cfg.names()
+    j = integrator_index(cfg) if integrator is None else integrator
+    if not 0 <= j <= num_teachers:
+        raise InputError(f"integrator={j!r}: expected a teacher index in [0, {num_teachers}]")
+    prompt = fill_prompt(cfg.prompt_template, question=question) if cfg.prompt_template else seg.prompt(question)
+    stop = StringStop([seg.end_marker])
+    replies = yield [ProposeRequest(k, [prompt], 1, cfg.token_budget, stop, _temperature(cfg, k), seed + 7919 * k,
+                                    _top_p(cfg, k)) for k in range(num_teachers)]
+    props = [rows[0][0] for rows in replies]
+    tokens = sum(p.num_tokens for p in props)
+    traces = [_strip_end(p.text, seg.end_marker) for p in props]
+    # The integrator's answer opens like a teacher's reasoning ("<think> ### Step"), so the merged text is a trace.
+    opening = split_reasoning_prompt(prompt)[1]
+    task = integration_prompt(question, traces, names, template=template) + "\n" + opening
+    (rows,) = yield [ProposeRequest(j, [task], 1, cfg.token_budget, stop, _temperature(cfg, j), seed + 104723,
+                                    _top_p(cfg, j))]
+    merged = rows[0][0]
+    tokens += merged.num_tokens
+    reasoning = _strip_end(merged.text, seg.end_marker)
+    who = names[j] if j < num_teachers else "integrator"
+    steps = [{"text": s, "teacher": who, "score": None} for s in seg.split(reasoning + seg.end_marker)]
+    beam = Beam(text=prompt + reasoning + seg.end_marker, steps=steps, tokens=merged.num_tokens, finished=True,
+                teacher=j if j < num_teachers else None, parent=prompt)
+    (rows,) = yield [ProposeRequest(j, [task + reasoning + seg.end_marker + cfg.answer_prompt], 1,
+                                    cfg.max_answer_tokens, None, _temperature(cfg, j), seed + 104729, _top_p(cfg, j))]
+    ans = rows[0][0]
+    tokens += ans.num_tokens
+    scores, scorer_tokens = yield ScoreRequest([(prompt + reasoning, answer)], [prompt])
+    beam.score = float(scores[0])
+    if beam.steps:
+        beam.steps[-1]["score"] = beam.score
+    return DecodeResult(beam, prompt, cfg.answer_prompt + ans.text, tokens, scorer_tokens)
 
 
 def decode_integration(question: str, answer: str, teachers: Sequence[Teacher], scorer, cfg: CordConfig, *,
                        seed: int = 0, seg: Segmentation | None = None, integrator: Teacher | None = None,
-                       integrator_name: str = "integrator", template: str = INTEGRATION_TEMPLATE) -> DecodeResult:
-    """Integration for one question -> a :class:`~distillkit.methods.cord.decode.DecodeResult` (what
-    ``runner.make_record`` records). ``integrator``: the merging model (default: the first teacher);
-    ``scorer``: the meta-prover (or None: the record's score is NaN)."""
-    seg = seg or cfg.make_segmentation()
+                       template: str = INTEGRATION_TEMPLATE):
+    """Integration for one question -> a DecodeResult (what ``runner.make_record`` records). ``integrator``: a
+    merging model outside the teachers (any backend); None: the teacher ``cfg.integrator`` (default the first).
+    ``scorer``: the meta-prover."""
+    from distillkit.methods.cord.decode import serve_one
+
     if not teachers:
         raise InputError("teachers: expected at least one teacher")
-    integrator = integrator if integrator is not None else teachers[0]
-    names = cfg.names()
-    prompt = fill_prompt(cfg.prompt_template, question=question) if cfg.prompt_template else seg.prompt(question)
-    stop = StringStop([seg.end_marker])
-    tokens = 0
-    traces = []
-    for k, teacher in enumerate(teachers):
-        (prop,), = teacher.propose([prompt], n=1, max_new_tokens=cfg.token_budget, stop=stop,
-                                   temperature=_temperature(cfg, k), seed=seed + 7919 * k)
-        tokens += prop.num_tokens
-        traces.append(prop.text[:-len(seg.end_marker)] if prop.text.endswith(seg.end_marker) else prop.text)
-    # The integrator's answer opens like a teacher's reasoning ("<think> ### Step"), so the merged text is a trace.
-    opening = split_reasoning_prompt(prompt)[1]
-    task = integration_prompt(question, traces, names, template=template) + "\n" + opening
-    (merged,), = integrator.propose([task], n=1, max_new_tokens=cfg.token_budget, stop=stop,
-                                    temperature=_temperature(cfg, 0), seed=seed + 104723)
-    tokens += merged.num_tokens
-    reasoning = merged.text[:-len(seg.end_marker)] if merged.text.endswith(seg.end_marker) else merged.text
-    text = prompt + reasoning + seg.end_marker
-    steps = [{"text": s, "teacher": integrator_name, "score": None} for s in seg.split(reasoning + seg.end_marker)]
-    beam = Beam(text=text, steps=steps, tokens=merged.num_tokens, finished=True, teacher=None, parent=prompt)
-    (ans,), = integrator.propose([task + reasoning + seg.end_marker + cfg.answer_prompt], n=1,
-                                 max_new_tokens=cfg.max_answer_tokens, stop=None,
-                                 temperature=_temperature(cfg, 0), seed=seed + 104729)
-    tokens += ans.num_tokens
-    scorer_tokens = 0
-    if scorer is not None:
-        before = scorer.tokens_processed
-        (beam.score,) = [float(s) for s in scorer.score([(prompt + reasoning, answer)], prefixes=[prompt])]
-        scorer_tokens = scorer.tokens_processed - before
-        if beam.steps:
-            beam.steps[-1]["score"] = beam.score
-    else:
-        beam.score = float("nan")
-    return DecodeResult(beam, prompt, cfg.answer_prompt + ans.text, tokens, scorer_tokens)
+    models = [*teachers, integrator] if integrator is not None else list(teachers)
+    gen = integration_steps(question, answer, len(teachers), cfg, seed=seed, seg=seg, template=template,
+                            integrator=len(teachers) if integrator is not None else None)
+    return serve_one(gen, models, scorer)

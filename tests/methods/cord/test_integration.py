@@ -2,8 +2,6 @@
 world's shipped models end to end)."""
 from __future__ import annotations
 
-import math
-
 import pytest
 
 from distillkit.methods.cord import CordConfig
@@ -49,11 +47,26 @@ def test_integration_prompt_lists_every_trace():
         integration_prompt("q", ["t"], template="no fields")
 
 
+class LenScorer:
+    """Score = 1 / (1 + characters of the context); counts one token per character."""
+
+    def __init__(self):
+        self.tokens_processed, self.calls = 0, []
+
+    def score(self, pairs, *, prefixes=None):
+        import torch
+
+        self.calls.append((list(pairs), list(prefixes or [])))
+        self.tokens_processed += sum(len(c) for c, _ in pairs)
+        return torch.tensor([1.0 / (1 + len(c)) for c, _ in pairs])
+
+
 def test_integration_flow_with_fake_models():
     a = Recorder("a", texts=[" 1: x\n### Step 2: y</think>"])
     b = Recorder("b", texts=[" 1: z</think>"])
     judge = Recorder("judge", texts=[" 1: x\n### Step 2: z</think>", " The final answer is 7."])
-    res = decode_integration("Q?", "7", [a, b], None, _cfg(), integrator=judge)
+    scorer = LenScorer()
+    res = decode_integration("Q?", "7", [a, b], scorer, _cfg(), integrator=judge)
     prompt = "Q?\n<think> ### Step"
     assert a.calls[0]["prefixes"] == [prompt] and a.calls[0]["max_new_tokens"] == 50
     assert as_boundary(a.calls[0]["stop"]).stop_strings() == ["</think>"]
@@ -65,8 +78,22 @@ def test_integration_flow_with_fake_models():
     assert judge.calls[1]["prefixes"] == [task + " 1: x\n### Step 2: z</think>"]
     assert judge.calls[1]["max_new_tokens"] == 7 and res.answer_text == " The final answer is 7."
     assert res.tokens_generated == sum(p.num_tokens for r in (a, b, judge) for p in r.proposals)
-    assert math.isnan(res.beam.score) and res.meta_prover_tokens == 0
+    reasoning = prompt + " 1: x\n### Step 2: z"
+    assert scorer.calls == [([(reasoning, "7")], [prompt])]
+    assert res.beam.score == pytest.approx(1 / (1 + len(reasoning))) and res.meta_prover_tokens == len(reasoning)
     assert "{traces}" in INTEGRATION_TEMPLATE
+
+
+def test_a_teacher_named_in_the_config_integrates():
+    a = Recorder("a", texts=[" 1: x</think>"])
+    b = Recorder("b", texts=[" 1: z</think>", " 1: x and z</think>", " 7."])  # its trace, the merge, the answer
+    res = decode_integration("Q?", "7", [a, b], LenScorer(), _cfg(integrator="b"))
+    assert len(b.calls) == 3 and b.calls[1]["prefixes"][0].startswith(integration_prompt("Q?", [" 1: x", " 1: z"],
+                                                                                         ["a", "b"]))
+    assert res.beam.text.endswith(" 1: x and z</think>") and res.answer_text == " 7."
+    assert {s["teacher"] for s in res.beam.steps} == {"b"} and res.beam.teacher == 1
+    with pytest.raises(ValueError, match="integrator"):
+        _cfg(integrator="c")
 
 
 def test_integration_on_the_world_models():
@@ -77,7 +104,7 @@ def test_integration_on_the_world_models():
     from distillkit.world import problems as W
 
     teachers = [Recorder(n, HFTeacher.from_pretrained(M.asset_path(n), name=n)) for n in M.TEACHERS]
-    integrator = Recorder("integrator", HFTeacher.from_pretrained(M.asset_path("teacher-borrow")))
+    integrator = Recorder("integrator", HFTeacher.from_pretrained(M.asset_path("teacher-borrow")))  # a fourth model
     prover = MetaProver.from_pretrained(M.asset_path(M.META_PROVER), backend="reference")
     problem = W.Problem(3, (("+", 9), ("-", 7), ("*", 4)))
     cfg = _cfg(teachers=list(M.TEACHERS), teacher_names=["carry", "borrow", "overflow"],

@@ -127,3 +127,27 @@ def test_mcts_on_the_world_models():
         assert res.tokens_generated <= cfg.beam_size * 3 * cfg.token_budget + 3 * 16 + cfg.max_answer_tokens
         check = W.check_trace(problem.question, res.beam.text[len(problem.prompt):] + res.answer_text)
         assert check["well_formed"], res.beam.text
+
+
+@pytest.mark.parametrize("method", ["mcts", "integration"])
+def test_generators_run_in_the_decode_loops_many_in_flight_driver(monkeypatch, method):
+    """mcts_steps / integration_steps speak the decode loop's request protocol: decode_many with several
+    questions in flight gives each question the result it gets alone."""
+    from distillkit.methods.cord import decode
+    from distillkit.methods.cord.integration import integration_steps
+    from distillkit.methods.cord.mcts import mcts_steps
+
+    monkeypatch.setitem(decode.STEPS, method, {"mcts": mcts_steps, "integration": integration_steps}[method])
+    cfg = _cfg(teachers=["A", "B"], token_budget=8)
+    cfg.method = method  # past the config's METHODS check: the driver reads STEPS
+    items = [(f"Q{i}?", "7", 100 + i) for i in range(4)]
+
+    def results(in_flight):
+        teachers = [StepTeacher("A", finish_at=2), StepTeacher("B", finish_at=3)]
+        scorer = TableScorer({"A0": 0.9, "B1": 0.8, "A2": 0.3})
+        got = dict(decode.decode_many(items, teachers, scorer, cfg, in_flight=in_flight))
+        return {i: (r.beam.text, r.answer_text, r.tokens_generated, r.meta_prover_tokens) for i, r in got.items()}
+
+    alone, together = results(1), results(3)
+    assert sorted(alone) == [0, 1, 2, 3] and together == alone
+    assert all(text.startswith(f"Q{i}?\n<think>\n") and text.endswith("</think>") for i, (text, *_) in alone.items())
