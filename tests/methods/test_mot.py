@@ -200,6 +200,8 @@ def test_one_random_correct_trace_per_prompt_per_teacher(tmp_path):
         MotConfig(**base, traces_per_prompt="two")
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # two rounds of two one-step branches, evaluated: 12 s measured
 def test_best_round_is_returned_not_the_last(setup, tmp_path):
     from distillkit.methods.mot import best_round
 
@@ -253,6 +255,8 @@ def _hub_cache(root, repo_id, src):
     return str(root)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # one round of two one-step branches and a TIES merge: 8-11 s measured
 @pytest.mark.parametrize("where", ["hub_id", "bfloat16_dir"])
 def test_ties_in_round_one_takes_a_hub_id_or_another_dtype_as_base(setup, tmp_path, monkeypatch, where):
     import huggingface_hub.constants as hub

@@ -471,6 +471,8 @@ def _record_rollouts(monkeypatch):
     return seen
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # two short VCRD runs: 10 s measured
 def test_rollouts_are_drawn_once_offline_by_default_and_per_step_online(ckpts, monkeypatch):
     # every step's micro-batch holds all 3 prompts: offline, each step trains on the same rollouts
     seen = _record_rollouts(monkeypatch)
@@ -487,6 +489,8 @@ def test_rollouts_are_drawn_once_offline_by_default_and_per_step_online(ckpts, m
     assert len(seen) == 2 and seen[0] != seen[1]  # new rollouts every step (other seeds, a trained student)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # two short VCRD runs: 10 s measured
 def test_sft_stage_trains_on_teacher_rollouts_before_distillation(ckpts, monkeypatch):
     from distillkit.methods.vcrd.runner import cap_prompts
     from distillkit.world.tiny import build_tokenizer
@@ -507,6 +511,20 @@ def test_sft_stage_trains_on_teacher_rollouts_before_distillation(ckpts, monkeyp
     short, long = "1 + 1", "1 + 1 + 1 + 1 + 1 + 1"
     assert cap_prompts([short, long], tok, len(tok(short)["input_ids"])) == [short]
     assert cap_prompts([short, long], tok, None) == [short, long]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)  # one short VCRD run with LoRA: 9 s measured
+def test_lora_run_with_sft_stage_exports_merged_weights(ckpts):
+    pytest.importorskip("peft")
+    cfg = _run_cfg(ckpts, "lora", steps=1, batch_size=3, eval_data=None, save_every=0, sft_steps=1, lora_r=4,
+                   lora_alpha=16.0)
+    summary = vcrd.run(cfg)
+    final, start = _final_state(summary["final_model"]), _final_state(cfg.student)
+    assert set(final) == set(start)  # a plain checkpoint: the adapters merged
+    changed = {k for k in start if not torch.equal(final[k], start[k])}
+    # LoRA on q_proj / v_proj (the trainer's default targets) trains those and nothing else
+    assert changed and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in changed), sorted(changed)
 
 
 # ---- config ------------------------------------------------------------------------------------------
