@@ -172,37 +172,51 @@ def propose_steps(teachers: Sequence[Teacher], beams: Sequence[Beam], *, seg: Se
                                     counters=counters), teachers, None)
 
 
-def _score_request(candidates: Sequence[Beam], answer: str, end_marker: str) -> ScoreRequest:
-    pairs = [(_strip_end(c.text, end_marker), answer) for c in candidates]
-    prefixes = [c.parent if c.parent and _strip_end(c.text, end_marker).startswith(c.parent) else None
-                for c in candidates]
-    return ScoreRequest(pairs, prefixes)
+def _score_request(candidates: Sequence[Beam], answer: str, end_marker: str) -> tuple[ScoreRequest, list[int]]:
+    """The request scoring each distinct candidate text once, and per candidate the index of its pair.
+
+    Two teachers often write the same step: their candidates are one trace, so they get one score (scored
+    twice, they could differ in the last bits with their place in the batch, and which teacher gets the
+    step would depend on that; with one score the earlier candidate wins the tie)."""
+    pairs, prefixes, index, where = [], [], {}, []
+    for c in candidates:
+        text = _strip_end(c.text, end_marker)
+        if text not in index:
+            index[text] = len(pairs)
+            pairs.append((text, answer))
+            prefixes.append(c.parent if c.parent and text.startswith(c.parent) else None)
+        where.append(index[text])
+    return ScoreRequest(pairs, prefixes), where
 
 
-def _set_scores(candidates: Sequence[Beam], scores: Sequence[float]) -> list[float]:
-    for c, s in zip(candidates, scores):
+def _set_scores(candidates: Sequence[Beam], scores: Sequence[float], where: Sequence[int]) -> list[float]:
+    out = [scores[w] for w in where]
+    for c, s in zip(candidates, out):
         c.score = s
         if c.steps:
             c.steps[-1]["score"] = s
-    return list(scores)
+    return out
 
 
 def _score_candidates(candidates: Sequence[Beam], answer: str, *, end_marker: str, counters: _Counters):
     if not candidates:
         return []
-    scores, tokens = yield _score_request(candidates, answer, end_marker)
+    request, where = _score_request(candidates, answer, end_marker)
+    scores, tokens = yield request
     counters.meta_prover_tokens += tokens
-    return _set_scores(candidates, scores)
+    return _set_scores(candidates, scores, where)
 
 
 def score_candidates(scorer: Scorer, candidates: Sequence[Beam], answer: str, *,
                      end_marker: str = END_MARKER) -> list[float]:
-    """Meta-prover score of each candidate trace against the ground-truth answer; candidates of
-    one parent beam share its KV cache. Sets ``beam.score`` and the last step's score."""
+    """Meta-prover score of each candidate trace against the ground-truth answer (each distinct text
+    scored once); candidates of one parent beam share its KV cache. Sets ``beam.score`` and the last
+    step's score."""
     if not candidates:
         return []
-    scores, _ = _serve_score(scorer, _score_request(candidates, answer, end_marker))
-    return _set_scores(candidates, scores)
+    request, where = _score_request(candidates, answer, end_marker)
+    scores, _ = _serve_score(scorer, request)
+    return _set_scores(candidates, scores, where)
 
 
 def select_beams(pool: Sequence[Beam], beam_size: int) -> list[Beam]:

@@ -174,7 +174,8 @@ def test_greedy_is_beam_one_and_random_and_curation_baselines():
                                                             temperature=0.8, n_curation=3), seed=0)
     assert c.beam.text == "Q?\n<think>\nB0|B1</think>" and c.answer_text.endswith("B.")
     assert [s["text"] for s in c.beam.steps] == ["B0|B1</think>"]  # one line-break step
-    assert len(scorer.calls[0][0]) == 6 and scorer.calls[0][1] == ["Q?\n<think>\n"] * 6
+    # 3 samples per teacher, identical here: each distinct trace is scored once
+    assert len(scorer.calls[0][0]) == 2 and scorer.calls[0][1] == ["Q?\n<think>\n"] * 2
     assert teachers[0].calls[0]["n"] == 3 and c.tokens_generated == 2 * 3 * 6 + 5
 
 
