@@ -155,9 +155,19 @@ def causal_labels(inputs: dict, ignore_index: int = -100) -> torch.Tensor:
     return ids if mask is None else ids.masked_fill(mask == 0, ignore_index)
 
 
-def _decoder_layer_classes(model) -> set[str]:
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    return names
+def shard_fsdp2(model, *, mesh=None, reshard_after_forward: bool = True, mp_policy=None):
+    """fully_shard on each decoder layer (the model's ``_no_split_modules`` classes), then on the root: the
+    wrapping accelerate's FSDP2 gives a student, here for a frozen teacher. Returns the model, in eval mode."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward,
+              "mp_policy": mp_policy or MixedPrecisionPolicy()}
+    layers = set(getattr(model, "_no_split_modules", None) or [])
+    for module in list(model.modules()):
+        if type(module).__name__ in layers:
+            fully_shard(module, **kwargs)
+    fully_shard(model, **kwargs)
+    return model.eval()
 
 
 def prepare_teacher(teacher, accelerator):
@@ -166,25 +176,32 @@ def prepare_teacher(teacher, accelerator):
     teacher.requires_grad_(False)
     teacher.eval()
     if getattr(accelerator, "is_fsdp2", False):
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
         plugin = accelerator.state.fsdp_plugin
         mesh = getattr(accelerator, "torch_device_mesh", None)
         pc = getattr(accelerator, "parallelism_config", None)
         if mesh is not None and pc is not None and getattr(pc, "fsdp_dim_names", None):
             mesh = mesh[tuple(pc.fsdp_dim_names)]
-        kwargs = {"mesh": mesh, "reshard_after_forward": bool(plugin.reshard_after_forward),
-                  "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy()}
         teacher.to(accelerator.device)
-        layers = _decoder_layer_classes(teacher)
-        for module in teacher.modules():
-            if type(module).__name__ in layers:
-                fully_shard(module, **kwargs)
-        fully_shard(teacher, **kwargs)
-        teacher.eval()
-        return teacher
-    if getattr(accelerator, "distributed_type", None) is not None and str(accelerator.distributed_type).endswith(
-            "DEEPSPEED"):
+        return shard_fsdp2(teacher, mesh=mesh, reshard_after_forward=bool(plugin.reshard_after_forward),
+                           mp_policy=plugin.mixed_precision_policy)
+    if str(getattr(accelerator, "distributed_type", "")).endswith("DEEPSPEED"):
         raise InputError("teacher_model: DeepSpeed is not supported by distillkit.integrations (use DDP or FSDP2)")
     # DDP / one process: a frozen model needs no wrapper, only the device
     return accelerator.prepare_model(teacher, evaluation_mode=True)
+
+
+def check_launch(accelerator) -> None:
+    """Ranks that would each train alone, silently: the launcher started WORLD_SIZE processes but accelerate set
+    up fewer (on a machine without GPUs, `accelerate launch` with a GPU or FSDP config starts torchrun's ranks, and
+    accelerate then finds no GPU and no cpu flag); and FSDP asked for on CPU, where accelerate runs DDP."""
+    import os
+
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > accelerator.num_processes:
+        raise InputError(f"the launcher started {launched} processes (WORLD_SIZE) but accelerate set up "
+                         f"{accelerator.num_processes}: each would train alone. On CPU pass use_cpu=True in the "
+                         f"TrainingArguments (or set ACCELERATE_USE_CPU=true) so the ranks join over gloo")
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true" and not str(
+            accelerator.distributed_type).endswith("FSDP"):
+        logger.warning("FSDP was asked for but accelerate runs %s (accelerate enables FSDP on GPUs only): "
+                       "the ranks hold full copies of the models", accelerator.distributed_type)

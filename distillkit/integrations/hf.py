@@ -30,6 +30,7 @@ import torch
 from distillkit._errors import InputError
 from distillkit.integrations._common import (
     causal_labels,
+    check_launch,
     check_options,
     chunked_cross_entropy_sum,
     fused_skew_sum,
@@ -79,6 +80,7 @@ class SkewKLTrainer(Trainer):
         if not isinstance(reverse, bool):
             raise InputError(f"reverse must be a bool (False: skew KL, True: skew reverse KL), got {reverse!r}")
         super().__init__(model=model, args=args, **kwargs)
+        check_launch(self.accelerator)
         if isinstance(teacher_model, str):
             from transformers import AutoModelForCausalLM
 
