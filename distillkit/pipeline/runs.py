@@ -360,12 +360,10 @@ def select_shard(items: Sequence[dict], num_shards: int, shard_index: int, *, ke
     return [it for it in items if shard_of(it[key], num_shards) == shard_index]
 
 
-def merge_shard_records(shard_paths: Sequence[str], expected: Sequence[Any], *, key: str = "id",
-                        num_shards: int | None = None) -> list[dict]:
+def merge_shard_records(shard_paths: Sequence[str], expected: Sequence[Any], *, key: str = "id") -> list[dict]:
     """The records of the shard outputs ``shard_paths`` in the order of ``expected`` (every id the
     unsharded run would write). Raises InputError naming the files when an id is in two shards, when an
-    id of ``expected`` is in none (a shard unfinished or missing), or when a record's id is not expected;
-    with ``num_shards``, also when a record sits in a shard file whose ids belong to another shard."""
+    id of ``expected`` is in none (a shard unfinished or missing), or when a record's id is not expected."""
     if not shard_paths:
         raise InputError("shards: expected at least one shard output")
     where: dict[str, str] = {}
@@ -388,3 +386,56 @@ def merge_shard_records(shard_paths: Sequence[str], expected: Sequence[Any], *, 
     if extra:
         raise InputError(f"{len(extra)} records are not in the input (first: {extra[:5]}, in {where[extra[0]]})")
     return [by_id[k] for k in wanted]
+
+
+SHARD_FREE = frozenset({"shard_index", "output_path", "output_dir", "summary_path", "plot_path"})
+
+
+def check_shard_configs(configs: Sequence[tuple[str, Mapping[str, Any]]], *, free: Iterable[str] = ()) -> dict:
+    """The config the shards share, from each shard output's recorded config ``(shard output, config)``.
+
+    Raises InputError naming the outputs when the shards were not made by one sharded run: num_shards
+    differs or is not the number of outputs given, a shard index appears twice or not at all, or another
+    field differs (fields in ``free``, the shard index and the output paths may differ)."""
+    if not configs:
+        raise InputError("shards: expected at least one shard output")
+    skip = ALWAYS_FREE | SHARD_FREE | set(free)
+    first_path, first = configs[0]
+    counts = {c.get("num_shards", 1) for _, c in configs}
+    if len(counts) > 1:
+        raise InputError("shards: made with different num_shards (" + ", ".join(
+            f"{p}: {c.get('num_shards', 1)}" for p, c in configs) + ")")
+    (n,) = counts
+    if n != len(configs):
+        raise InputError(f"shards: {len(configs)} outputs given but they were made with num_shards={n}; give all "
+                         f"{n} shard outputs")
+    index: dict[int, str] = {}
+    for path, cfg in configs:
+        i = cfg.get("shard_index", 0)
+        if i in index:
+            raise InputError(f"shards: {index[i]} and {path} are both shard {i} of {n}; the shards overlap")
+        index[i] = path
+    for path, cfg in configs[1:]:
+        diffs = [f"{k}: {first.get(k)!r} vs {cfg.get(k)!r}" for k in sorted(set(first) | set(cfg))
+                 if k not in skip and first.get(k) != cfg.get(k)]
+        if diffs:
+            raise InputError(f"shards: {first_path} and {path} were made with different configs: " + "; ".join(diffs))
+    return dict(first)
+
+
+def write_records_atomic(path: str, records: Iterable[dict]) -> None:
+    """``records`` as a JSONL file at ``path`` (temporary file, fsynced, renamed over ``path``)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".jsonl")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for rec in records:
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    _fsync_dir(path)

@@ -15,8 +15,13 @@ from distillkit.pipeline.runs import (
     append_record,
     begin_dir_run,
     begin_run,
+    check_shard_configs,
     config_differences,
+    merge_shard_records,
     read_records,
+    select_shard,
+    shard_of,
+    write_records_atomic,
 )
 
 
@@ -115,3 +120,56 @@ def test_unreadable_run_config_is_refused_not_replaced(tmp_path):
     with pytest.raises(InputError, match="cannot be read"):
         begin_run(_Cfg(), str(record), run_exists=True, outputs=[], what="x")
     assert record.read_text() == '{"config": '
+
+
+# ----------------------------------------------------------------------------------------------
+# Shards
+# ----------------------------------------------------------------------------------------------
+def test_shards_split_by_a_stable_hash_of_the_id():
+    items = [{"id": f"q{i}"} for i in range(200)]
+    shards = [select_shard(items, 3, i) for i in range(3)]
+    assert sorted((it["id"] for sh in shards for it in sh), key=lambda k: int(k[1:])) == [it["id"] for it in items]
+    assert all(40 < len(sh) < 90 for sh in shards)  # roughly even
+    # by id, not position: reversing or cutting the input moves no item to another shard
+    assert [it["id"] for it in select_shard(items[::-1], 3, 1)] == [it["id"] for it in shards[1]][::-1]
+    assert select_shard(items[:50], 3, 1) == [it for it in shards[1] if int(it["id"][1:]) < 50]
+    # the same on every machine and Python: SHA-256 of str(id), first 8 bytes, big-endian, modulo N
+    assert [shard_of(k, 7) for k in ("q0", "q1", 12345)] == [shard_of("q0", 7), shard_of("q1", 7), shard_of("12345", 7)]
+    assert shard_of("q0", 1000) == int.from_bytes(__import__("hashlib").sha256(b"q0").digest()[:8], "big") % 1000
+    assert select_shard(items, 1, 0) == items
+    for bad in [(0, 0), (2, 2), (2, -1), (True, 0)]:
+        with pytest.raises(InputError, match="num_shards|shard_index"):
+            select_shard(items, *bad)
+
+
+def test_merge_puts_records_in_input_order_and_refuses_overlaps_and_gaps(tmp_path):
+    ids = [f"q{i}" for i in range(6)]
+    paths = []
+    for i in range(2):
+        path = tmp_path / f"s{i}.jsonl"
+        write_records_atomic(str(path), [{"id": k, "shard": i} for k in reversed(ids) if shard_of(k, 2) == i])
+        paths.append(str(path))
+    merged = merge_shard_records(paths, ids)
+    assert [r["id"] for r in merged] == ids and all(r["shard"] == shard_of(r["id"], 2) for r in merged)
+    with pytest.raises(InputError, match="in two shards"):
+        merge_shard_records([paths[0], paths[0]], ids)
+    with pytest.raises(InputError, match="in no shard"):
+        merge_shard_records(paths[:1], ids)
+    with pytest.raises(InputError, match="not in the input"):
+        merge_shard_records(paths, ids[:-1])
+    with pytest.raises(InputError, match="no such shard"):
+        merge_shard_records([str(tmp_path / "nope.jsonl")], ids)
+
+
+def test_shard_configs_must_come_from_one_sharded_run():
+    base = {"input_path": "q.jsonl", "num_shards": 2, "beam_size": 4}
+    a, b = ("a", {**base, "shard_index": 0, "output_path": "a"}), ("b", {**base, "shard_index": 1, "output_path": "b"})
+    assert check_shard_configs([a, b])["beam_size"] == 4
+    with pytest.raises(InputError, match="both shard 0"):
+        check_shard_configs([a, ("c", {**a[1]})])
+    with pytest.raises(InputError, match="num_shards=2; give all 2"):
+        check_shard_configs([a])
+    with pytest.raises(InputError, match="beam_size: 4 vs 2"):
+        check_shard_configs([a, ("b", {**b[1], "beam_size": 2})])
+    with pytest.raises(InputError, match="different num_shards"):
+        check_shard_configs([a, ("b", {**b[1], "num_shards": 3})])

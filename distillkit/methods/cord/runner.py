@@ -1,11 +1,14 @@
 """CoRD's run (JSONL in, JSONL out, resumable) and its command line."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
+import sys
 from collections.abc import Sequence
 
+from distillkit._errors import InputError
 from distillkit.methods.cord.config import CordConfig
 from distillkit.methods.cord.decode import DecodeResult, Scorer, decode_many
 from distillkit.methods.cord.segmentation import END_MARKER
@@ -13,7 +16,17 @@ from distillkit.methods.cord.summary import summarize, write_summary
 from distillkit.pipeline.answers import answers_match, extract_answer
 from distillkit.pipeline.config import parse_config
 from distillkit.pipeline.data import question_seed, read_questions
-from distillkit.pipeline.runs import append_record, begin_run, read_records, select_shard
+from distillkit.pipeline.runs import (
+    append_record,
+    begin_run,
+    check_shard_configs,
+    config_values,
+    merge_shard_records,
+    read_records,
+    select_shard,
+    write_json_atomic,
+    write_records_atomic,
+)
 from distillkit.teachers.base import Teacher
 
 log = logging.getLogger(__name__)
@@ -125,19 +138,82 @@ def run(cfg: CordConfig, *, teachers: Sequence[Teacher] | None = None, meta_prov
     return summary
 
 
+def merge_shards(output_path: str, shard_paths: Sequence[str]) -> dict:
+    """Concatenates the outputs of a sharded run (``num_shards`` runs, ``shard_index`` 0 .. N-1, each with
+    its own output_path) into ``output_path``, in input order, and writes its summary and hit-rate plot.
+
+    Refuses (InputError) shards made with different configs, a shard given twice or missing, an id in
+    two shards, an input question in none (a shard not finished) and an existing ``output_path``. The
+    merged output records the config with num_shards 1, so the unsharded command resumes it (nothing
+    left to do). Returns the summary."""
+    configs = []
+    for path in shard_paths:
+        record = path + ".run_config.json"
+        if not os.path.isfile(record):
+            raise InputError(f"{path}: no run config ({record}); expected the output_path of a `distillkit cord` "
+                             "shard run")
+        with open(record, encoding="utf-8") as f:
+            configs.append((path, json.load(f)["config"]))
+    common = check_shard_configs(configs)
+    if os.path.exists(output_path):
+        raise InputError(f"--merge-shards {output_path}: exists; choose a new path for the merged output")
+    fields = {f.name for f in dataclasses.fields(CordConfig)}
+    cfg = CordConfig(**{**{k: v for k, v in common.items() if k in fields}, "output_path": output_path,
+                        "num_shards": 1, "shard_index": 0, "summary_path": None, "plot_path": None})
+    expected = [q["id"] for q in read_questions(cfg.input_path, cfg.limit)]
+    records = merge_shard_records(list(shard_paths), expected)
+    write_records_atomic(output_path, records)
+    write_json_atomic(run_config_file(cfg), {"config": config_values(cfg)})
+    summary = summarize(records, cfg.names())
+    summary["method"] = cfg.method
+    write_summary(summary, cfg.summary_file(), cfg.plot_file())
+    log.info("cord: merged %d shards, %d records -> %s", len(shard_paths), len(records), output_path)
+    return summary
+
+
+def _print_summary(summary: dict, cfg: CordConfig) -> None:
+    print(json.dumps({k: v for k, v in summary.items() if k != "hit_rates"}, indent=1))
+    print(f"records: {cfg.output_path}\nsummary: {cfg.summary_file()}\nplot: {cfg.plot_file()}")
+
+
+def merge_cli(argv: Sequence[str]) -> int:
+    """`distillkit cord --merge-shards OUT SHARD [SHARD ...]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="distillkit cord --merge-shards",
+        description="Concatenate the outputs of a sharded CoRD run (--num-shards N --shard-index i) in input order "
+                    "and write their summary and hit-rate plot.")
+    parser.add_argument("--merge-shards", nargs="+", required=True, metavar="PATH",
+                        help="the merged output path, then every shard's output_path")
+    args = parser.parse_args(list(argv))
+    if len(args.merge_shards) < 2:
+        parser.error("--merge-shards: expected the merged output path and at least one shard output")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out, *shards = args.merge_shards
+    summary = merge_shards(out, shards)
+    print(json.dumps({k: v for k, v in summary.items() if k != "hit_rates"}, indent=1))
+    print(f"records: {out}\nsummary: {out}.summary.json\nplot: {out}.hit_rates.png")
+    return 0
+
+
 # ----------------------------------------------------------------------------------------------
 # CLI
 # ----------------------------------------------------------------------------------------------
 def cli(argv: Sequence[str] | None = None) -> int:
     """`distillkit cord --config cord.yaml [--field value ...]`; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--merge-shards" in argv:
+        return merge_cli(argv)
     # types, ranges, device, paths: all checked before any model loads
     try:
         cfg = parse_config(CordConfig, argv, "distillkit cord",
-                           "CoRD: collaborative step-wise multi-teacher decoding scored by a meta-prover.")
+                           "CoRD: collaborative step-wise multi-teacher decoding scored by a meta-prover. A sharded "
+                           "run (--num-shards N --shard-index i, one output_path each) is merged with "
+                           "`distillkit cord --merge-shards OUT SHARD_OUTPUT...`.")
     except SystemExit as exc:  # cord's cli has always returned its exit code (bad input: 2) rather than exiting
         return exc.code if isinstance(exc.code, int) else 2
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     summary = run(cfg)
-    print(json.dumps({k: v for k, v in summary.items() if k != "hit_rates"}, indent=1))
-    print(f"records: {cfg.output_path}\nsummary: {cfg.summary_file()}\nplot: {cfg.plot_file()}")
+    _print_summary(summary, cfg)
     return 0
