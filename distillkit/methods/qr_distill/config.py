@@ -73,6 +73,12 @@ class QRDistillConfig:
                                     "teacher]}: used instead of generating with teachers", default=None)
     limit: int | None = _help("use at most this many input questions (or paths_input records; None: all)",
                               default=None)
+    num_shards: int = _help("path generation in shards: this run writes the paths of the questions whose stable id "
+                            "hash mod num_shards is shard_index, then stops (no training); merge with "
+                            "`distillkit qr-distill --merge-shards OUT_DIR SHARD_DIR...` and run on OUT_DIR",
+                            default=1)
+    shard_index: int = _help("which shard of the questions this run writes paths for: 0 .. num_shards - 1",
+                             default=0)
     # path generation
     teachers: list[str] = _help("teacher checkpoints (paths or Hub ids) that write the paths", default_factory=list)
     teacher_names: list[str] | None = _help("names of the teachers in records (default: paths)", default=None)
@@ -217,6 +223,9 @@ class QRDistillConfig:
                 raise ValueError(f"{name}={value!r}: expected an integer >= 0")
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 0):
             raise ValueError(f"limit={self.limit!r}: expected an integer >= 0 or None")
+        from distillkit.pipeline.runs import check_shard_args
+
+        check_shard_args(self.num_shards, self.shard_index)
         if not 0 <= self.temperature <= 100:
             raise ValueError(f"temperature={self.temperature!r}: expected a number in [0, 100] (0 is greedy)")
         if self.judge_mode not in JUDGE_MODES:
