@@ -240,7 +240,7 @@ def topk_route(logits: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Te
 
 @torch.no_grad()
 def apply_capacity(hard: torch.Tensor, preference: torch.Tensor, capacity_factor: float | None) -> torch.Tensor:
-    """``hard`` [B, S] (0/1) with each student limited to C = ceil(c * R / S) routes, R = hard.sum().
+    """``hard`` [B, S] (0/1) with each student limited to C = ceil(c * R / S) routes, R = the routes left.
 
     A student over capacity keeps the rows with the largest ``preference`` [B, S] for it; a row left with
     no student goes to its most preferred student with room (its first choice, else its second, ...;
@@ -254,29 +254,33 @@ def apply_capacity(hard: torch.Tensor, preference: torch.Tensor, capacity_factor
         raise ValueError(f"capacity_factor={capacity_factor}: expected >= 1 (or None: no limit)")
     B, S = hard.shape
     out = hard.clone()
-    routes = int(out.sum())
-    if routes == 0:
-        return out
-    cap = math.ceil(capacity_factor * routes / S - 1e-9)
     pref = preference.detach().float()
-    for s in range(S):
-        rows = out[:, s].nonzero().squeeze(1)
-        if len(rows) > cap:
-            order = pref[rows, s].argsort(descending=True, stable=True)
-            out[rows[order[cap:]], s] = 0.0
-    # rows left with no student: their 1st choices with room first, then their 2nd choices, ...
     ranked = pref.argsort(dim=1, descending=True, stable=True)            # [B, S] students by preference
-    for rank in range(S):
-        orphans = (out.sum(1) == 0).nonzero().squeeze(1)
-        if len(orphans) == 0:
+    # Dropping a co-routed path's route lowers R and so C: repeat until every load is within C of the final R.
+    for _ in range(2 * S + 2):
+        routes = int(out.sum())
+        if routes == 0:
             break
-        choice = ranked[orphans, rank]
+        cap = math.ceil(capacity_factor * routes / S - 1e-9)
+        if bool((out.sum(0) <= cap).all()):
+            break
         for s in range(S):
-            room = cap - int(out[:, s].sum())
-            rows = orphans[choice == s]
-            if room > 0 and len(rows):
-                rows = rows[pref[rows, s].argsort(descending=True, stable=True)[:room]]
-                out[rows, s] = 1.0
+            rows = out[:, s].nonzero().squeeze(1)
+            if len(rows) > cap:
+                order = pref[rows, s].argsort(descending=True, stable=True)
+                out[rows[order[cap:]], s] = 0.0
+        # rows left with no student: their 1st choices with room first, then their 2nd choices, ...
+        for rank in range(S):
+            orphans = (out.sum(1) == 0).nonzero().squeeze(1)
+            if len(orphans) == 0:
+                break
+            choice = ranked[orphans, rank]
+            for s in range(S):
+                room = cap - int(out[:, s].sum())
+                rows = orphans[choice == s]
+                if room > 0 and len(rows):
+                    rows = rows[pref[rows, s].argsort(descending=True, stable=True)[:room]]
+                    out[rows, s] = 1.0
     return out
 
 

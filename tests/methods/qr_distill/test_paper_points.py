@@ -302,6 +302,14 @@ def test_capacity_limit_keeps_the_most_preferred_paths_and_rehomes_the_rest():
     assert torch.equal(qr.apply_capacity(both, pref, 1.25), both)  # co-routing is not collapse: no limit hit
     with pytest.raises(ValueError, match="capacity_factor"):
         qr.apply_capacity(hard, pref, 0.5)
+    # co-routed paths: dropping a path's route to a full student lowers R; the limit holds for the R left
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        logits = torch.randn(16, 3, generator=g) * 3 + torch.tensor([3.0, 0.0, -1.0])
+        hard, p = qr.bernoulli_straight_through(logits, generator=g)
+        out = qr.apply_capacity(hard, p, 1.25)
+        assert bool((out.sum(1) >= 1).all())  # every path still goes to some student
+        assert bool((out.sum(0) <= math.ceil(1.25 * float(out.sum()) / 3 - 1e-9)).all())
 
 
 def test_capacity_factor_is_in_the_config_and_on_by_default(tmp_path):
