@@ -48,7 +48,7 @@ from distillkit._errors import InputError
 from distillkit.ops._checks import first_index as _first
 from distillkit.ops._checks import first_nonfinite, nonfinite_rows
 from distillkit.ops._ddp import check_ddp_forward
-from distillkit.ops._dtensor import gather_constant, gather_input, gather_weight
+from distillkit.ops._dtensor import gather_constant, gather_input, gather_weight, is_dtensor
 from distillkit.ops.skew_kl import SKEW_KL, _acc_dtype, _row_scale, check_options, check_token_tensors, skew_kl_rows
 
 __all__ = ["fused_linear_skew_kl", "fused_linear_skew_reverse_kl", "default_chunk_size"]
@@ -426,11 +426,26 @@ def _select_backend(op: str, device: str, backend: str | None) -> str:
     return FUSED_LINEAR.select(torch.device(device), backend=backend, label=op).name
 
 
+def _as_hidden_dtype(param, hidden):
+    """A DTensor lm_head weight or bias in hidden's floating dtype (a differentiable cast of its local shards);
+    anything else unchanged (a plain tensor of another dtype is an input error, reported as such)."""
+    if (is_dtensor(param) and isinstance(hidden, torch.Tensor) and param.is_floating_point()
+            and hidden.is_floating_point() and param.dtype != hidden.dtype):
+        return param.to(hidden.dtype)
+    return param
+
+
 def _fused_linear_skew(student_hidden, student_weight, teacher_hidden, teacher_weight, labels, weights,
                        student_bias, teacher_bias, alpha, temperature, ignore_index, reduction, chunk_size,
                        backend, reverse, detach_mixture, vocab_size=None, transforms=(1.0, None, 1.0, None)):
     check_ddp_forward(student_weight)  # hidden states that bypassed DDP's forward would never sync
-    # DTensor arguments (FSDP2, tensor parallel) become plain full tensors here, outside the custom op
+    # DTensor arguments (FSDP2, tensor parallel) become plain full tensors here, outside the custom op; a
+    # sharded lm_head kept in float32 under FSDP2's mixed precision is cast to its hidden states' dtype first,
+    # shard by shard, as FSDP2 itself all-gathers parameters in param_dtype for a forward
+    student_weight, student_bias = _as_hidden_dtype(student_weight, student_hidden), _as_hidden_dtype(
+        student_bias, student_hidden)
+    teacher_weight, teacher_bias = _as_hidden_dtype(teacher_weight, teacher_hidden), _as_hidden_dtype(
+        teacher_bias, teacher_hidden)
     student_hidden, teacher_hidden = gather_input(student_hidden), gather_constant(teacher_hidden)
     student_weight, student_bias = gather_weight(student_weight), gather_weight(student_bias)
     teacher_weight, teacher_bias = gather_constant(teacher_weight), gather_constant(teacher_bias)

@@ -35,19 +35,52 @@ def _loss(kind, student, teacher, ids, labels, alpha, kw):
               temperature=1.5, chunk_size=5, **kw)
 
 
-def _shard(model):
+def _shard(model, **kw):
     from torch.distributed.fsdp import fully_shard
 
     for layer in model.model.layers:
-        fully_shard(layer)
-    fully_shard(model.lm_head)  # its own group: a sharded DTensor outside its own forward
-    fully_shard(model)
+        fully_shard(layer, **kw)
+    fully_shard(model.lm_head, **kw)  # its own group: a sharded DTensor outside its own forward
+    fully_shard(model, **kw)
 
 
 def _worker(rank):
     for kind, alpha, kw in CASES:
         _case(rank, kind, alpha, kw)
+    _mixed_precision(rank)
     _logits_level_and_scoring(rank)
+
+
+def _mixed_precision(rank):
+    """MixedPrecisionPolicy(param_dtype=float32) over float64 parameters: the sharded lm_heads (float64
+    DTensors) meet float32 hidden states and are cast shard by shard, as FSDP2 casts for its own forward. Loss
+    and gradients against one float64 process, within twice one float32 process's error (+ 4 float32 ulp)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from _tolerance import assert_eager_budget
+
+    ids, labels = _batch()
+    mine = slice(rank * BATCH // 2, (rank + 1) * BATCH // 2)
+    runs = {}
+    for dtype in (torch.float64, torch.float32):  # the truth, and plain PyTorch's float32 error
+        student, teacher = tiny_llama(32, VOCAB, seed=0, dtype=dtype), tiny_llama(48, VOCAB, seed=1, dtype=dtype)
+        loss = _loss("skl", student, teacher, ids, labels, 0.1, {})
+        loss.backward()
+        runs[dtype] = loss.detach(), {n: p.grad for n, p in student.named_parameters()}
+    student, teacher = tiny_llama(32, VOCAB, seed=0), tiny_llama(48, VOCAB, seed=1)
+    policy = MixedPrecisionPolicy(param_dtype=torch.float32)
+    _shard(student, mp_policy=policy)
+    _shard(teacher, mp_policy=policy)
+    loss = _loss("skl", student, teacher, ids[mine], labels[mine], 0.1, {})
+    assert loss.dtype == torch.float32 and student.lm_head.weight.dtype == torch.float64
+    mean = loss.detach().clone()
+    torch.distributed.all_reduce(mean)
+    assert_eager_budget(mean / 2, runs[torch.float32][0], runs[torch.float64][0], what="loss")
+    loss.backward()
+    for name, p in student.named_parameters():
+        assert p.grad.dtype == torch.float64 and p.grad.placements == p.placements, name
+        assert_eager_budget(p.grad.full_tensor(), runs[torch.float32][1][name], runs[torch.float64][1][name],
+                            out_dtype=torch.float32, scale="tensor", what=name)
 
 
 def _case(rank, kind, alpha, kw):
@@ -120,6 +153,7 @@ def _logits_level_and_scoring(rank):
 
 
 def test_fsdp2_lm_head_own_group_sharded_teacher_equals_one_process():
-    """Skew KL, skew reverse KL, and a padded vocabulary with logit transforms; then DTensor logits and a
-    sharded lm_head in the scoring op: one spawn (the ranks' start-up dominates the time)."""
+    """Skew KL, skew reverse KL, and a padded vocabulary with logit transforms; FSDP2's mixed precision (a
+    float64 sharded lm_head, float32 hidden states); DTensor logits and a sharded lm_head in the scoring op:
+    one spawn (the ranks' start-up dominates the time)."""
     run(_worker)
