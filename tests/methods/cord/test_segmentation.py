@@ -115,7 +115,7 @@ def test_prefix_stop_strings_cover_question_and_exclamation_marks():
         assert found is not None and found[0] == len("a") + len(s) - len(s.lstrip("\n.?! ")), s
 
 
-def test_user_prefix_list_from_the_config():
+def test_user_prefix_list_from_the_config(tmp_path):
     from distillkit.methods.cord import CordConfig
 
     base = dict(teachers=["A"], meta_prover="M", input_path="i", output_path="o", segmentation="prefix-based")
@@ -126,6 +126,12 @@ def test_user_prefix_list_from_the_config():
     assert CordConfig(**base).make_segmentation().phrases == list(PAPER_PREFIX_PHRASES)
     old = CordConfig(**base, prefix_phrases=["Check"])  # the old field name, accepted for this release
     assert old.segmentation_prefixes == ["Check"]
+    path = tmp_path / "c.yaml"
+    path.write_text("teachers: [A]\nmeta_prover: M\ninput_path: i\noutput_path: o\nsegmentation: prefix-based\n"
+                    "segmentation_prefixes: [Check, next up]\n")
+    assert CordConfig.from_yaml(str(path)).make_segmentation().phrases == ["Check", "next up"]
+    path.write_text(path.read_text().replace("segmentation_prefixes", "prefix_phrases"))
+    assert CordConfig.from_yaml(str(path)).segmentation_prefixes == ["Check", "next up"]
     with pytest.raises(ValueError, match="segmentation_prefixes"):
         CordConfig(**{**base, "segmentation": "line-break"}, segmentation_prefixes=["Check"])
     with pytest.raises(ValueError, match="segmentation_prefixes"):
