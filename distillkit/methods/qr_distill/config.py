@@ -17,6 +17,7 @@ from distillkit.methods.qr_distill.router import (
 )
 from distillkit.pipeline.config import config_field as _help
 from distillkit.pipeline.data import DEFAULT_PROMPT
+from distillkit.pipeline.generation import TeacherOptions
 from distillkit.pipeline.train import TrainConfig, train_field, with_train_options
 
 _FINAL = 'End with "The final answer is X." where X is the answer.'
@@ -65,7 +66,7 @@ ROUTER_NAME = "router.pt"
 # ----------------------------------------------------------------------------------------------
 @with_train_options
 @dataclass
-class QRDistillConfig:
+class QRDistillConfig(TeacherOptions):
     # data
     input_path: str = _help("questions JSONL, one {id, question, answer} per line", default="")
     output_dir: str = _help("run directory: paths.jsonl, checkpoint, metrics, students/, summary", default="qr-run")
@@ -82,14 +83,15 @@ class QRDistillConfig:
     # path generation
     teachers: list[str] = _help("teacher checkpoints (paths or Hub ids) that write the paths", default_factory=list)
     teacher_names: list[str] | None = _help("names of the teachers in records (default: paths)", default=None)
-    teacher_backend: str = _help("hf | vllm", default="hf")
+    teacher_backend: str = _help("hf | vllm (in-process) | openai (served: teacher_base_urls)", default="hf")
     styles: list[str] = _help("prompt styles, each a key of the built-in or style_templates templates",
                               default_factory=lambda: list(DEFAULT_STYLES))
     style_templates: dict[str, str] | None = _help("extra or replacement style templates (YAML mapping name -> "
                                                    "template with {question})", default=None)
     paths_per_style: int = _help("paths per (question, style, teacher)", default=1)
     max_new_tokens: int = _help("teacher tokens per path", default=1024)
-    temperature: float = _help("teacher sampling temperature (0: greedy)", default=0.7)
+    temperature: list[float] | float = _help("teacher sampling temperature (0: greedy); one number, or a list "
+                                             "of one per teacher", default=0.7)
     stop: list[str] | None = _help("stop strings for path generation (default: EOS only)", default=None)
     gen_dtype: str = _help("dtype of the teachers and the judge (hf): float32 | bfloat16 | float16 | auto",
                            default="float32")
@@ -192,9 +194,9 @@ class QRDistillConfig:
         if self.teacher_names is not None and len(self.teacher_names) != len(self.teachers):
             raise ValueError(f"teacher_names: expected {len(self.teachers)} names (one per teacher), "
                              f"got {len(self.teacher_names)}")
-        for name in ("teacher_backend", "judge_backend"):
-            if getattr(self, name) not in BACKENDS:
-                raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {BACKENDS}")
+        if self.judge_backend not in BACKENDS:
+            raise ValueError(f"judge_backend={self.judge_backend!r}: expected one of {BACKENDS}")
+        self.check_teacher_options(len(self.teachers))  # backend, per-teacher sampling, servers
         if self.style_templates is not None:
             if not isinstance(self.style_templates, dict) or not all(
                     isinstance(k, str) and isinstance(v, str) for k, v in self.style_templates.items()):
@@ -226,8 +228,6 @@ class QRDistillConfig:
         from distillkit.pipeline.runs import check_shard_args
 
         check_shard_args(self.num_shards, self.shard_index)
-        if not 0 <= self.temperature <= 100:
-            raise ValueError(f"temperature={self.temperature!r}: expected a number in [0, 100] (0 is greedy)")
         if self.judge_mode not in JUDGE_MODES:
             raise ValueError(f"judge_mode={self.judge_mode!r}: expected one of {JUDGE_MODES}")
         if self.judge_prompt is None:

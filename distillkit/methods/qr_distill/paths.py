@@ -51,7 +51,7 @@ def propose_paths(q: dict, teachers: Sequence[Teacher], cfg: QRDistillConfig, pe
             continue
         prompts = [fill_prompt(templates[s], question=q["question"]) for s in styles]
         props = teacher.propose(prompts, n=cfg.paths_per_style, max_new_tokens=cfg.max_new_tokens, stop=cfg.stop,
-                                temperature=cfg.temperature, seed=question_seed(cfg.train.seed, q["id"]) + 7919 * t)
+                                seed=question_seed(cfg.train.seed, q["id"]) + 7919 * t, **cfg.teacher_sampling(t))
         for style, prompt, row in zip(styles, prompts, props):
             for j, prop in enumerate(row):
                 key = path_key(q["id"], style, names[t], j)
@@ -147,8 +147,10 @@ def _load_generators(cfg: QRDistillConfig, need_teachers: bool, need_judge: bool
             return dict(dtype=cfg.gen_dtype, device=str(torch_device(cfg.device)), batch_size=cfg.gen_batch_size)
         return {} if cfg.gen_dtype == "float32" else dict(dtype=cfg.gen_dtype)
 
-    teachers = [load_teacher(p, backend=cfg.teacher_backend, name=n, **kw(cfg.teacher_backend))
-                for p, n in zip(cfg.teachers, cfg.names())] if need_teachers else []
+    from distillkit.pipeline.generation import load_teachers
+
+    # per-teacher teacher_kwargs; served teachers (openai) take the server settings instead
+    teachers = load_teachers(cfg, cfg.teachers, cfg.names(), **kw(cfg.teacher_backend)) if need_teachers else []
     judge = load_teacher(cfg.judge, backend=cfg.judge_backend, name="judge", **kw(cfg.judge_backend)) \
         if need_judge else None
     return teachers, judge
