@@ -8,7 +8,8 @@ The interface is one call over a batch of sequences and one candidate token per 
 
 i.e. position t's context is the first t + 1 tokens of row b (the same convention as a causal LM,
 whose hidden state at position t predicts token t + 1): VCRD calls ``judge(ids, a_S)`` and
-``judge(ids, a_T)`` with a_S[b, t], a_T[b, t] the student's and teacher's greedy tokens at position t.
+``judge(ids, a_T)`` with a_S[b, t], a_T[b, t] the student's and teacher's candidate tokens at position t
+(sampled from each model, or their argmax).
 Rows are right-padded; ``mask[b, t]`` (bool) says which positions need a score (the rollout's
 positions: a judge spends no work elsewhere, and returns 0 there). mask=None scores every position.
 
@@ -125,7 +126,7 @@ class HFProcessRewardJudge:
     ``batch_size`` positions are appended as one extra block whose 4-D attention mask lets candidate t
     see cached keys 0..t and its own tokens only (tree attention): O(P + T + T k) tokens of compute and
     one row's KV cache in memory. That mask needs the "eager" or "sdpa" attention implementation.
-    VCRD calls the judge twice per rollout (student's and teacher's greedy tokens).
+    VCRD calls the judge twice per rollout (student's and teacher's candidate tokens).
     """
 
     def __init__(self, model, tokenizer, *, good_token: str = "+", bad_token: str = "-",
