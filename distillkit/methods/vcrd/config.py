@@ -90,6 +90,10 @@ class VcrdConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r} must be an integer >= 1")
         if not (self.temperature >= 0 and math.isfinite(self.temperature)):
             raise ValueError(f"temperature={self.temperature} must be >= 0 (0 = greedy)")
+        if self.teacher_backend == "openai":  # a served teacher (CoRD, QR-Distill) cannot give what the loss reads
+            raise ValueError("teacher_backend='openai': VCRD's loss reads the teacher's logits at every rollout token, "
+                             "so the teacher runs in this process; its rollouts come from that copy (hf) or an "
+                             "in-process vllm engine")
         if self.teacher_backend not in ("hf", "vllm"):
             raise ValueError(f"teacher_backend={self.teacher_backend!r}: expected hf or vllm")
         if not 0 < self.vllm_gpu_memory_utilization <= 1:
