@@ -9,10 +9,11 @@
     max_length   the longest newest step (tokens with a tokenizer, else characters)
 
 Every selector has the decoder's scorer interface (``score(pairs, *, prefixes=None)`` -> float32 [C], higher
-is better, and a running ``tokens_processed``), so the beam search takes any of them where it takes the
-meta-prover. A pair is (context, answer): context = the prompt + the candidate's steps; the candidate's
-newest step is the text after its prefix (the parent beam), or the whole context after the prompt when no
-prefix is given. Only ``perplexity`` reads the answer.
+is better; a running ``tokens_processed``; ``last_pair_tokens``: per pair of the last call, the tokens it cost,
+so that the decode loop scores many questions' candidates in one call and charges each its own), so the beam
+search takes any of them where it takes the meta-prover. A pair is (context, answer): context = the prompt +
+the candidate's steps; the candidate's newest step is the text after its prefix (the parent beam), or the
+whole context after the prompt when no prefix is given. Only ``perplexity`` reads the answer.
 
     selector = make_selector(cfg, meta_prover)      # cfg.selector: perplexity | prm | binary | max_length
 """
@@ -66,9 +67,11 @@ class MaxLengthSelector:
     def __init__(self, tokenizer=None):
         self.tokenizer = tokenizer
         self.tokens_processed = 0
+        self.last_pair_tokens: list[int] = []
 
     def score(self, pairs, *, prefixes=None) -> torch.Tensor:
         steps = newest_steps(pairs, prefixes)
+        self.last_pair_tokens = [0] * len(steps)  # no model runs
         if self.tokenizer is None:
             lengths = [len(s) for s in steps]
         else:
@@ -92,6 +95,7 @@ class PRMSelector:
             raise TypeError(f"judge: expected a distillkit.judges Judge, got {type(judge).__name__}")
         self.judge, self.tokenizer = judge, tokenizer
         self.tokens_processed = 0
+        self.last_pair_tokens: list[int] = []
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype="float32", device="cpu", **judge_kwargs) -> PRMSelector:
@@ -103,6 +107,7 @@ class PRMSelector:
     @torch.no_grad()
     def score(self, pairs, *, prefixes=None) -> torch.Tensor:
         pairs, _ = _check_pairs(pairs, prefixes)
+        self.last_pair_tokens = []
         if not pairs:
             return torch.empty(0, dtype=torch.float32)
         ids = [list(self.tokenizer(ctx)["input_ids"]) for ctx, _ in pairs]
@@ -122,7 +127,8 @@ class PRMSelector:
             mask[b, t] = True
             last.append(t)
         scores = self.judge(prefix_ids, token_ids, mask)
-        self.tokens_processed += sum(len(r) for r in ids)
+        self.last_pair_tokens = [len(r) for r in ids]
+        self.tokens_processed += sum(self.last_pair_tokens)
         return scores[torch.arange(len(ids)), torch.tensor(last)].detach().float().cpu()
 
 
@@ -150,6 +156,7 @@ class BinaryJudgeSelector:
         if not self.yes_ids or not self.no_ids or self.yes_ids == self.no_ids:
             raise InputError(f"yes={yes!r}, no={no!r}: expected two different non-empty answers")
         self.tokens_processed = 0
+        self.last_pair_tokens: list[int] = []
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype="float32", device="cpu", **kwargs) -> BinaryJudgeSelector:
@@ -186,12 +193,12 @@ class BinaryJudgeSelector:
             logp = torch.log_softmax(logits[:, :m].float(), dim=-1)
             target = torch.tensor(answer, device=logp.device).expand(len(rows), m)
             out.append(logp.gather(-1, target.unsqueeze(-1)).squeeze(-1).sum(-1).cpu())
-            self.tokens_processed += int(att.sum())
         return torch.cat(out)
 
     @torch.no_grad()
     def score(self, pairs, *, prefixes=None) -> torch.Tensor:
         pairs, prefixes = _check_pairs(pairs, prefixes)
+        self.last_pair_tokens = []
         if not pairs:
             return torch.empty(0, dtype=torch.float32)
         steps = newest_steps(pairs, prefixes)
@@ -199,6 +206,9 @@ class BinaryJudgeSelector:
                    for (ctx, _), step in zip(pairs, steps)]
         yes = self._answer_logprob(prompts, self.yes_ids)
         no = self._answer_logprob(prompts, self.no_ids)
+        # each pair runs its judging prompt twice, once before each answer
+        self.last_pair_tokens = [2 * len(p) + len(self.yes_ids) + len(self.no_ids) for p in prompts]
+        self.tokens_processed += sum(self.last_pair_tokens)
         return torch.sigmoid(yes - no).float()
 
 

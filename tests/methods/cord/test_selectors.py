@@ -26,7 +26,7 @@ RIGHT, WRONG = " 3: 5*4=0\n", " 3: 5*4=2\n"  # the overflow teacher's flaw write
 
 
 def _cfg(**kw) -> CordConfig:
-    return CordConfig(teachers=["t"], meta_prover="m", input_path="i", output_path="o", **kw)
+    return CordConfig(**{"teachers": ["t"], "meta_prover": "m", "input_path": "i", "output_path": "o", **kw})
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +73,8 @@ def test_prm_selector_reads_the_prm_after_the_newest_step(prover):
     sel = PRMSelector(judge, tok)
     contexts = [PARENT + RIGHT, PARENT + WRONG, PROMPT + " 1: 3+9=2\n"]  # rows of different lengths
     got = sel.score([(c, "0") for c in contexts], prefixes=[PARENT, PARENT, PROMPT])
-    assert sel.tokens_processed == sum(len(tok(c)["input_ids"]) for c in contexts)
+    assert sel.last_pair_tokens == [len(tok(c)["input_ids"]) for c in contexts]
+    assert sel.tokens_processed == sum(sel.last_pair_tokens)
     good, bad = judge.good_id, judge.bad_id
     rows = [list(tok(c)["input_ids"]) + judge.tag_ids for c in contexts]
     with torch.no_grad():
@@ -100,6 +101,8 @@ def test_binary_selector_is_the_judges_yes_probability():
     got = sel.score([(c, "0") for c in contexts], prefixes=prefixes)
     questions = [sel.question(p, c[len(p):]) for c, p in zip(contexts, prefixes)]
     assert "The last step above was:\n 3: 5*4=2\n" in questions[1] and questions[1].startswith(PARENT)
+    assert sel.last_pair_tokens == [2 * len(tok(q)["input_ids"]) + 5 for q in questions]  # "yes" 3, "no" 2 chars
+    assert sel.tokens_processed == sum(sel.last_pair_tokens)
 
     def direct(m):
         y, n = tok("yes", add_special_tokens=False)["input_ids"], tok("no", add_special_tokens=False)["input_ids"]
@@ -126,3 +129,29 @@ def test_make_selector_max_length_and_names():
     cfg.selector = "coin"  # past the config's own check
     with pytest.raises(ValueError, match="selector"):
         make_selector(cfg, None)
+
+
+def test_a_selector_ranks_the_beams_of_many_questions_in_flight():
+    """The decode loop takes a selector where it takes the meta-prover: with max_length, the longest of the
+    teachers' steps wins every step, one question at a time and several in flight alike."""
+    from distillkit.methods.cord.decode import decode_many
+    from distillkit.teachers.base import Proposal, Teacher
+
+    class Writes(Teacher):
+        def __init__(self, name, text):
+            self.name, self.text = name, text
+
+        def propose(self, prefixes, *, n=1, max_new_tokens=128, stop=None, temperature=0.0, seed=None):
+            done = [p.count("|") >= 2 for p in prefixes]
+            return [[Proposal(self.text + ("</think>" if d else "|"), 2, d, "end" if d else "boundary")] * n
+                    for d in done]
+
+    teachers = [Writes("short", "ab"), Writes("long", "abcdef")]
+    cfg = _cfg(teachers=["short", "long"], segmentation="line-break", beam_size=1, temperature=0.0, token_budget=50,
+               max_answer_tokens=3)
+    items = [(f"Q{i}", "0", i) for i in range(3)]
+    for flight in (1, 3):
+        got = dict(decode_many(items, teachers, MaxLengthSelector(), cfg, in_flight=flight))
+        for i, res in got.items():
+            assert [s["teacher"] for s in res.beam.steps] == ["long", "long", "long"], (flight, i)
+            assert res.meta_prover_tokens == 0
