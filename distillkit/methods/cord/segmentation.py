@@ -22,11 +22,12 @@ END_MARKER = "</think>"
 STEP_MARKER = "### Step"
 
 # The paper's 15 phrases that open a new step in prefix-based segmentation (Appendix G.1), matched
-# case-insensitively, only at the start of a sentence or a line. Five kinds of move, three phrases each:
-# verification, a change of approach, backtracking, double-checking, self-correction. Checked against the
-# paper's text: the five the code lacked before ("going back to", "another way", "let's try a different
-# approach", "using another method", "we can also verify"); the other ten follow the paper's categories but
-# their wording could not be checked against its text here.
+# case-insensitively, only at the start of a sentence or a line. Known verbatim: "going back to", "another way",
+# "let's try a different approach", "using another method", "we can also verify". Not checked against the paper's
+# text (its appendix could not be read here): "wait", "alternatively", "let me check", "let me verify",
+# "let me double-check" (this project's earlier list, taken to be the paper's five it held) and the five
+# self-correction phrases "but wait", "hold on", "i made a mistake", "that's not right", "on second thought".
+# Pass segmentation_prefixes to use another list.
 PAPER_PREFIX_PHRASES = (
     "wait", "alternatively", "let me check", "let me verify", "let me double-check",
     "going back to", "another way", "let's try a different approach", "using another method",
