@@ -216,8 +216,9 @@ def validity_weights(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
     (r_s = judge(ids, a_S), r_t = judge(ids, a_T)). Logits exist for ``chunk_rows`` target rows at a
     time (default: distillkit.ops.fused_linear.default_chunk_size).
 
-    candidate_tokens: "sample" (Section 2.1: a_S ~ q(.|c), a_T ~ p(.|c), drawn with a generator seeded
-    by ``seed``, so the same inputs and seed give the same tokens) or "greedy" (the argmax of each).
+    candidate_tokens: "sample" (Section 2.1: a_S ~ q(.|c), a_T ~ p(.|c), drawn chunk by chunk from one
+    generator seeded by ``seed``: the same inputs, seed and ``chunk_rows`` give the same tokens) or "greedy"
+    (the argmax of each; only then does the PRM-free clamped_ratio use the fused one-pass kernel).
     weighting "auto": see :func:`resolve_weighting`.
     """
     from distillkit.ops.fused_linear import default_chunk_size
