@@ -26,13 +26,13 @@ STEP_MARKER = "### Step"
 # "let's try a different approach", "using another method", "we can also verify". Not checked against the paper's
 # text (its appendix could not be read here): "wait", "alternatively", "let me check", "let me verify",
 # "let me double-check" (this project's earlier list, taken to be the paper's five it held) and the five
-# self-correction phrases "but wait", "hold on", "i made a mistake", "that's not right", "on second thought".
-# Pass segmentation_prefixes to use another list.
+# self-correction phrases "but wait", "i made a mistake", "that's not right", "let me correct", "let me reconsider"
+# (none of them in the earlier list, which lacked all five). Pass segmentation_prefixes to use another list.
 PAPER_PREFIX_PHRASES = (
     "wait", "alternatively", "let me check", "let me verify", "let me double-check",
     "going back to", "another way", "let's try a different approach", "using another method",
     "we can also verify",
-    "but wait", "hold on", "i made a mistake", "that's not right", "on second thought",
+    "but wait", "i made a mistake", "that's not right", "let me correct", "let me reconsider",
 )
 # The phrases this project used before it took the paper's list (25: the paper's five and twenty more);
 # pass them as segmentation_prefixes to reproduce older runs.

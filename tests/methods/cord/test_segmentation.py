@@ -90,6 +90,8 @@ def test_prefix_based_default_is_the_papers_fifteen_phrases():
     for phrase in ("going back to", "another way", "let's try a different approach", "using another method",
                    "we can also verify", "wait", "alternatively"):
         assert phrase in PAPER_PREFIX_PHRASES
+    # ten of the paper's phrases were missing from the earlier list, which held five of them
+    assert len(set(PAPER_PREFIX_PHRASES) - set(LEGACY_PREFIX_PHRASES)) == 10
     seg = make_segmentation("prefix-based")
     assert seg.phrases == list(PAPER_PREFIX_PHRASES)
     # the paper's phrases open steps, after a newline or a sentence end of any kind
