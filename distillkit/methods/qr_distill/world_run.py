@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 VARIANTS: dict[str, dict] = {
     "learned": {},
     "learned-no-capacity": {"router_capacity_factor": None},
+    "gumbel": {"routing": "gumbel_top1"},
     "random": {"routing": "random"},
 }
 
