@@ -1,6 +1,8 @@
 """QR-Distill steps 1-2: reasoning paths from the teachers (or a file), judged and filtered; resumable."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
 import os
 import re
@@ -165,7 +167,7 @@ def collect_paths(cfg: QRDistillConfig, *, teachers: Sequence[Teacher] | None = 
     from tqdm.auto import tqdm
 
     from distillkit.pipeline.data import read_questions
-    from distillkit.pipeline.runs import append_record, read_records
+    from distillkit.pipeline.runs import append_record, read_records, select_shard
 
     path = cfg.paths_file()
     os.makedirs(cfg.output_dir, exist_ok=True)
@@ -177,14 +179,14 @@ def collect_paths(cfg: QRDistillConfig, *, teachers: Sequence[Teacher] | None = 
     wanted: set[str] = set()
     if cfg.paths_input:
         groups: dict[Any, list[dict]] = {}
-        for rec in imported_records(cfg):
+        for rec in select_shard(imported_records(cfg), cfg.num_shards, cfg.shard_index, key="qid"):
             wanted.add(rec["id"])
             if rec["id"] not in done_keys:
                 groups.setdefault(rec["qid"], []).append(rec)
         work = [(qid, recs) for qid, recs in groups.items()]
     else:
         names = cfg.names()
-        questions = read_questions(cfg.input_path, cfg.limit)
+        questions = select_shard(read_questions(cfg.input_path, cfg.limit), cfg.num_shards, cfg.shard_index)
         work = []
         for q in questions:
             keys = {path_key(q["id"], s, n, j) for s in cfg.styles for n in names for j in range(cfg.paths_per_style)}
@@ -212,6 +214,61 @@ def collect_paths(cfg: QRDistillConfig, *, teachers: Sequence[Teacher] | None = 
                 bar.update(1)
     # Only this configuration's paths: records of styles or questions dropped since stay on disk, unused.
     return [r for r in read_records(path, key="id") if r["id"] in wanted]
+
+
+def expected_path_ids(cfg: QRDistillConfig) -> list[str]:
+    """Every path record id an unsharded run of ``cfg`` writes, in the order it writes them."""
+    from distillkit.pipeline.data import read_questions
+
+    if cfg.paths_input:
+        return [rec["id"] for rec in imported_records(cfg)]
+    names = cfg.names()
+    return [path_key(q["id"], s, n, j) for q in read_questions(cfg.input_path, cfg.limit)
+            for n in names for s in cfg.styles for j in range(cfg.paths_per_style)]
+
+
+def merge_path_shards(output_dir: str, shard_dirs: Sequence[str]) -> dict:
+    """Merges the paths.jsonl of a sharded path generation (``num_shards`` runs, each its own output_dir)
+    into ``output_dir``/paths.jsonl, in question order, and records the unsharded config there, so that
+    ``distillkit qr-distill`` with that config and ``output_dir`` trains on them (nothing left to generate).
+
+    Refuses (InputError) shards of different configs, a shard given twice or missing, a path in two
+    shards or in none, and an ``output_dir`` that already holds anything. Returns the path counts."""
+    from distillkit.pipeline.runs import (
+        RUN_CONFIG_NAME,
+        check_shard_configs,
+        config_values,
+        dir_has_outputs,
+        merge_shard_records,
+        write_json_atomic,
+        write_records_atomic,
+    )
+
+    configs = []
+    for d in shard_dirs:
+        record = os.path.join(d, RUN_CONFIG_NAME)
+        if not os.path.isfile(record):
+            raise InputError(f"{d}: no run config ({record}); expected the output_dir of a `distillkit qr-distill` "
+                             "shard run")
+        with open(record, encoding="utf-8") as f:
+            configs.append((d, json.load(f)["config"]))
+    common = check_shard_configs(configs)
+    if dir_has_outputs(output_dir, ignore=()):
+        raise InputError(f"--merge-shards {output_dir}: not empty; choose a new directory for the merged paths")
+    # the recorded config is flat (the trainer's options beside the method's); keep what the class accepts
+    accepted = {f.name for f in dataclasses.fields(QRDistillConfig)} - {"train"}
+    accepted |= set(getattr(QRDistillConfig, "__train_options__", {}))
+    cfg = QRDistillConfig(**{**{k: v for k, v in common.items() if k in accepted}, "output_dir": output_dir,
+                             "num_shards": 1, "shard_index": 0})
+    records = merge_shard_records([os.path.join(d, os.path.basename(cfg.paths_file())) for d in shard_dirs],
+                                  expected_path_ids(cfg))
+    os.makedirs(output_dir, exist_ok=True)
+    write_records_atomic(cfg.paths_file(), records)
+    write_json_atomic(os.path.join(output_dir, RUN_CONFIG_NAME), {"config": config_values(cfg)})
+    kept, stats = filter_paths(records, cfg)
+    log.info("qr-distill: merged %d shards, %d paths (%d kept) -> %s", len(shard_dirs), len(records), len(kept),
+             cfg.paths_file())
+    return stats
 
 
 # ----------------------------------------------------------------------------------------------

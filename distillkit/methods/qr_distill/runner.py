@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -71,6 +72,10 @@ def run(cfg: QRDistillConfig, *, teachers: Sequence[Teacher] | None = None, judg
     begin_dir_run(cfg, cfg.output_dir, free=RESUME_FREE_FIELDS, previous_from=SUMMARY_NAME)
     records = collect_paths(cfg, teachers=teachers, judge=judge)
     kept, path_stats = filter_paths(records, cfg)
+    if cfg.num_shards > 1:  # one shard of the path generation: training waits for the merged paths
+        log.info("qr-distill: shard %d of %d: %d paths in %s; merge the shards with --merge-shards",
+                 cfg.shard_index, cfg.num_shards, len(records), cfg.paths_file())
+        return {"paths": path_stats, "shard": {"index": cfg.shard_index, "of": cfg.num_shards}}
     log.info("qr-distill: kept %d of %d paths", len(kept), len(records))
     if not kept:
         raise ValueError(f"no path passed the filter ({path_stats}); check {cfg.paths_file()} or relax "
@@ -98,7 +103,32 @@ def run(cfg: QRDistillConfig, *, teachers: Sequence[Teacher] | None = None, judg
     return summary
 
 
+def merge_cli(argv: Sequence[str]) -> int:
+    """`distillkit qr-distill --merge-shards OUT_DIR SHARD_DIR [SHARD_DIR ...]`."""
+    import argparse
+
+    from distillkit.methods.qr_distill.paths import merge_path_shards
+
+    parser = argparse.ArgumentParser(
+        prog="distillkit qr-distill --merge-shards",
+        description="Merge the paths of a sharded path generation (--num-shards N --shard-index i, one output_dir "
+                    "each) into a new output_dir; then run distillkit qr-distill on it unsharded to train.")
+    parser.add_argument("--merge-shards", nargs="+", required=True, metavar="DIR",
+                        help="the merged output_dir, then every shard's output_dir")
+    args = parser.parse_args(list(argv))
+    if len(args.merge_shards) < 2:
+        parser.error("--merge-shards: expected the merged output_dir and at least one shard output_dir")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out, *shards = args.merge_shards
+    print(json.dumps(merge_path_shards(out, shards), indent=1))
+    print(f"paths: {os.path.join(out, 'paths.jsonl')}")
+    return 0
+
+
 def cli(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--merge-shards" in argv:
+        return merge_cli(argv)
     cfg = parse_config(QRDistillConfig, argv, "distillkit qr-distill",
                        "QR-Distill: quality-filtered routing of reasoning paths with mutual-student distillation.")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
