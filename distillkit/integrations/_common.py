@@ -83,6 +83,8 @@ def hidden_states_kwargs(model) -> dict:
     """Keyword arguments that make a causal LM's forward return its final hidden states while computing logits
     for the last position only (the loss never needs the [B, T, V] logits)."""
     kwargs = {"output_hidden_states": True, "use_cache": False, "return_dict": True}
+    if hasattr(model, "get_base_model"):  # PEFT: its forward passes keyword arguments on to the base model's
+        model = model.get_base_model()
     try:
         params = inspect.signature(model.forward).parameters
     except (TypeError, ValueError):

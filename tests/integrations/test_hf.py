@@ -178,3 +178,18 @@ def test_gradient_accumulation_takes_the_large_batch_step(tmp_path, reverse, acc
     for name, step in big.items():
         assert step.abs().max() > 0, name
         torch.testing.assert_close(accumulated[name], step, rtol=1e-4, atol=1e-7, msg=f"SGD step of {name}")
+
+
+def test_peft_student(tmp_path):
+    """A LoRA student: the loss is still the eager skew KL, and only the adapters move."""
+    peft = pytest.importorskip("peft")
+    tok = fx.tokenizer()
+    base, teacher = fx.llama(len(tok), seed=0), fx.llama(len(tok), seed=1)
+    student = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                        init_lora_weights=False))
+    trainer = _trainer(tmp_path, student, teacher, tok, train=fx.examples(len(tok), 8), alpha=0.1)
+    _check_loss(trainer, student, teacher, fx.batch(len(tok)), alpha=0.1, reverse=False)
+    before = {n: p.detach().clone() for n, p in student.named_parameters()}
+    trainer.train()
+    moved = {n for n, p in student.named_parameters() if not torch.equal(p, before[n])}
+    assert moved and all("lora_" in n for n in moved)
