@@ -2,6 +2,7 @@
 thread and once on two workers, which must give the same numbers."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -69,7 +70,8 @@ def test_two_workers_and_cord_in_slices_give_the_numbers_of_one_thread(small_run
     # under its own seed: the same numbers, bit for bit, from 2 workers and 3 CoRD slices per method
     _, first = small_run
     threads = torch.get_num_threads()
-    again = demo.run(demo.DemoConfig(out=str(tmp_path), **{**SMALL, "threads": 2, "cord_shard": 5}))
+    # ... and from CoRD jobs decoding one question at a time instead of all of a slice's at once
+    again = demo.run(demo.DemoConfig(out=str(tmp_path), **{**SMALL, "threads": 2, "cord_shard": 5, "cord_in_flight": 1}))
     assert again["timing"]["workers"] == 2
     assert again["timing"]["sections"]["cord"]["jobs"] == len(demo.CORD_METHODS) * (3 + 1)  # 3 slices + merge
     assert torch.get_num_threads() == threads  # the caller's setting comes back
@@ -103,6 +105,11 @@ def test_help_shows_every_default(capsys):
     for option, default in [("--sft-steps", 320), ("--n-eval", 192), ("--lr", 0.002), ("--out", "distillkit-demo"),
                             ("--threads", len(os.sched_getaffinity(0))), ("--sections", "['cord', 'sft', 'mot'")]:
         assert re.search(rf"{option} [A-Z_\[{{](?:(?!--).)*?\(default: {re.escape(str(default))}", text), option
+    # every option of the demo, with the value its config takes when the option is not given
+    cfg = demo.DemoConfig()
+    for f in dataclasses.fields(demo.DemoConfig):
+        option, default = "--" + f.name.replace("_", "-"), getattr(cfg, f.name)
+        assert re.search(rf"{option} [A-Z_\[{{](?:(?!--).)*?\(default: {re.escape(str(default))}\)", text), option
 
 
 def test_cli_checks_its_config_like_every_command(tmp_path, capsys):
