@@ -71,7 +71,8 @@ def test_two_workers_and_cord_in_slices_give_the_numbers_of_one_thread(small_run
     _, first = small_run
     threads = torch.get_num_threads()
     # ... and from CoRD jobs decoding one question at a time instead of all of a slice's at once
-    again = demo.run(demo.DemoConfig(out=str(tmp_path), **{**SMALL, "threads": 2, "cord_shard": 5, "cord_in_flight": 1}))
+    again = demo.run(demo.DemoConfig(out=str(tmp_path), **{**SMALL, "threads": 2, "cord_shard": 5,
+                                                            "cord_in_flight": 1}))
     assert again["timing"]["workers"] == 2
     assert again["timing"]["sections"]["cord"]["jobs"] == len(demo.CORD_METHODS) * (3 + 1)  # 3 slices + merge
     assert torch.get_num_threads() == threads  # the caller's setting comes back
