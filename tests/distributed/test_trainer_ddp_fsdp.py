@@ -39,15 +39,18 @@ def test_token_normalisation_matters(tmp_path, one_process):
 
 @pytest.mark.slow
 @pytest.mark.timeout(400)  # a torchrun launch of 2 ranks importing transformers: ~30 s on a loaded 2-core CPU
+# both with 2 micro-batches of 1 example per rank and step (gradients reduced on the second only: DDP's no_sync,
+# FSDP2's set_requires_gradient_sync): the global batch of 4 is the one process's
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_ranks_match_one_process(tmp_path, one_process, strategy):
     out = str(tmp_path / strategy)
-    torchrun("--out", out, "--strategy", strategy, "--batch-size", "2", "--steps", "3")
+    torchrun("--out", out, "--strategy", strategy, "--batch-size", "1", "--grad-accum", "2", "--steps", "3")
     tokens = [json.load(open(os.path.join(out, f"tokens-rank{r}.json"))) for r in range(2)]
-    assert len(tokens[0]) == 3 and tokens[0] != tokens[1]  # uneven kept-token counts across the ranks
+    assert len(tokens[0]) == 6 and tokens[0] != tokens[1]  # uneven kept-token counts across the ranks
     steps = [json.loads(x) for x in open(os.path.join(out, "metrics.jsonl"))]
     assert [s["step"] for s in steps] == [1, 2, 3]  # rank 0 alone writes metrics
-    assert [s["num_tokens"] for s in steps] == [a + b for a, b in zip(*tokens)]  # the global count
+    assert [s["num_tokens"] for s in steps] == [a + b for a, b in zip(
+        [sum(tokens[0][2 * i:2 * i + 2]) for i in range(3)], [sum(tokens[1][2 * i:2 * i + 2]) for i in range(3)])]
     got, truth, eager = _exported(out), one_process["float64"], one_process["float32"]
     assert set(got) == set(truth)
     for k in truth:
