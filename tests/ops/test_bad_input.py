@@ -11,6 +11,7 @@ import torch
 from _backends import backends_on
 
 import distillkit
+from _tolerance import assert_eager_budget
 from distillkit._errors import InputError
 from distillkit.reference import skew_kl as ref_skew
 
@@ -100,12 +101,12 @@ def test_logits_rows_that_count_for_nothing_may_hold_anything(op, value, skip_by
         torch.testing.assert_close(grad, clean_grad, rtol=0, atol=0, msg=backend)
         assert (grad[1] == 0).all(), backend
         results[backend] = loss
-    # the same result on every backend: against float64, no worse than twice plain float32 PyTorch's error
+    # the same result on every backend: against float64, no worse than twice plain float32 PyTorch's error (+ 4
+    # ulp), the suite's one rule (an element-wise budget without the floor failed on an AMD EPYC: 1.8e-7 vs 1.3e-7)
     f64 = getattr(ref_skew, op)(s.double(), t.double(), lab, w.double(), alpha=0.2, reduction=reduction)
     f32 = getattr(ref_skew, op)(s, t, lab, w, alpha=0.2, reduction=reduction)
-    budget = 2 * torch.maximum((f32.double() - f64).abs(), torch.finfo(torch.float32).eps * f64.abs())
     for backend, loss in results.items():
-        assert ((loss.double() - f64).abs() <= budget).all(), (backend, loss, f64)
+        assert_eager_budget(loss, f32, f64, what=f"{backend} loss")
 
 
 def test_reference_formula_skips_weight_zero_rows():
