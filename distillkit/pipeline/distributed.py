@@ -229,6 +229,10 @@ def rebuild_on_cpu(template: nn.Module, state: dict[str, torch.Tensor], lora_con
         raise RuntimeError(f"export: state does not fit the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
     if lora_config is not None:
         model = model.merge_and_unload()
+    if getattr(base, "generation_config", None) is not None:  # the template's, not the config's defaults
+        import copy
+
+        model.generation_config = copy.deepcopy(base.generation_config)
     if getattr(model.config, "tie_word_embeddings", False) and hasattr(model, "tie_weights"):
         model.tie_weights()
     return model

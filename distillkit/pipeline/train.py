@@ -323,9 +323,9 @@ class Trainer:
         if config.lora_r > 0:
             if params is not None:
                 raise InputError("params: not with lora_r > 0 (the LoRA adapters are what is optimised)")
+            self.lora_config = _lora_config(config)  # raises naming the extra when peft is missing
             from peft import get_peft_model
 
-            self.lora_config = _lora_config(config)
             with torch.random.fork_rng(devices=[]):  # the same adapters on every rank and in every rerun
                 torch.manual_seed(config.seed)
                 model = get_peft_model(model, self.lora_config)
