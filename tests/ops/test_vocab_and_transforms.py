@@ -191,6 +191,11 @@ def test_modules_forward_vocab_size_and_transforms():
         plain = fn(*args, student_bias=c["student_bias"], teacher_bias=c["teacher_bias"], alpha=0.4, reduction="sum",
                    backend="reference", vocab_size=37)
         assert abs(got.item() - plain.item()) > 1e-3  # the transforms reached the op
+    from distillkit.losses import SkewKLLoss, SkewReverseKLLoss
+
+    z_s, z_t = torch.randn(5, 40), torch.randn(5, 44)
+    for module, fn in ((SkewKLLoss, distillkit.skew_kl), (SkewReverseKLLoss, distillkit.skew_reverse_kl)):
+        assert module(vocab_size=37)(z_s, z_t).item() == fn(z_s, z_t, vocab_size=37).item()
 
 
 def test_torch_compile_with_vocab_size_and_softcap():
