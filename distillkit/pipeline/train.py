@@ -5,6 +5,11 @@ the device supports it, JSONL metrics, a progress bar, and checkpoint + resume: 
 state (model, optimizer, schedule, RNG, step) is written atomically every ``save_every`` steps, and a
 run started again with the same ``output_dir`` continues from there and reaches the same weights as
 an uninterrupted run (the data order is a pure function of seed and step).
+
+Under torchrun (``strategy: ddp | fsdp``, see :mod:`distillkit.pipeline.distributed`) the same loop runs
+data-parallel: each rank its slice of every global batch, the loss normalised over the global kept tokens,
+DCP checkpoints, and the final model exported from rank 0. LoRA (peft), gradient checkpointing and
+TensorBoard / Weights & Biases reporting are options of :class:`TrainConfig`.
 """
 from __future__ import annotations
 
@@ -288,7 +293,9 @@ class Trainer:
     Loss normalisation: when ``metrics`` holds ``num_tokens`` (the micro-batch's kept tokens, ``loss`` their
     mean), the step's gradient is that of the sum of every kept token's loss over the step's micro-batches and
     ranks divided by their global count: the gradient of one process on the whole global batch, whatever each
-    rank's count. Without it each micro-batch weighs the same (the mean of the micro-batch losses).
+    rank's count. Without it each micro-batch weighs the same (the mean of the micro-batch losses). Under torchrun
+    every rank's ``metrics`` must hold the same keys (they are summed over the ranks in one all-reduce); the logged
+    ``loss`` is the global token mean, the other metrics the mean over micro-batches and ranks.
 
     Under torchrun (``strategy`` ddp or fsdp) each of the N ranks takes its own ``batch_size`` slice of every
     global micro-batch of ``N * batch_size`` examples, a pure function of (seed, step, rank, N); ``loss_fn`` gets
