@@ -317,3 +317,22 @@ def test_scoring_transform_from_config_matches_model():
                                      **logit_transform_from_config(model.config))
     want = torch.log_softmax(out.logits[0, :-1], -1).gather(1, answers[:, None]).squeeze(1)
     torch.testing.assert_close(got, want.float(), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.backends("cpu", "triton", "cuda")
+@pytest.mark.no_interpreter
+@pytest.mark.parametrize("reverse", [False, True])
+def test_bf16_with_padding_and_transforms(backend, device, reverse):
+    """bfloat16 inputs: the transforms run in float32 inside the loop; judged against plain PyTorch in bfloat16."""
+    c, labels, weights = _case(29, 16, 12, 301, 307, device, dtype=torch.bfloat16, seed=9)
+    kw = dict(alpha=0.2, vocab_size=297, **TRANSFORMS["both-softcap"])
+    up = torch.tensor(1.5, dtype=torch.float64, device=device)
+    want = _run(ref.fused_linear_skew, c, labels, weights, up, dtype=torch.float64, reverse=reverse, **kw)
+    base = _run(ref.fused_linear_skew, c, labels, weights, up.bfloat16(), reverse=reverse,
+                compute_dtype=torch.bfloat16, **kw)
+    got = _run(FUNCS[reverse], c, labels, weights, up.float(), backend=backend, chunk_size=8, **kw)
+    assert got[0].dtype == torch.float32
+    _close(got[0], want[0], base[0], "loss")
+    for name, g, w, b in zip(STUDENT, got[1], want[1], base[1]):
+        assert g.dtype == torch.bfloat16, name
+        _close(g, w, b, f"grad {name}")
