@@ -231,3 +231,18 @@ def make_selector(cfg, meta_prover, *, tokenizer=None):
         return BinaryJudgeSelector.from_pretrained(cfg.selector_model, batch_size=cfg.batch_size, **kw)
     raise InputError(f"selector={name!r}: expected one of {SELECTORS}")
 
+
+
+def score_for_record(cfg, meta_prover, res, answer: str, end_marker: str):
+    """``res`` (a DecodeResult) with the meta-prover's predictive perplexity of its final reasoning as its
+    score, when the beams were ranked by another selector (records and summaries keep reporting the
+    meta-prover's score; the rescoring's tokens are added to ``meta_prover_tokens``). Unchanged for the
+    perplexity selector, whose score it already is."""
+    if cfg.selector == "perplexity":
+        return res
+    reasoning = res.beam.text[:-len(end_marker)] if res.beam.text.endswith(end_marker) else res.beam.text
+    before = meta_prover.tokens_processed
+    (score,) = [float(s) for s in meta_prover.score([(reasoning, answer)], prefixes=[res.prompt])]
+    res.beam.score = score
+    res.meta_prover_tokens += meta_prover.tokens_processed - before
+    return res

@@ -155,3 +155,17 @@ def test_a_selector_ranks_the_beams_of_many_questions_in_flight():
         for i, res in got.items():
             assert [s["teacher"] for s in res.beam.steps] == ["long", "long", "long"], (flight, i)
             assert res.meta_prover_tokens == 0
+
+
+def test_records_keep_the_meta_provers_score_under_another_selector(prover):
+    from distillkit.methods.cord.decode import Beam, DecodeResult
+    from distillkit.methods.cord.selectors import score_for_record
+
+    res = DecodeResult(Beam(text=PARENT + RIGHT + "</think>", score=11.0, finished=True), PROMPT, " 0", 5, 0)
+    same = score_for_record(_cfg(), prover, res, "0", "</think>")
+    assert same is res and res.beam.score == 11.0  # perplexity: already the meta-prover's score
+    before = prover.tokens_processed
+    score_for_record(_cfg(selector="max_length"), prover, res, "0", "</think>")
+    spent = prover.tokens_processed - before
+    want = float(prover.score([(PARENT + RIGHT, "0")])[0])
+    assert res.beam.score == pytest.approx(want, rel=1e-6) and res.meta_prover_tokens == spent > 0
