@@ -21,8 +21,10 @@ class LocalServer:
     """``transformers serve --host 127.0.0.1 --port PORT --device cpu`` started by ``start()`` (waits for
     ``/health``, at most ``startup_s``), stopped by ``kill()`` (SIGKILL: a crash, not a shutdown)."""
 
-    def __init__(self, port: int | None = None, *, threads: int = 1, startup_s: float = 60.0, log_path=None):
+    def __init__(self, port: int | None = None, *, threads: int = 1, startup_s: float = 60.0, log_path=None,
+                 extra_args: tuple[str, ...] = ()):
         self.port, self.threads, self.startup_s = port or free_port(), threads, startup_s
+        self.extra_args = tuple(extra_args)  # e.g. ("--continuous-batching",)
         self.log_path = log_path or os.devnull
         self.proc: subprocess.Popen | None = None
 
@@ -34,7 +36,7 @@ class LocalServer:
         exe = shutil.which("transformers")
         head = [exe] if exe else [sys.executable, "-m", "transformers.cli.transformers"]
         return head + ["serve", "--host", "127.0.0.1", "--port", str(self.port), "--device", "cpu",
-                       "--dtype", "float32", "--log-level", "warning"]
+                       "--dtype", "float32", "--log-level", "warning", *self.extra_args]
 
     def start(self) -> LocalServer:
         env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS=str(self.threads),
