@@ -390,7 +390,35 @@ def _served(teacher: Teacher) -> bool:
     return own is not None and own is not Teacher.apropose
 
 
-def _serve_propose_many(teachers: Sequence[Teacher], requests: dict[int, list[ProposeRequest]]) -> dict[int, list]:
+class _LoopThread:
+    """One event loop in a thread of its own for a whole decode: served teachers keep their HTTP clients and
+    connections across rounds, and it works where the caller already runs a loop (a notebook)."""
+
+    def __init__(self):
+        self._loop = None
+        self._thread = None
+
+    def run(self, coro):
+        import asyncio
+        import threading
+
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(target=self._loop.run_forever, name="cord-teachers", daemon=True)
+            self._thread.start()
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def close(self) -> None:
+        if self._loop is None:
+            return
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()
+        self._loop = None
+
+
+def _serve_propose_many(teachers: Sequence[Teacher], requests: dict[int, list[ProposeRequest]],
+                        loop: _LoopThread) -> dict[int, list]:
     """Answers every in-flight question's proposal requests with one ``propose`` call per teacher and
     request kind (greedy requests of all questions concatenated). Served teachers are asked all at once
     (``apropose``); in-process ones one after another (they generate one call at a time anyway, and their
@@ -417,7 +445,7 @@ def _serve_propose_many(teachers: Sequence[Teacher], requests: dict[int, list[Pr
         async def ask_all():
             return await asyncio.gather(*[teachers[calls[c][1]].apropose(calls[c][2], **calls[c][3]) for c in served])
 
-        for c, got in zip(served, asyncio.run(ask_all())):
+        for c, got in zip(served, loop.run(ask_all())):
             results[c] = got
     for c, (_, k, prefixes, kwargs) in enumerate(calls):
         if results[c] is None:
@@ -476,17 +504,22 @@ def decode_many(items: Iterable[tuple[str, str, int]], teachers: Sequence[Teache
             gen = steps(question, answer, len(teachers), cfg, seed=seed, seg=seg)
             active[i] = [gen, next(gen)]  # every decoder asks for proposals before it returns
 
-    admit()
-    while active:
-        score_reqs = {i: a[1] for i, a in active.items() if isinstance(a[1], ScoreRequest)}
-        replies = _serve_score_many(scorer, score_reqs)
-        replies.update(_serve_propose_many(teachers, {i: a[1] for i, a in active.items() if i not in score_reqs}))
-        finished = []
-        for i in sorted(active):
-            try:
-                active[i][1] = active[i][0].send(replies[i])
-            except StopIteration as stop:
-                finished.append((i, stop.value))
-                del active[i]
+    loop = _LoopThread()
+    try:
         admit()
-        yield from finished
+        while active:
+            score_reqs = {i: a[1] for i, a in active.items() if isinstance(a[1], ScoreRequest)}
+            replies = _serve_score_many(scorer, score_reqs)
+            replies.update(_serve_propose_many(
+                teachers, {i: a[1] for i, a in active.items() if i not in score_reqs}, loop))
+            finished = []
+            for i in sorted(active):
+                try:
+                    active[i][1] = active[i][0].send(replies[i])
+                except StopIteration as stop:
+                    finished.append((i, stop.value))
+                    del active[i]
+            admit()
+            yield from finished
+    finally:
+        loop.close()

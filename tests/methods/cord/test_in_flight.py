@@ -139,9 +139,11 @@ class ServedTeacher(StepTeacher):
 
     running = 0
     most_at_once = 0
+    loops: set = set()
 
     async def apropose(self, prefixes, **kwargs):
         cls = type(self)
+        cls.loops.add(id(asyncio.get_running_loop()))
         cls.running += 1
         cls.most_at_once = max(cls.most_at_once, cls.running)
         await asyncio.sleep(0.01)  # a request in flight: the other teachers' requests start meanwhile
@@ -170,14 +172,25 @@ def _items(n: int):
 
 
 def test_served_teachers_are_asked_at_the_same_time(tmp_path):
+    ServedTeacher.running, ServedTeacher.most_at_once, ServedTeacher.loops = 0, 0, set()
     teachers = [ServedTeacher(n) for n in "ABC"]
     got = dict(decode_many(_items(3), teachers, LengthScorer(), _config(tmp_path), in_flight=3))
     assert sorted(got) == [0, 1, 2] and all(r.beam.steps for r in got.values())
     assert ServedTeacher.most_at_once == 3 and ServedTeacher.running == 0
+    assert len(ServedTeacher.loops) == 1  # one event loop for the whole decode: HTTP clients live across rounds
     # in-process teachers (the default apropose) are called one after another, as before
     plain = dict(decode_many(_items(3), [StepTeacher(n) for n in "ABC"], LengthScorer(), _config(tmp_path),
                              in_flight=3))
     assert {i: r.beam.text for i, r in plain.items()} == {i: r.beam.text for i, r in got.items()}
+
+
+def test_served_teachers_inside_a_running_event_loop(tmp_path):
+    async def caller():  # a notebook, or an async application, calling CoRD
+        return dict(decode_many(_items(2), [ServedTeacher(n) for n in "AB"], LengthScorer(),
+                                _config(tmp_path, teachers=["A", "B"]), in_flight=2))
+
+    got = asyncio.run(caller())
+    assert sorted(got) == [0, 1] and all(r.answer_text for r in got.values())
 
 
 def test_sampled_proposals_keep_each_question_seed(tmp_path):
