@@ -10,6 +10,11 @@ trace's last step then writes the final answer. Baselines at equal budget: ``gre
 
     distillkit cord --config configs/cord.yaml
 
+Questions are independent: ``questions_in_flight`` of them are decoded at once (one batched teacher call per
+teacher and step, one meta-prover call for all their candidates; greedy traces are those of one at a time),
+and a run can be split over drivers with ``--num-shards N --shard-index i`` and merged with
+``distillkit cord --merge-shards OUT SHARD...``.
+
 Python:
 
     from distillkit.methods.cord import CordConfig, run
@@ -22,6 +27,7 @@ from distillkit.methods.cord.decode import (  # noqa: F401
     DecodeResult,
     Scorer,
     decode_curation,
+    decode_many,
     decode_one,
     decode_random,
     extend_beam,
@@ -37,6 +43,7 @@ from distillkit.methods.cord.runner import (  # noqa: F401
     load_meta_prover,
     load_teachers,
     make_record,
+    merge_shards,
     run,
     run_config_file,
 )
