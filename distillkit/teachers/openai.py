@@ -169,19 +169,18 @@ class OpenAITeacher(Teacher):
                        stop: StepBoundary | Sequence[str] | str | None = None, temperature: float = 0.0,
                        seed: int | None = None, top_p: float = 1.0) -> list[list[Proposal]]:
         """``propose`` as a coroutine: every prefix is its own request, all in flight at once up to
-        ``max_concurrency`` (shared with every other caller on this event loop)."""
+        ``max_concurrency`` (shared with every other caller on this event loop). The call's HTTP connections
+        are closed when it returns (a driver may run each round in a fresh event loop)."""
         prefixes = check_propose_args(prefixes, n, max_new_tokens, temperature, top_p)
         boundary = as_boundary(stop)
-        client, gate = self._loop_state()
-        rows = [self._one_prefix(client, gate, p, n, max_new_tokens, boundary, float(temperature), seed,
-                                 float(top_p)) for p in prefixes]
-        return list(await asyncio.gather(*rows))
+        gate = self._gate()
+        async with self._client() as client:
+            rows = [self._one_prefix(client, gate, p, n, max_new_tokens, boundary, float(temperature), seed,
+                                     float(top_p)) for p in prefixes]
+            return list(await asyncio.gather(*rows))
 
     async def aclose(self) -> None:
-        """Closes this event loop's HTTP client (a finished ``asyncio.run`` loop's client is dropped with it)."""
-        state = self._per_loop.pop(asyncio.get_running_loop(), None)
-        if state is not None:
-            await state[0].aclose()
+        """Nothing to close: each call closes its own connections (kept for callers that close clients)."""
 
     # ---- requests --------------------------------------------------------------------------------
 
@@ -191,15 +190,14 @@ class OpenAITeacher(Teacher):
         return httpx.AsyncClient(base_url=self.base_url, headers=self.headers, limits=limits,
                                  timeout=httpx.Timeout(self.request_timeout_s), transport=self._transport)
 
-    def _loop_state(self):
-        """(HTTP client, concurrency semaphore) of the running event loop: both are bound to one loop."""
+    def _gate(self) -> asyncio.Semaphore:
+        """The running event loop's bound on requests in flight (a semaphore belongs to one loop)."""
         loop = asyncio.get_running_loop()
         with self._lock:
-            state = self._per_loop.get(loop)
-            if state is None:
-                state = (self._client(), asyncio.Semaphore(self.max_concurrency))
-                self._per_loop[loop] = state
-        return state
+            gate = self._per_loop.get(loop)
+            if gate is None:
+                gate = self._per_loop[loop] = asyncio.Semaphore(self.max_concurrency)
+        return gate
 
     def _run_sync(self, coro):
         """Runs ``coro`` to completion from synchronous code (in a helper thread when this thread already
@@ -207,12 +205,12 @@ class OpenAITeacher(Teacher):
         try:
             asyncio.get_running_loop()
         except RuntimeError:
-            return asyncio.run(self._closing(coro))
+            return asyncio.run(coro)
         out: dict = {}
 
         def target():
             try:
-                out["value"] = asyncio.run(self._closing(coro))
+                out["value"] = asyncio.run(coro)
             except BaseException as exc:  # noqa: BLE001 (re-raised in the caller's thread)
                 out["error"] = exc
 
@@ -222,12 +220,6 @@ class OpenAITeacher(Teacher):
         if "error" in out:
             raise out["error"]
         return out["value"]
-
-    async def _closing(self, coro):
-        try:
-            return await coro
-        finally:
-            await self.aclose()
 
     async def _one_prefix(self, client, gate, prefix: str, n: int, max_new_tokens: int, boundary: StepBoundary,
                           temperature: float, seed: int | None, top_p: float) -> list[Proposal]:
