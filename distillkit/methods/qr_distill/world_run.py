@@ -27,6 +27,7 @@ VARIANTS: dict[str, dict] = {
     "learned": {},
     "learned-no-capacity": {"router_capacity_factor": None},
     "gumbel": {"routing": "gumbel_top1"},
+    "learned-no-mutual": {"mutual": False},
     "random": {"routing": "random"},
 }
 
