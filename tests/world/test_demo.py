@@ -23,7 +23,7 @@ def small_run(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # the module's reduced demo run (its fixture) took 214 s on the shared 2-core CPU
+@pytest.mark.timeout(900)  # the module's reduced demo run (its fixture): 71 s on the shared 2-core CPU (214 s before)
 def test_reduced_demo_runs_every_method_and_writes_the_report(small_run):
     out, result = small_run
     rows = result["rows"]
@@ -56,7 +56,7 @@ def test_reduced_demo_runs_every_method_and_writes_the_report(small_run):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # pays the reduced demo run (214 s measured) when selected alone
+@pytest.mark.timeout(900)  # pays the reduced demo run (71 s measured) when selected alone
 def test_cord_beats_a_single_flawed_teacher_even_when_small(small_run):
     rows = small_run[1]["rows"]
     best_single = max(rows[f"trace: {n}"]["accuracy"] for n in ("teacher-carry", "teacher-borrow", "teacher-overflow"))
@@ -64,7 +64,7 @@ def test_cord_beats_a_single_flawed_teacher_even_when_small(small_run):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # a second demo run: 258 s measured on the shared 2-core CPU
+@pytest.mark.timeout(900)  # a second demo run (CoRD one question at a time): 108 s measured on the shared 2-core CPU
 def test_two_workers_and_cord_in_slices_give_the_numbers_of_one_thread(small_run, tmp_path):
     # every job runs on one torch thread, side by side or one after another, and CoRD decodes each question
     # under its own seed: the same numbers, bit for bit, from 2 workers and 3 CoRD slices per method
