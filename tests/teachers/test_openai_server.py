@@ -153,3 +153,16 @@ def test_unreachable_url_is_one_line(questions, tmp_path, capsys):
     assert code == 1
     assert len(err) == 1 and err[0].startswith("distillkit cord: ") and "unreachable after 2 attempt(s)" in err[0]
     assert url in err[0] and "is the server running" in err[0]
+
+
+@pytest.mark.timeout(60)
+def test_unknown_model_name_is_one_line(server):
+    """transformers serve answers a model it cannot load with HTTP 500 (vLLM: 404, test_openai_teacher.py):
+    after the retries, one line that names the model and the likely cause."""
+    from distillkit.teachers.openai import OpenAITeacher
+
+    teacher = OpenAITeacher(os.path.join(ASSETS, "no-such-teacher"), base_url=server.base_url, max_retries=1)
+    with pytest.raises(ServedTeacherError) as e:
+        teacher.propose(["1+1=?\n<think> ### Step"], max_new_tokens=4)
+    text = str(e.value)
+    assert "\n" not in text and "kept failing after 2 attempt(s) (HTTP 500" in text and "no-such-teacher" in text
