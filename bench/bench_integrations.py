@@ -24,6 +24,7 @@ import os
 import sys
 import time
 
+import pytest
 import torch
 
 import _util
@@ -244,9 +245,11 @@ def _liger_reason() -> str | None:
     return None
 
 
+@pytest.mark.timeout(3600)  # six to eight trainer runs, each in a fresh interpreter
 def test_integrations():
     shape = _shape()
-    print(f"\nshape: {shape}")
+    load_start = os.getloadavg()[0]  # a shared machine shows here: every ratio is within one run, all the same
+    print(f"\nshape: {shape}; 1-minute load average {load_start:.1f} on {os.cpu_count()} CPUs")
     rows, measured = [], {}
     liger_why = _liger_reason()
     for integration, baseline, ours in PAIRS:
@@ -260,9 +263,10 @@ def test_integrations():
         case = f"{integration} V{shape['vocab']} {shape['batch']}x{shape['seq']}"
         for provider, m in ((baseline, base), (ours, mine)):
             ratio = m["step_s"] / base["step_s"]
+            extra = {"peak_vs_baseline": m["peak_bytes"] / max(base["peak_bytes"], 1), "shape": shape,
+                     "loadavg_1m": [load_start, os.getloadavg()[0]]}
             row = _util.Row("integrations", case, provider, "trainer", m["step_s"], m["peak_bytes"],
-                            ratio_to_eager=ratio, extra={"peak_vs_baseline": m["peak_bytes"] / max(base["peak_bytes"],
-                                                                                                   1)})
+                            ratio_to_eager=ratio, extra=extra)
             rows.append(row)
             print(row.line() + f"  peak/baseline {row.extra['peak_vs_baseline']:6.1%}")
     _util.report(rows, "integrations")
