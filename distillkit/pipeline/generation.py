@@ -113,7 +113,13 @@ class TeacherOptions:
 
     def served_model_fields(self) -> tuple[str, ...]:
         """Fields that name served models rather than checkpoints on this machine (not checked as paths)."""
-        return ("teachers",) if getattr(self, "teacher_backend", "hf") == "openai" else ()
+        return (("teachers",) if getattr(self, "teacher_backend", "hf") == "openai" else ()) + \
+            (("judge",) if getattr(self, "judge_backend", "hf") == "openai" else ())
+
+    def served_kwargs(self, base_url: str) -> dict[str, Any]:
+        """``load_teacher`` keyword arguments of a model served at ``base_url`` (backend "openai")."""
+        return {"base_url": base_url, "api_key_env": self.teacher_api_key_env, "max_concurrency": self.max_concurrency,
+                "request_timeout_s": self.request_timeout_s, "max_retries": self.max_retries, "n_mode": self.n_mode}
 
     def teacher_sampling(self, k: int) -> dict[str, float]:
         """Keyword arguments of teacher ``k``'s ``propose``: its temperature, and its top_p when not 1."""
@@ -132,9 +138,7 @@ class TeacherOptions:
         if getattr(self, "teacher_backend", "hf") != "openai":
             return {**engine, **own}
         urls = self.teacher_base_urls or []
-        return {"base_url": urls[k] if len(urls) > 1 else urls[0], "api_key_env": self.teacher_api_key_env,
-                "max_concurrency": self.max_concurrency, "request_timeout_s": self.request_timeout_s,
-                "max_retries": self.max_retries, "n_mode": self.n_mode, **own}
+        return {**self.served_kwargs(urls[k] if len(urls) > 1 else urls[0]), **own}
 
 
 def _pick(value, k: int) -> float:

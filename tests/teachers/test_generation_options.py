@@ -110,3 +110,26 @@ def test_per_teacher_engine_arguments_reach_the_engines():
 def test_vcrd_refuses_served_teachers():
     with pytest.raises(ValueError, match="teacher_backend='openai'.*logits at every rollout token"):
         VcrdConfig(student="s", teacher="t", prompts="p", teacher_backend="openai")
+
+
+def test_qr_distill_judge_can_be_served(tmp_path, monkeypatch):
+    from distillkit.methods.qr_distill import paths
+
+    base = dict(input_path="q.jsonl", output_dir=str(tmp_path), teachers=["t"], students=["s", "u"],
+                routing="random", judge="judge-model", judge_backend="openai")
+    with pytest.raises(ValueError, match="judge_base_url: judge_backend 'openai' needs"):
+        QRDistillConfig(**base)
+    with pytest.raises(ValueError, match="judge_base_url: only used with judge_backend 'openai'"):
+        QRDistillConfig(**{**base, "judge_backend": "hf", "judge_base_url": "http://h:1/v1"})
+    cfg = QRDistillConfig(**base, teacher_backend="openai", teacher_base_urls=["http://h:1/v1"], max_retries=2)
+    assert cfg.served_model_fields() == ("teachers", "judge")
+    built = []
+    monkeypatch.setattr("distillkit.teachers.load_teacher", lambda path, **kw: built.append((path, kw)) or path)
+    teachers, judge = paths._load_generators(cfg, True, True)
+    assert [b[0] for b in built] == ["t", "judge-model"]
+    for _, kw in built:
+        assert kw["backend"] == "openai" and kw["base_url"] == "http://h:1/v1" and kw["max_retries"] == 2
+    cfg = QRDistillConfig(**base, judge_base_url="http://judge:2/v1")  # in-process teachers, served judge
+    built.clear()
+    paths._load_generators(cfg, False, True)
+    assert built[0][1]["base_url"] == "http://judge:2/v1"

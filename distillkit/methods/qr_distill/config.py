@@ -98,7 +98,9 @@ class QRDistillConfig(TeacherOptions):
     gen_batch_size: int = _help("rows per generate call (hf teachers and judge)", default=16)
     # quality filtering
     judge: str | None = _help("LLM-as-judge checkpoint (any teacher backend); None: no judge pass", default=None)
-    judge_backend: str = _help("hf | vllm", default="hf")
+    judge_backend: str = _help("hf | vllm (in-process) | openai (served at judge_base_url)", default="hf")
+    judge_base_url: str | None = _help("judge_backend openai: the judge's server (http://host:port/v1); judge is then "
+                                       "its served model name (default: the first of teacher_base_urls)", default=None)
     judge_prompt: str | None = _help("judge prompt with {question}, {answer}, {response} (default: the one of "
                                      "judge_mode)", default=None)
     judge_mode: str = _help("rating (Section 2.3: 'Flagged: <steps|none>' and 'Rating: N'; kept when nothing is "
@@ -194,8 +196,13 @@ class QRDistillConfig(TeacherOptions):
         if self.teacher_names is not None and len(self.teacher_names) != len(self.teachers):
             raise ValueError(f"teacher_names: expected {len(self.teachers)} names (one per teacher), "
                              f"got {len(self.teacher_names)}")
-        if self.judge_backend not in BACKENDS:
-            raise ValueError(f"judge_backend={self.judge_backend!r}: expected one of {BACKENDS}")
+        if self.judge_backend not in BACKENDS + ("openai",):
+            raise ValueError(f"judge_backend={self.judge_backend!r}: expected one of {BACKENDS + ('openai',)}")
+        if self.judge_backend == "openai" and self.judge and not (self.judge_base_url or self.teacher_base_urls):
+            raise ValueError("judge_base_url: judge_backend 'openai' needs the judge's server URL "
+                             "(or teacher_base_urls, whose first URL it then uses)")
+        if self.judge_base_url is not None and self.judge_backend != "openai":
+            raise ValueError(f"judge_base_url: only used with judge_backend 'openai', not {self.judge_backend!r}")
         self.check_teacher_options(len(self.teachers))  # backend, per-teacher sampling, servers
         if self.style_templates is not None:
             if not isinstance(self.style_templates, dict) or not all(

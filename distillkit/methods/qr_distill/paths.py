@@ -145,6 +145,8 @@ def _load_generators(cfg: QRDistillConfig, need_teachers: bool, need_judge: bool
     from distillkit.teachers import load_teacher
 
     def kw(backend):
+        if backend == "openai":  # the judge served (teachers: pipeline.generation.load_teachers)
+            return cfg.served_kwargs(cfg.judge_base_url or cfg.teacher_base_urls[0])
         if backend == "hf":
             return dict(dtype=cfg.gen_dtype, device=str(torch_device(cfg.device)), batch_size=cfg.gen_batch_size)
         return {} if cfg.gen_dtype == "float32" else dict(dtype=cfg.gen_dtype)
