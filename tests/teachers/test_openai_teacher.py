@@ -187,3 +187,14 @@ def test_stop_string_straddling_the_prompt_continues():
     eos = Script(lambda b: reply(choice(" The final answer is 7.")))  # no stop string anywhere: EOS, no retry
     (p,), = teacher(eos).propose(["Q\n"], stop=SEG)
     assert p.stop_reason == "eos" and len(eos.completions()) == 1
+
+
+def test_httpx_is_imported_on_use_with_the_extra_named(monkeypatch):
+    import subprocess
+    import sys
+
+    code = "import sys, distillkit.teachers, distillkit.pipeline.generation; assert 'httpx' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    monkeypatch.setitem(sys.modules, "httpx", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"distillkit\[serve\]"):
+        OpenAITeacher("m", base_url=URL, check=False)
