@@ -1,6 +1,7 @@
 """VCRD's training run (resumable) and its command line."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -22,7 +23,6 @@ from distillkit.methods.vcrd.step import (
 from distillkit.pipeline.config import parse_config
 from distillkit.pipeline.runs import config_values, write_json_atomic
 from distillkit.pipeline.train import (
-    save_pretrained_atomic,
     torch_device,
 )
 from distillkit.teachers.base import Proposal
@@ -38,7 +38,11 @@ class VcrdObjective:
     A batch is a list of prompts (online rollouts: drawn here, no grad, the student's with its current
     weights) or of :class:`FixedRollout` (offline: drawn once before training). ``trainer`` must be set
     after the Trainer is built: the rollout and candidate-token seeds derive from its step and the
-    micro-batch index (counted here: the Trainer calls once per micro-batch, in order)."""
+    micro-batch index (counted here: the Trainer calls once per micro-batch, in order).
+
+    Under torchrun each rank draws the rollouts of its own shard of prompts, seeded by the global index of its
+    slice (``micro * world_size + rank``): a run on N ranks draws what one process accumulating N micro-batches
+    of the same size draws, and trains on the same loss (each slice's loss averaged over slices and ranks)."""
 
     def __init__(self, teacher_model, teacher_backend, tokenizer, cfg: VcrdConfig, judge=None):
         self.teacher_model, self.teacher_backend, self.tokenizer = teacher_model, teacher_backend, tokenizer
@@ -50,7 +54,9 @@ class VcrdObjective:
         step = self.trainer.step if self.trainer is not None else 0
         self._micro = self._micro + 1 if step == self._step else 0
         self._step = step
-        return rollout_seed(self.cfg.train.seed, step, self._micro)
+        info = self.trainer.dist if self.trainer is not None else None
+        rank, world = (info.rank, info.world_size) if info is not None else (0, 1)
+        return rollout_seed(self.cfg.train.seed, step, self._micro * world + rank)
 
     def __call__(self, model, batch: list):
         from distillkit.teachers.hf import HFTeacher
@@ -61,17 +67,46 @@ class VcrdObjective:
             rolls = build_rollouts(self.tokenizer, [r.prompt for r in batch], [r.teacher for r in batch],
                                    [r.student for r in batch], max_new_tokens=cfg.rollout_tokens)
         else:
+            from distillkit.pipeline.distributed import unwrap
+
             was_training = model.training
-            student_backend = HFTeacher(model, self.tokenizer, name="student", batch_size=max(1, len(batch)))
+            student_backend = HFTeacher(unwrap(model), self.tokenizer, name="student", batch_size=max(1, len(batch)))
             model.train(was_training)  # HFTeacher puts the model in eval mode; rollout() handles generation
-            rolls = rollout(self.teacher_backend, student_backend, self.tokenizer, batch,
-                            max_new_tokens=cfg.rollout_tokens, temperature=cfg.temperature, seed=seed)
+            with synced_generation(model, None if self.trainer is None else self.trainer.dist):
+                rolls = rollout(self.teacher_backend, student_backend, self.tokenizer, batch,
+                                max_new_tokens=cfg.rollout_tokens, temperature=cfg.temperature, seed=seed)
         # seed and seed + 1 drew the rollouts; seed + 2 draws the candidate tokens
         res = vcrd_step(model, self.teacher_model, rolls, judge=self.judge, weighting=cfg.weighting,
                         alpha=cfg.alpha, lambda_t=cfg.lambda_t, lambda_s=cfg.lambda_s, top_k=cfg.top_k,
                         gamma=cfg.gamma, clip=cfg.clip, eps=cfg.eps, backend=cfg.backend,
                         candidate_tokens=cfg.candidate_tokens, normalization=cfg.normalization, seed=seed + 2)
         return res.loss, res.metrics
+
+
+@contextlib.contextmanager
+def synced_generation(model, info):
+    """Generation from the trainer's student under FSDP2 on several ranks: every forward all-gathers, so every
+    rank must make the same number of them. Transformers' ``generate`` then keeps each rank stepping until all are
+    done (its ``synced_gpus``, turned on for a module it sees as FSDP-managed), and the root's own parameters
+    (embeddings, final norm, head) are gathered first by one forward of the root (a peft model's ``generate``
+    calls the inner model, past the root's hooks; the decoder layers gather their own). DDP and one process:
+    nothing to do."""
+    if info is None or info.strategy != "fsdp" or info.world_size < 2:
+        yield
+        return
+    marked = [m for m in model.modules() if hasattr(m, "generate") and hasattr(m, "config")
+              and not getattr(m, "_is_fsdp_managed_module", False)]
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device), use_cache=False)
+    model.unshard()
+    for m in marked:
+        m._is_fsdp_managed_module = True
+    try:
+        yield
+    finally:
+        for m in marked:
+            del m._is_fsdp_managed_module
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,9 +156,10 @@ def _write_rollouts(path: str, prompts: list[str], sides: dict[str, list[Proposa
 
 
 def offline_rollouts(cfg: VcrdConfig, prompts: list[str], backend, tokenizer, student=None, *,
-                     side: str = "teacher") -> list[Proposal]:
+                     side: str = "teacher", write: bool = True) -> list[Proposal]:
     """The fixed rollouts of one side (teacher: through ``backend``; student: the model ``student``),
-    drawn once and kept in output_dir/rollouts.jsonl, so that a resumed run trains on the same ones."""
+    drawn once and kept in output_dir/rollouts.jsonl, so that a resumed run trains on the same ones.
+    write: False on every rank but rank 0 under torchrun (each draws the same rollouts: the seeds are the run's)."""
     from distillkit.teachers.hf import HFTeacher
 
     path = os.path.join(cfg.output_dir, ROLLOUTS_NAME)
@@ -140,13 +176,16 @@ def offline_rollouts(cfg: VcrdConfig, prompts: list[str], backend, tokenizer, st
     kept = _read_rollouts(path, other, prompts)
     if kept is not None:
         sides[other] = kept
-    _write_rollouts(path, prompts, sides)
+    if write:
+        _write_rollouts(path, prompts, sides)
     return got
 
 
-def sft_stage(student, tokenizer, cfg: VcrdConfig, prompts: list[str], teacher_rollouts: list[Proposal]) -> dict:
+def sft_stage(student, tokenizer, cfg: VcrdConfig, prompts: list[str], teacher_rollouts: list[Proposal], *,
+              export: str | None = None) -> dict:
     """Supervised fine-tuning of ``student`` (in place) on prompt + teacher rollout, ``sft_steps`` steps
-    before distillation (Appendix 10.2); resumable in output_dir/sft."""
+    before distillation (Appendix 10.2); resumable in output_dir/sft. export: also write the fine-tuned model
+    there (``Trainer.export``: under torchrun the way to the weights, which FSDP2 leaves sharded)."""
     from distillkit.pipeline.data import Example, SFTCollator, sft_loss
     from distillkit.pipeline.train import Trainer
 
@@ -156,7 +195,11 @@ def sft_stage(student, tokenizer, cfg: VcrdConfig, prompts: list[str], teacher_r
         raise InputError("sft_steps > 0 but every teacher rollout is empty: nothing to fine-tune on")
     tcfg = dataclasses.replace(cfg.train, output_dir=os.path.join(cfg.output_dir, "sft"), max_steps=cfg.sft_steps,
                                lr=cfg.sft_lr or cfg.train.lr, warmup_steps=min(cfg.train.warmup_steps, cfg.sft_steps))
-    return Trainer(student, tcfg, examples, SFTCollator(tokenizer), sft_loss).train()
+    trainer = Trainer(student, tcfg, examples, SFTCollator(tokenizer), sft_loss)
+    last = trainer.train()
+    if export is not None:
+        trainer.export(export, tokenizer)
+    return last
 
 
 def cap_prompts(prompts: list[str], tokenizer, max_tokens: int | None) -> list[str]:
@@ -235,32 +278,69 @@ def load_models(cfg: VcrdConfig, device):
 RESUME_FREE_FIELDS = ("save_every", "log_every")
 
 
+def _begin_run(cfg: VcrdConfig, info) -> None:
+    """Checks output_dir's run against ``cfg`` and records it; under torchrun rank 0 does, and every rank raises
+    its error."""
+    from distillkit.pipeline.runs import begin_dir_run
+
+    if not info.distributed:
+        begin_dir_run(cfg, cfg.output_dir, free=RESUME_FREE_FIELDS, previous_from="vcrd_summary.json")
+        return
+    import torch.distributed as dist
+
+    error: list[str | None] = [None]
+    if info.is_main:
+        try:
+            begin_dir_run(cfg, cfg.output_dir, free=RESUME_FREE_FIELDS, previous_from="vcrd_summary.json")
+        except InputError as exc:
+            error = [str(exc)]
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise InputError(error[0])
+
+
+def _reload(path: str, device):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
+
+
 def run(cfg: VcrdConfig) -> dict:
     """Trains (resuming from output_dir's checkpoint), saves ``output_dir/final``, evaluates answer
     accuracy when eval_data is given; returns (and writes to vcrd_summary.json) the summary.
 
     A rerun must use the config the run was started with (recorded in output_dir/run_config.json;
     see :mod:`distillkit.pipeline.runs`): a different one raises InputError naming the fields, unless
-    ``overwrite`` (then the old output_dir is moved aside and the run starts afresh)."""
+    ``overwrite`` (then the old output_dir is moved aside and the run starts afresh).
+
+    Under torchrun (``strategy: ddp | fsdp``) every rank runs this: each draws the online rollouts of its shard
+    of prompts (offline ones: every rank the same, rank 0 writes them), the loss is averaged over all ranks' slices,
+    the SFT stage's model passes to distillation through its export (output_dir/sft/model), and rank 0 writes
+    ``final``, evaluates and writes the summary."""
     from distillkit.pipeline.data import read_questions_for_eval
-    from distillkit.pipeline.runs import begin_dir_run
+    from distillkit.pipeline.distributed import barrier, init_distributed
     from distillkit.pipeline.train import Trainer
 
     device = torch_device(cfg.device)
     # the input files are checked, and the config compared with the run's, before any model loads
     prompts = load_prompts(cfg)
     questions = read_questions_for_eval(cfg.eval_data, cfg.eval_limit) if cfg.eval_data else None
-    begin_dir_run(cfg, cfg.output_dir, free=RESUME_FREE_FIELDS, previous_from="vcrd_summary.json")
+    info = init_distributed(cfg.train.strategy, device)
+    _begin_run(cfg, info)
     student, teacher, teacher_backend, tokenizer, judge = load_models(cfg, device)
     prompts = cap_prompts(prompts, tokenizer, cfg.max_prompt_tokens)
     teacher_rolls = None
     if cfg.rollouts == "offline" or cfg.sft_steps:
-        teacher_rolls = offline_rollouts(cfg, prompts, teacher_backend, tokenizer, side="teacher")
+        teacher_rolls = offline_rollouts(cfg, prompts, teacher_backend, tokenizer, side="teacher", write=info.is_main)
     if cfg.sft_steps:
-        sft_stage(student, tokenizer, cfg, prompts, teacher_rolls)
+        sft_model = os.path.join(cfg.output_dir, "sft", "model") if info.distributed else None
+        sft_stage(student, tokenizer, cfg, prompts, teacher_rolls, export=sft_model)
+        if sft_model is not None:  # the data-parallel wrapper (or FSDP2's shards) stays with the SFT trainer
+            student = _reload(sft_model, device)
     examples: list = prompts
     if cfg.rollouts == "offline":  # drawn once, by the student as it starts distillation (after SFT)
-        student_rolls = offline_rollouts(cfg, prompts, None, tokenizer, student, side="student")
+        student_rolls = offline_rollouts(cfg, prompts, None, tokenizer, student, side="student",
+                                         write=info.is_main)
         examples = [FixedRollout(p, t, s) for p, t, s in zip(prompts, teacher_rolls, student_rolls)]
     student.train()
     tcfg = dataclasses.replace(cfg.train, output_dir=cfg.output_dir)
@@ -269,7 +349,7 @@ def run(cfg: VcrdConfig) -> dict:
     objective.trainer = trainer
     last = trainer.train()
     final = os.path.join(cfg.output_dir, "final")
-    save_pretrained_atomic(student, tokenizer, final)
+    trainer.export(final, tokenizer)  # LoRA merged; under torchrun rank 0 writes (FSDP2: gathered first)
     summary_path = os.path.join(cfg.output_dir, "vcrd_summary.json")
     previous = {}
     if os.path.exists(summary_path):
@@ -279,17 +359,23 @@ def run(cfg: VcrdConfig) -> dict:
     if finished_before and previous.get("last_metrics"):
         last = previous["last_metrics"]  # the trainer returns only the step when it trains nothing
     summary = {"config": config_values(cfg), "step": trainer.step, "final_model": final, "last_metrics": last}
+    if not info.is_main:
+        barrier(info)  # rank 0 evaluates and writes the summary
+        return summary
     if cfg.eval_data:
         if finished_before and "eval" in previous:  # same eval fields: the run config guarantees it
             summary["eval"] = previous["eval"]
         else:
             from distillkit.pipeline.evaluate import answer_accuracy
 
+            if info.distributed:  # the trainer's student may be sharded: the exported one, whole
+                student = _reload(final, device)
             acc = answer_accuracy(student, tokenizer, questions, prompt_template=cfg.prompt_template,
                                   max_new_tokens=cfg.max_new_tokens)
             summary["eval"] = {"accuracy": acc["accuracy"], "n": acc["n"]}
         log.info("answer accuracy %.4f on %d questions", summary["eval"]["accuracy"], summary["eval"]["n"])
     write_json_atomic(summary_path, summary)
+    barrier(info)
     return summary
 
 

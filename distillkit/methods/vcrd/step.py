@@ -124,12 +124,12 @@ def output_head(model) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 
 def final_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Last hidden state after the final norm, [B, L, H]: the decoder body only (no [B, L, V] logits)."""
-    body = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if body is None:
-        body = getattr(model, getattr(model, "base_model_prefix", "model"))
-    out = body(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    """Last hidden state after the final norm, [B, L, H], through ``model``'s own forward
+    (:func:`distillkit.losses.final_hidden_states`: logits of one position only, no [B, L, V]), so that a
+    DistributedDataParallel wrapper or an FSDP2-sharded root runs its hooks (gradient all-reduce, all-gathers)."""
+    from distillkit.losses import final_hidden_states
+
+    return final_hidden_states(model, input_ids, attention_mask, use_cache=False)
 
 
 def target_positions(labels: torch.Tensor) -> torch.Tensor:
@@ -358,15 +358,19 @@ def vcrd_step(student, teacher, rollouts: Rollouts, *, judge=None, weighting: st
               backend: str | None = None, chunk_size: int | None = None, candidate_tokens: str = "sample",
               normalization: str = "sequence", seed: int = 0) -> StepResult:
     """Hidden states of both models on the rollouts, validity weights, and the VCRD loss (with a graph
-    into the student's parameters); ``candidate_tokens`` and ``seed`` as in :func:`validity_weights`,
+    into the student's parameters; ``student`` may be the trainer's DDP wrapper or FSDP2 root: its own forward
+    runs); ``candidate_tokens`` and ``seed`` as in :func:`validity_weights`,
     ``normalization`` as in :func:`vcrd_loss`. Metrics: the loss and its parts, mean w / r_s / r_t per side, and
     rollout token counts."""
+    from distillkit.pipeline.distributed import unwrap
+
     device = next(student.parameters()).device
     rollouts = rollouts.to(device)
     with torch.no_grad():
         teacher_h = final_hidden(teacher, rollouts.input_ids, rollouts.attention_mask)
     student_h = final_hidden(student, rollouts.input_ids, rollouts.attention_mask)
-    s_head, t_head = output_head(student), output_head(teacher)
+    # the heads after the forwards: under FSDP2 the root's parameters are gathered by its forward
+    s_head, t_head = output_head(unwrap(student)), output_head(unwrap(teacher))
     mask = target_positions(rollouts.labels)
     vw = validity_weights(student_h, teacher_h, s_head, t_head, rollouts.input_ids, mask, judge=judge,
                           weighting=weighting, top_k=top_k, gamma=gamma, clip=clip, eps=eps, chunk_rows=chunk_size,
