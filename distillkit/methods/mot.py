@@ -13,8 +13,14 @@ Hub id or saved in another dtype than the float32 branches is first loaded as th
 (``from_pretrained``, float32) and written to ``output_dir/base``, which is then the merge's base.
 
 One process (default): branches train one after another, holding one branch plus the running
-average in memory (TIES / DARE stream the saved branches from disk instead). Under torchrun, rank k
-trains branch k and the merge is ``all_reduce_average_``.
+average in memory (TIES / DARE stream the saved branches from disk instead). Under torchrun:
+
+- ``strategy: ddp | fsdp`` (any world size): the branches train one after another, each data-parallel over
+  all ranks (each rank its slice of every global batch of ``world_size x batch_size`` traces), each exported
+  with ``Trainer.export``; rank 0 merges the saved branches (average, TIES or DARE) and every rank starts the
+  next round from the merge on disk;
+- ``strategy: none`` with one rank per teacher: rank k trains branch k alone and the merge is
+  ``all_reduce_average_`` (average only).
 
     distillkit mot --config configs/mot.yaml
 """
@@ -135,15 +141,22 @@ def load_teacher_datasets(cfg: MotConfig):
     return datasets
 
 
-def train_branch(model, tokenizer, examples, cfg: MotConfig, round_idx: int, k: int):
-    """Trains ``model`` in place for S steps on one teacher's data (resumable in its own directory)."""
+def branch_trainer(model, tokenizer, examples, cfg: MotConfig, round_idx: int, k: int, *, strategy: str | None = None):
+    """The Trainer of one teacher's branch: S steps in its own directory (resumable); ``strategy`` overrides
+    ``cfg.train.strategy`` (the one-branch-per-rank mode trains each branch in its own process)."""
     from distillkit.pipeline.data import SFTCollator, sft_loss
     from distillkit.pipeline.train import Trainer
 
     tcfg = dataclasses.replace(cfg.train, output_dir=branch_dir(cfg, round_idx, k), max_steps=cfg.steps_per_round,
                                seed=cfg.train.seed + 1000 * round_idx + k,
-                               save_every=max(1, cfg.steps_per_round // 4), log_every=max(1, cfg.steps_per_round // 10))
-    return Trainer(model, tcfg, examples, SFTCollator(tokenizer, cfg.max_length), sft_loss).train()
+                               save_every=max(1, cfg.steps_per_round // 4), log_every=max(1, cfg.steps_per_round // 10),
+                               strategy=strategy or cfg.train.strategy)
+    return Trainer(model, tcfg, examples, SFTCollator(tokenizer, cfg.max_length), sft_loss)
+
+
+def train_branch(model, tokenizer, examples, cfg: MotConfig, round_idx: int, k: int, *, strategy: str | None = None):
+    """Trains ``model`` in place for S steps on one teacher's data (resumable in its own directory)."""
+    return branch_trainer(model, tokenizer, examples, cfg, round_idx, k, strategy=strategy).train()
 
 
 def branch_dir(cfg: MotConfig, round_idx: int, k: int) -> str:
@@ -164,7 +177,7 @@ def _load(path: str, device):
 
 def merge_round_local(cfg: MotConfig, tokenizer, datasets, round_idx: int, device) -> None:
     """K branches one after another from the previous merge; writes round_dir(round_idx)."""
-    from distillkit.merge import average_, merge_checkpoints
+    from distillkit.merge import average_
 
     start = round_dir(cfg, round_idx - 1)
     K = len(datasets)
@@ -181,16 +194,36 @@ def merge_round_local(cfg: MotConfig, tokenizer, datasets, round_idx: int, devic
             average_(running, [running, branch], [running_w, weights[k]])
             running_w += weights[k]
         del branch
+    if cfg.merge == "average":
+        save_pretrained_atomic(running, tokenizer, round_dir(cfg, round_idx))
+    else:
+        merge_saved_branches(cfg, tokenizer, K, round_idx, device)
+
+
+def merge_saved_branches(cfg: MotConfig, tokenizer, K: int, round_idx: int, device) -> None:
+    """Merges the K branches saved in ``branch_dir(round_idx, k)/model`` into round_dir(round_idx): the average
+    (one branch and the running average in memory, the same arithmetic as :func:`merge_round_local`'s) or TIES /
+    DARE streamed from disk."""
+    from distillkit.merge import average_, merge_checkpoints
+
+    weights = cfg.weights or [1.0] * K
+    paths = [os.path.join(branch_dir(cfg, round_idx, k), "model") for k in range(K)]
     out = round_dir(cfg, round_idx)
     if cfg.merge == "average":
+        running = _load(paths[0], device)
+        running_w = weights[0]
+        for k in range(1, K):
+            branch = _load(paths[k], device)
+            average_(running, [running, branch], [running_w, weights[k]])
+            running_w += weights[k]
+            del branch
         save_pretrained_atomic(running, tokenizer, out)
-    else:
-        method = {"ties": "ties", "dare": "dare", "dare_ties": "dare_ties"}[cfg.merge]
-        base = merge_base(cfg, round_idx, tokenizer, device)
-        merge_checkpoints([os.path.join(branch_dir(cfg, round_idx, k), "model") for k in range(K)], out,
-                          method=method, base=base, weights=weights, density=cfg.density, lam=cfg.lam,
-                          seed=cfg.train.seed + round_idx, overwrite=True, progress=cfg.train.progress)
-        tokenizer.save_pretrained(out)
+        return
+    method = {"ties": "ties", "dare": "dare", "dare_ties": "dare_ties"}[cfg.merge]
+    base = merge_base(cfg, round_idx, tokenizer, device)
+    merge_checkpoints(paths, out, method=method, base=base, weights=weights, density=cfg.density, lam=cfg.lam,
+                      seed=cfg.train.seed + round_idx, overwrite=True, progress=cfg.train.progress)
+    tokenizer.save_pretrained(out)
 
 
 def _float32_safetensors(path: str) -> bool:
@@ -223,17 +256,43 @@ def merge_base(cfg: MotConfig, round_idx: int, tokenizer, device) -> str:
     return base
 
 
+def merge_round_data_parallel(cfg: MotConfig, tokenizer, datasets, round_idx: int, device) -> None:
+    """Under torchrun with strategy ddp / fsdp: every branch in turn, data-parallel over all ranks, exported to
+    ``branch_dir/model`` (rank 0 writes; FSDP2 gathers first); rank 0 merges them into round_dir(round_idx), then
+    every rank waits for it (the next round starts from it on disk)."""
+    import torch.distributed as dist
+
+    start = round_dir(cfg, round_idx - 1)
+    for k, examples in enumerate(datasets):
+        trainer = branch_trainer(_load(start, device), tokenizer, examples, cfg, round_idx, k)
+        trainer.train()
+        trainer.export(os.path.join(branch_dir(cfg, round_idx, k), "model"), tokenizer)
+        del trainer
+    if dist.get_rank() == 0:
+        merge_saved_branches(cfg, tokenizer, len(datasets), round_idx, device)
+    dist.barrier()
+
+
 def merge_round_distributed(cfg: MotConfig, tokenizer, datasets, round_idx: int, device) -> None:
-    """Rank k trains branch k; ``all_reduce_average_`` merges; rank 0 writes round_dir(round_idx)."""
+    """Under torchrun: :func:`merge_round_data_parallel` with strategy ddp / fsdp; with strategy none, one branch
+    per rank (the world size must be the number of teachers): rank k trains branch k alone, ``all_reduce_average_``
+    merges, rank 0 writes round_dir(round_idx)."""
     import torch.distributed as dist
 
     from distillkit.merge import all_reduce_average_
 
+    if cfg.train.strategy != "none":
+        merge_round_data_parallel(cfg, tokenizer, datasets, round_idx, device)
+        return
     rank, world = dist.get_rank(), dist.get_world_size()
     if cfg.merge != "average":
-        raise ValueError(f"merge={cfg.merge!r} under torchrun: only 'average' merges with all_reduce_average_")
+        raise InputError(f"merge={cfg.merge!r} under torchrun with strategy none: one branch per rank merges by "
+                         "all_reduce_average_ (average only); strategy ddp or fsdp trains the branches one after "
+                         "another over all ranks and merges them with TIES / DARE on rank 0")
     if world != len(datasets):
-        raise ValueError(f"torchrun world size {world} != number of teachers {len(datasets)}: one branch per rank")
+        raise InputError(f"torchrun world size {world} != number of teachers {len(datasets)} with strategy none "
+                         "(one branch per rank): set strategy ddp or fsdp to train the branches one after another, "
+                         "each data-parallel over all ranks")
     branch = _load(round_dir(cfg, round_idx - 1), device)
     train_branch(branch, tokenizer, datasets[rank], cfg, round_idx, rank)
     all_reduce_average_(branch, weight=None if cfg.weights is None else cfg.weights[rank])
@@ -355,6 +414,10 @@ def run(cfg: MotConfig) -> list[dict]:
     from distillkit.teachers.hf import load_tokenizer
 
     device = torch_device(cfg.device)
+    if cfg.train.strategy != "none":  # under torchrun (refused otherwise, naming the launch)
+        from distillkit.pipeline.distributed import init_distributed
+
+        init_distributed(cfg.train.strategy, device)
     distributed = dist.is_available() and dist.is_initialized()
     is_main = not distributed or dist.get_rank() == 0
     # the input files are checked, and the config compared with the run's, before any model loads

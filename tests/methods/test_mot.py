@@ -9,6 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from distillkit._errors import InputError
 from distillkit.merge import average_
 from distillkit.methods.mot import MotConfig, load_teacher_datasets, run
 from distillkit.pipeline.data import SFTCollator, load_examples, sft_loss
@@ -106,7 +107,8 @@ def test_torchrun_two_ranks_equals_single_process(setup):
     single = _cfg(root, student, data, evals, "single", eval_data=None)
     run(single)
     out = root / "torchrun"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()),
            "-m", "distillkit.cli", "mot", "--student", student, "--teacher-data", *data, "--output-dir", str(out),
            "--rounds", "1", "--steps-per-round", "4", "--batch-size", "4", "--lr", "2e-3", "--seed", "5",
            "--no-progress", "--device", "cpu"]
@@ -128,6 +130,9 @@ def test_bad_config(setup):
         _cfg(root, student, data, evals, "x", weights=[1.0])
     with pytest.raises(ValueError, match="student"):
         MotConfig(teacher_data=data)
+    # data-parallel branches need a torchrun launch: refused before any model loads, naming it
+    with pytest.raises(InputError, match="torchrun"):
+        run(_cfg(root, student, data, evals, "x", strategy="ddp", device="cpu"))
 
 
 def test_example_config_loads_and_names_unknown_fields(tmp_path):
