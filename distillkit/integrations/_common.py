@@ -10,6 +10,7 @@ import logging
 import torch
 
 from distillkit._errors import InputError
+from distillkit.reference.fused_linear import logit_transform as apply_logit_transform
 
 logger = logging.getLogger(__name__)
 
@@ -45,15 +46,6 @@ def logit_transform(model) -> dict:
     from distillkit.losses import logit_transform_from_config
 
     return logit_transform_from_config(text_config(model))
-
-
-def apply_logit_transform(logits: torch.Tensor, logit_scale: float = 1.0, softcap: float | None = None):
-    """What the models do to hidden @ W.T: multiply by the scale, then softcap * tanh(z / softcap)."""
-    if logit_scale != 1.0:
-        logits = logits * logit_scale
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits
 
 
 def head_rows(head: torch.nn.Module) -> int:
