@@ -4,8 +4,10 @@ Everything runs on the models shipped in distillkit/world/assets (three teachers
 one kind of step, a meta-prover, a small student that has only seen 2-step problems) and on 3-step
 problems none of them was trained on:
 
-1. CoRD (beam) vs greedy vs curation vs random step choice at the same per-trace token budget:
-   trace answer accuracy and mean predictive perplexity (the CoRD seed's Table 2 in miniature);
+1. CoRD (beam) vs greedy vs curation vs random step choice at the same per-trace token budget, and the
+   Integration and MCTS baselines (MCTS at CoRD's teacher tokens per question): trace answer accuracy,
+   teacher and meta-prover tokens per question, the meta-prover's mean score on right and on wrong traces
+   (the CoRD paper's Tables 2, 5 and 6 in miniature);
 2. SFT of the student on each method's correct traces -> student accuracy (Table 3);
 3. MoT rounds vs SFT on the best single teacher's data and on the union of all teachers' data
    (MoT Table 4);
@@ -13,8 +15,9 @@ problems none of them was trained on:
    SFT (VCRD Table 5);
 5. QR-Distill with learned routing vs without (random routing).
 
-It prints one table, writes report.md (+ plots) under the output folder, and says where an ordering
-differs from the paper's. Seeds are fixed and a second run gives the same numbers.
+It prints one table, writes report.md (+ plots) under the output folder, and says for each method which of
+its paper's orderings hold on this run's numbers and, where one does not, why. Seeds are fixed and a second
+run gives the same numbers.
 
 The independent runs (each CoRD method, each teacher's traces, every SFT seed, MoT, each VCRD weighting
 and seed, each QR routing) are jobs run side by side in ``threads`` worker processes, a job starting as
@@ -39,15 +42,19 @@ from distillkit.world.demo_jobs import Job, _children_cpu_s, job_times, run_jobs
 from distillkit.world.demo_report import (  # noqa: F401
     PAPER_ORDERINGS,
     check_orderings,
+    cord_table,
     explain,
     format_table,
+    method_verdicts,
+    ordering_results,
     plot_rows,
     write_report,
 )
 
 log = logging.getLogger(__name__)
 SECTIONS = ("cord", "sft", "mot", "vcrd", "qr")
-CORD_METHODS = ("cord", "greedy", "curation", "random")
+CORD_METHODS = ("cord", "greedy", "curation", "random")  # the CoRD runner's methods; students train on each
+CORD_SEARCHES = ("integration", "mcts")  # the paper's other baselines (Tables 2 and 6): trace rows only
 VCRD_WEIGHTINGS = ("clamped_ratio", "uniform")
 QR_ROUTINGS = ("learned", "random")
 
@@ -134,12 +141,24 @@ def question_rows(probs) -> list[dict]:
 # ----------------------------------------------------------------------------------------------
 # 1. CoRD vs greedy vs curation vs random
 # ----------------------------------------------------------------------------------------------
-def cord_shard(cfg: DemoConfig, method: str, questions: list[dict], shard: int) -> dict:
-    """One CoRD run (``method``: cord, greedy, curation or random) over a slice of the distillation
-    questions -> {"path": its records, "elapsed_s"}.
+def cord_settings(cfg: DemoConfig) -> dict:
+    """The CoRD settings every CoRD row shares: the world's budgets, greedy teachers (not the paper's 0.6 / 4)."""
+    return dict(teachers=[M.asset_path(n) for n in M.TEACHERS], teacher_names=list(M.TEACHERS),
+                meta_prover=M.asset_path(M.META_PROVER), beam_size=cfg.beam_size, max_steps=W.NUM_OPS + 1,
+                token_budget=M.max_new_tokens(), max_step_tokens=16, max_answer_tokens=8, seed=cfg.seed,
+                temperature=0.0, n_curation=1, scoring_backend="reference", progress=False,
+                questions_in_flight=cfg.cord_in_flight)
+
+
+def cord_shard(cfg: DemoConfig, method: str, questions: list[dict], shard: int, mcts_budget: int | None = None
+               ) -> dict:
+    """One CoRD run (``method``: cord, greedy, curation, random, integration or mcts) over a slice of the
+    distillation questions -> {"path": its records, "elapsed_s"}.
 
     CoRD decodes every question on its own, under a seed of its id (cord.question_seed), so the slices'
-    records concatenated in order are those of one run over all the questions.
+    records concatenated in order are those of one run over all the questions. Integration and MCTS run
+    through :func:`decode_in_flight` with the same settings (MCTS: at most CoRD's bound of B x K x the
+    per-trace budget teacher tokens per question; Integration: the first teacher merges the K traces).
     """
     from distillkit.methods import cord
     from distillkit.methods.cord.meta_prover import MetaProver
@@ -155,21 +174,95 @@ def cord_shard(cfg: DemoConfig, method: str, questions: list[dict], shard: int) 
     for old in (stem + ".jsonl", stem + ".jsonl.run_config.json"):
         if os.path.exists(old):
             os.remove(old)  # every number comes from this run
-    c = cord.CordConfig(
-        teachers=[M.asset_path(n) for n in M.TEACHERS], teacher_names=list(M.TEACHERS),
-        meta_prover=M.asset_path(M.META_PROVER), input_path=_write_jsonl(stem + ".questions.jsonl", questions),
-        output_path=stem + ".jsonl", method=method, beam_size=cfg.beam_size, max_steps=W.NUM_OPS + 1,
-        token_budget=M.max_new_tokens(), max_step_tokens=16, max_answer_tokens=8, seed=cfg.seed,
-        temperature=0.0, n_curation=1,  # greedy teachers, one curation trace each (not the paper's 0.6 / 4)
-        scoring_backend="reference", progress=False, questions_in_flight=cfg.cord_in_flight)
+    c = cord.CordConfig(input_path=_write_jsonl(stem + ".questions.jsonl", questions), output_path=stem + ".jsonl",
+                        method=method if method in CORD_METHODS else "cord", mcts_token_budget=mcts_budget,
+                        **cord_settings(cfg))
     t0 = time.perf_counter()
-    cord.run(c, teachers=teachers, meta_prover=prover)
+    if method in CORD_METHODS:
+        cord.run(c, teachers=teachers, meta_prover=prover)
+    else:
+        from distillkit.methods.cord.integration import integration_steps
+        from distillkit.methods.cord.mcts import mcts_steps
+
+        steps = {"integration": integration_steps, "mcts": mcts_steps}[method]
+        seg = c.make_segmentation()
+        gens = [steps(q["question"], q["answer"], len(teachers), c, seed=cord.question_seed(c.seed, q["id"]), seg=seg)
+                for q in questions]
+        results = decode_in_flight(gens, teachers, prover, cfg.cord_in_flight)
+        _write_jsonl(c.output_path, [cord.make_record(q, r, seg.end_marker) for q, r in zip(questions, results)])
     return {"path": c.output_path, "elapsed_s": time.perf_counter() - t0}
+
+
+def decode_in_flight(gens: list, teachers, scorer, in_flight: int) -> list:
+    """Runs CoRD decoder generators (the decode loop's request protocol: :class:`~distillkit.methods.cord.decode.
+    ProposeRequest` lists and :class:`~distillkit.methods.cord.decode.ScoreRequest`) ``in_flight`` at a time ->
+    their DecodeResults, in order. Each round the requests of all questions in flight that ask one teacher for
+    the same kind of greedy proposal go to it as one batched ``propose`` call, and all scoring requests to the
+    scorer as one call, each question charged its own pairs' tokens (``scorer.last_pair_tokens``)."""
+    from distillkit.methods.cord.decode import ScoreRequest
+    from distillkit.teachers.base import StringStop
+
+    if not isinstance(in_flight, int) or isinstance(in_flight, bool) or in_flight < 1:
+        raise ValueError(f"in_flight={in_flight!r}: expected an integer >= 1")
+    results: list = [None] * len(gens)
+    queue, active = iter(enumerate(gens)), {}  # index -> [generator, its pending request]
+
+    def admit() -> None:
+        for i, gen in queue:
+            active[i] = [gen, next(gen)]
+            if len(active) == in_flight:
+                return
+
+    admit()
+    while active:
+        replies: dict[int, object] = {}
+        scoring = [i for i, (_, req) in active.items() if isinstance(req, ScoreRequest)]
+        if scoring and not hasattr(scorer, "last_pair_tokens"):  # no per-pair costs: one call per question
+            for i in scoring:
+                before, req = scorer.tokens_processed, active[i][1]
+                scores = [float(x) for x in scorer.score(req.pairs, prefixes=req.prefixes)]
+                replies[i] = (scores, scorer.tokens_processed - before)
+        elif scoring:
+            reqs = [active[i][1] for i in scoring]
+            scores = [float(x) for x in scorer.score([p for r in reqs for p in r.pairs],
+                                                     prefixes=[p for r in reqs for p in r.prefixes])]
+            tokens, at = list(scorer.last_pair_tokens), 0
+            for i, r in zip(scoring, reqs):
+                replies[i] = (scores[at:at + len(r.pairs)], sum(tokens[at:at + len(r.pairs)]))
+                at += len(r.pairs)
+        groups: dict[tuple, list[tuple[int, int]]] = {}
+        for i, (_, reqs) in active.items():
+            if i in replies:
+                continue
+            replies[i] = [None] * len(reqs)
+            for j, r in enumerate(reqs):
+                if r.temperature > 0:
+                    raise ValueError("decode_in_flight: greedy proposals only (the demo's teachers are greedy)")
+                stop = (None if r.stop is None else tuple(r.stop.strings) if isinstance(r.stop, StringStop)
+                        else id(r.stop))
+                groups.setdefault((r.teacher, r.n, r.max_new_tokens, stop), []).append((i, j))
+        for (k, n, max_new, _), members in groups.items():
+            first = active[members[0][0]][1][members[0][1]]
+            got = teachers[k].propose([p for i, j in members for p in active[i][1][j].prefixes], n=n,
+                                      max_new_tokens=max_new, stop=first.stop, temperature=0.0, seed=first.seed)
+            at = 0
+            for i, j in members:
+                size = len(active[i][1][j].prefixes)
+                replies[i][j], at = got[at:at + size], at + size
+        for i in sorted(active):
+            try:
+                active[i][1] = active[i][0].send(replies[i])
+            except StopIteration as stop:
+                results[i] = stop.value
+                del active[i]
+        admit()
+    return results
 
 
 def cord_merge(cfg: DemoConfig, method: str, shards: list[dict]) -> dict:
     """The records of a method's slices, in order, as traces/<method>.jsonl -> cord's summary of them +
-    {"path", "elapsed_s": summed over the slices} + :func:`step_check`; writes the hit-rate plot."""
+    {"path", "elapsed_s": summed over the slices} + :func:`step_check` + :func:`score_by_outcome`; writes the
+    hit-rate plot."""
     from distillkit.methods import cord
     from distillkit.pipeline.runs import merge_shard_records
 
@@ -179,15 +272,34 @@ def cord_merge(cfg: DemoConfig, method: str, shards: list[dict]) -> dict:
     summary = cord.summarize(records, list(M.TEACHERS))
     summary["method"] = method
     cord.write_summary(summary, path + ".summary.json", os.path.join(cfg.out, f"cord_{method}_hit_rates.png"))
-    summary.update(path=path, elapsed_s=round(sum(s["elapsed_s"] for s in shards), 1), **step_check(path))
-    log.info("cord[%s]: accuracy %.3f, perplexity score %.3f (%.0f s)", method, summary["accuracy"],
-             summary["mean_predictive_perplexity"], summary["elapsed_s"])
+    summary.update(path=path, elapsed_s=round(sum(s["elapsed_s"] for s in shards), 1), **step_check(path),
+                   **score_by_outcome(records))
+    log.info("cord[%s]: accuracy %.3f, %.0f teacher / %.0f meta-prover tokens per question (%.0f s)", method,
+             summary["accuracy"], summary["mean_tokens_generated"], summary["mean_meta_prover_tokens"],
+             summary["elapsed_s"])
     return summary
+
+
+def score_by_outcome(records: list[dict]) -> dict:
+    """{"score_correct", "score_wrong": the mean meta-prover score (predictive perplexity of the right answer) of
+    the traces whose final answer is right / wrong (None where there is none), "wrong": how many are wrong}.
+
+    The mean over all traces says little here: the world's meta-prover gives a complete trace ~1 when it reaches
+    the right answer and ~0 when not, so that mean equals the accuracy to three decimals; the two means apart
+    show how well the score separates the traces."""
+    def mean(xs):
+        xs = [x for x in xs if isinstance(x, (int, float)) and x == x]
+        return sum(xs) / len(xs) if xs else None
+
+    right = [r.get("predictive_perplexity") for r in records if r.get("correct")]
+    wrong = [r.get("predictive_perplexity") for r in records if not r.get("correct")]
+    return {"score_correct": mean(right), "score_wrong": mean(wrong), "wrong": len(wrong)}
 
 
 def step_check(path: str) -> dict:
     """Step-level truth of a CoRD output: {"all_steps_ok": fraction of traces whose every step is right,
-    "lucky": traces with the right final answer reached through a wrong step}.
+    "well_formed": fraction of traces written in the world's step format, "lucky": traces with the right final
+    answer reached through a wrong step}.
 
     Mod-10 products collapse (x * 0, even * 5), so a wrong running value can still end on the right
     answer; an answer-only score (the meta-prover's, the answer filter) cannot tell those traces apart.
@@ -196,6 +308,7 @@ def step_check(path: str) -> dict:
         recs = [json.loads(line) for line in f if line.strip()]
     checks = [W.check_trace(r["question"], r["trajectory"]) for r in recs]
     return {"all_steps_ok": sum(c["all_steps_ok"] for c in checks) / max(1, len(checks)),
+            "well_formed": sum(c["well_formed"] for c in checks) / max(1, len(checks)),
             "lucky": sum(c["answer_ok"] and not c["all_steps_ok"] for c in checks)}
 
 
@@ -385,10 +498,18 @@ def run_qr(cfg: DemoConfig, routing: str, questions_path: str, teacher_paths: li
     # share of the paths each student was routed at the end (learned routing only)
     shares = {name: round(v, 3) for style in (summary.get("routing") or {}).values()
               for name, v in style.get("top_share", {}).items()}
+    # the split the students trained on over the last tenth of the steps (capacity limit included)
+    split = {name: round(v, 3) for name, v in (summary.get("routing_split") or {}).items()}
     return {"students": accs, "accuracy": max(accs.values()), "mean_accuracy": sum(accs.values()) / len(accs),
-            "shares": shares}
+            "shares": shares, "split": split}
 
 
+
+
+def mcts_budget(cord_summary: dict) -> int:
+    """MCTS's teacher-token budget per question at equal cost: CoRD's mean teacher tokens per question (its
+    reasoning and answer), rounded; the search's last expansion may overshoot it by up to K steps."""
+    return max(1, round(cord_summary["mean_tokens_generated"]))
 
 
 def _trace_path(cfg: DemoConfig, name: str) -> str:
@@ -410,11 +531,18 @@ def plan_jobs(cfg: DemoConfig, distill, evals, q_distill: str) -> list[Job]:
     if "cord" in cfg.sections:
         rows = question_rows(distill)
         slices = [rows[i:i + cfg.cord_shard] for i in range(0, len(rows), cfg.cord_shard)]
-        for m in CORD_METHODS:
+        for m in CORD_METHODS + CORD_SEARCHES:
             shards = tuple(f"cord: {m} shard{i}" for i in range(len(slices)))
-            jobs += [Job(k, "cord", cord_shard, dict(cfg=cfg, method=m, questions=qs, shard=i),
-                         cost=0.6 * len(qs))  # measured: the beam costs little more than greedy
-                     for i, (k, qs) in enumerate(zip(shards, slices))]
+            if m == "mcts":  # equal cost: the search may spend what CoRD spent per question on average
+                jobs += [Job(k, "cord", cord_shard,
+                             lambda done, qs=qs, i=i: dict(cfg=cfg, method="mcts", questions=qs, shard=i,
+                                                           mcts_budget=mcts_budget(done["cord: cord"][0])),
+                             deps=("cord: cord",), cost=0.6 * len(qs))
+                         for i, (k, qs) in enumerate(zip(shards, slices))]
+            else:
+                jobs += [Job(k, "cord", cord_shard, dict(cfg=cfg, method=m, questions=qs, shard=i),
+                             cost=0.6 * len(qs))  # measured: the beam costs little more than greedy
+                         for i, (k, qs) in enumerate(zip(shards, slices))]
             jobs.append(Job(f"cord: {m}", "cord", cord_merge,
                             lambda done, m=m, shards=shards: dict(cfg=cfg, method=m,
                                                                   shards=[done[k][0] for k in shards]),
@@ -459,19 +587,35 @@ def plan_jobs(cfg: DemoConfig, distill, evals, q_distill: str) -> list[Job]:
     return jobs
 
 
+CORD_ROW_WHAT = {"cord": "trace accuracy", "greedy": "trace accuracy, B = 1", "curation": "trace accuracy",
+                 "random": "trace accuracy, a random proposal each step",
+                 "integration": "trace accuracy; the first teacher merges the K greedy traces",
+                 "mcts": "trace accuracy; UCT search with CoRD's mean teacher tokens per question as budget"}
+
+
+def _score_text(s: dict) -> str:
+    right = "no right answer" if s["score_correct"] is None else f"{s['score_correct']:.3f} on right answers"
+    wrong = "no wrong one" if s["score_wrong"] is None else f"{s['score_wrong']:.3f} on the {s['wrong']} wrong"
+    return f"{right}, {wrong}"
+
+
 def collect_rows(cfg: DemoConfig, done: dict[str, tuple]) -> tuple[dict[str, dict], dict[str, dict]]:
     """The report's rows (in the report's order) and the CoRD summaries from the finished jobs."""
     value = {k: v[0] for k, v in done.items()}
     rows: dict[str, dict] = {}
     for name in M.TEACHERS:
         rows[f"trace: {name}"] = {"accuracy": value[f"trace: {name}"]["accuracy"], "detail": "its own greedy traces"}
-    cord_runs = {m: value[f"cord: {m}"] for m in CORD_METHODS if f"cord: {m}" in value}
+    cord_runs = {m: value[f"cord: {m}"] for m in CORD_METHODS + CORD_SEARCHES if f"cord: {m}" in value}
     for method, s in cord_runs.items():
-        rows[method] = {"accuracy": s["accuracy"], "lucky": s["lucky"],
-                        "detail": f"trace accuracy; every step right {s['all_steps_ok']:.3f}; "
-                                  f"{s['lucky']} right answers after a wrong step; mean predictive "
-                                  f"perplexity score {s['mean_predictive_perplexity']:.3f}; "
-                                  f"{s['mean_tokens_generated']:.0f} teacher tokens/question; "
+        s["cpu_s"] = round(sum(v[3] for k, v in done.items() if k.startswith(f"cord: {method} shard")), 1)
+        rows[method] = {"accuracy": s["accuracy"], "lucky": s["lucky"], "well_formed": s["well_formed"],
+                        "teacher_tokens": s["mean_tokens_generated"],
+                        "meta_prover_tokens": s["mean_meta_prover_tokens"],
+                        "score_correct": s["score_correct"], "score_wrong": s["score_wrong"],
+                        "detail": f"{CORD_ROW_WHAT[method]}; every step right {s['all_steps_ok']:.3f}; "
+                                  f"{s['lucky']} right answers after a wrong step; meta-prover score "
+                                  f"{_score_text(s)}; {s['mean_tokens_generated']:.0f} teacher / "
+                                  f"{s['mean_meta_prover_tokens']:.0f} meta-prover tokens per question; "
                                   f"{s['elapsed_s']:.0f} s"}
     if "student-base" in value:
         rows["student-base (no distillation)"] = {"accuracy": value["student-base"],
@@ -480,13 +624,15 @@ def collect_rows(cfg: DemoConfig, done: dict[str, tuple]) -> tuple[dict[str, dic
     if "sft" in cfg.sections:
         for m in CORD_METHODS:
             r = mean_of_seeds([value[f"sft: {m} seed{seed}"] for seed in seeds])
-            rows[f"sft: {m}"] = {"accuracy": r["accuracy"], "detail": _sft_detail(r)}
+            rows[f"sft: {m}"] = {"accuracy": r["accuracy"], "per_seed": r["per_seed"], "detail": _sft_detail(r)}
     best = max(M.TEACHERS, key=lambda n: value[f"trace: {n}"]["accuracy"])
     if "mot" in cfg.sections:
         r = mean_of_seeds([value[f"sft: best single teacher seed{seed}"] for seed in seeds])
-        rows["sft: best single teacher"] = {"accuracy": r["accuracy"], "detail": f"{best}: " + _sft_detail(r)}
+        rows["sft: best single teacher"] = {"accuracy": r["accuracy"], "per_seed": r["per_seed"],
+                                            "detail": f"{best}: " + _sft_detail(r)}
         r = mean_of_seeds([value[f"sft: union of teachers seed{seed}"] for seed in seeds])
-        rows["sft: union of teachers"] = {"accuracy": r["accuracy"], "detail": _sft_detail(r)}
+        rows["sft: union of teachers"] = {"accuracy": r["accuracy"], "per_seed": r["per_seed"],
+                                          "detail": _sft_detail(r)}
         rows["mot"] = {"accuracy": value["mot"]["accuracy"],
                        "detail": f"{cfg.mot_rounds} rounds x {len(M.TEACHERS)} branches x "
                                  f"{max(1, cfg.sft_steps // cfg.mot_rounds)} steps, average merge; one seed"}
@@ -498,14 +644,17 @@ def collect_rows(cfg: DemoConfig, done: dict[str, tuple]) -> tuple[dict[str, dic
             accs = [value[f"vcrd: {w} seed{seed}"] for seed in seeds]
             detail = (f"from vcrd: start; teacher {best}, {cfg.vcrd_steps} steps, PRM-free validity; mean of "
                       "seeds " + " ".join(f"{a:.3f}" for a in accs))
-            rows[f"vcrd: {w}"] = {"accuracy": sum(accs) / len(accs), "detail": detail}
+            rows[f"vcrd: {w}"] = {"accuracy": sum(accs) / len(accs), "per_seed": accs, "detail": detail}
     if "qr" in cfg.sections:
         for routing in QR_ROUTINGS:
             r = value[f"qr: {routing}"]
-            detail = f"best of 2 students ({r['students']})"
+            detail = f"best of 2 students ({r['students']}; mean {r['mean_accuracy']:.3f})"
             if r["shares"]:
-                detail += f"; paths routed at the end: {r['shares']}"
-            rows[f"qr: {routing} routing"] = {"accuracy": r["accuracy"], "detail": detail, "shares": r["shares"]}
+                detail += f"; the router's first choice at the end: {r['shares']}"
+            if r.get("split"):
+                detail += f"; routes trained on over the last tenth of the steps: {r['split']}"
+            rows[f"qr: {routing} routing"] = {"accuracy": r["accuracy"], "mean_accuracy": r["mean_accuracy"],
+                                              "detail": detail, "shares": r["shares"], "split": r.get("split") or {}}
     return rows, cord_runs
 
 
@@ -536,9 +685,10 @@ def run(cfg: DemoConfig) -> dict:
                   "cpu_count": usable_cores(), "sections": sections,
                   "overhead_cpu_s": round(cpu - sum(s["cpu_s"] for s in sections.values()), 1),
                   "jobs": job_times(jobs, done, t0)}
-        result = {"rows": rows, "cord": {k: {kk: v[kk] for kk in ("accuracy", "mean_predictive_perplexity",
-                                                                 "mean_tokens_generated", "teacher_share")}
-                                         for k, v in cord_runs.items()},
+        keep = ("accuracy", "mean_predictive_perplexity", "score_correct", "score_wrong", "wrong",
+                "mean_tokens_generated", "mean_meta_prover_tokens", "well_formed", "all_steps_ok", "teacher_share",
+                "cpu_s")
+        result = {"rows": rows, "cord": {k: {kk: v[kk] for kk in keep} for k, v in cord_runs.items()},
                   "config": asdict(cfg), "timing": timing, "elapsed_s": wall}
         result["report"] = write_report(cfg, result)
         with open(os.path.join(cfg.out, "results.json"), "w", encoding="utf-8") as f:
@@ -560,7 +710,7 @@ def cli(argv: list[str] | None = None) -> int:
     result = run(cfg)
     print(format_table(result["rows"]))
     print()
-    print("\n".join(check_orderings(result["rows"])))
+    print("\n".join(method_verdicts(result["rows"])))
     t = result["timing"]
     print(f"\nreport: {result['report']} ({t['wall_s']:.0f} s wall, {t['cpu_s']:.0f} s CPU, {t['workers']} workers)")
     return 0
