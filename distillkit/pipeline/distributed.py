@@ -106,7 +106,11 @@ def wrap_model(model: nn.Module, info: DistInfo, *, bf16: bool) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         dev = next(model.parameters()).device
-        return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+        # a model whose loss leaves some parameters out on some steps (QR-Distill's container: the routing decides)
+        # says so with the attribute ddp_find_unused_parameters = True
+        return DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None,
+                                       find_unused_parameters=bool(getattr(model, "ddp_find_unused_parameters",
+                                                                           False)))
     if info.strategy == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 

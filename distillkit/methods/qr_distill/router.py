@@ -590,6 +590,10 @@ class QRDistillModel(nn.Module):
     routing='random'/'all'). shared_dim: D, the shared space of the mutual loss.
     """
 
+    # the loss leaves parameters out depending on the settings and the routing of a batch (the competence kind
+    # not in use, projections on a batch without co-routed paths): DDP must look for them every step
+    ddp_find_unused_parameters = True
+
     def __init__(self, students: Sequence[nn.Module], *, shared_dim: int, router_in_dim: int | None = None,
                  router_hidden: int = 256, hidden_sizes: Sequence[int] | None = None):
         super().__init__()
@@ -607,6 +611,11 @@ class QRDistillModel(nn.Module):
     @property
     def num_students(self) -> int:
         return len(self.students)
+
+    def forward(self, batch: dict, settings: LossSettings) -> tuple[torch.Tensor, dict]:
+        """:func:`qr_loss` of this container: the trainer calls the container (its DDP wrapper), so the students',
+        router's, projections' and competence gradients are all-reduced like any parameter's."""
+        return qr_loss(self, batch, settings)
 
 
 def student_hidden_size(model: nn.Module) -> int:

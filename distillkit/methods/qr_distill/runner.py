@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
+from distillkit._errors import InputError
 from distillkit.methods.qr_distill.config import (
     ROUTER_NAME,
     SUMMARY_NAME,
@@ -67,10 +68,23 @@ def run(cfg: QRDistillConfig, *, teachers: Sequence[Teacher] | None = None, judg
     A rerun must use the config the run was started with (recorded in output_dir/run_config.json; see
     :mod:`distillkit.pipeline.runs`): another raises InputError naming the fields, unless ``overwrite`` (then the
     old output_dir is moved aside and the run starts afresh)."""
+    from distillkit.pipeline.distributed import barrier, init_distributed
+
     device = torch_device(cfg.device)
     check_inputs(cfg)
-    begin_dir_run(cfg, cfg.output_dir, free=RESUME_FREE_FIELDS, previous_from=SUMMARY_NAME)
-    records = collect_paths(cfg, teachers=teachers, judge=judge)
+    if cfg.train.strategy == "fsdp":
+        raise InputError("strategy='fsdp': QR-Distill trains its students data-parallel with strategy 'ddp' (each "
+                         "student replicated, the router's gradient all-reduced like any parameter's)")
+    info = init_distributed(cfg.train.strategy, device)
+
+    def begin():
+        begin_dir_run(cfg, cfg.output_dir, free=RESUME_FREE_FIELDS, previous_from=SUMMARY_NAME)
+        return collect_paths(cfg, teachers=teachers, judge=judge)
+
+    # under torchrun rank 0 checks the run and writes the paths, the other ranks then read them
+    records = _on_rank0(info, begin)
+    if records is None:
+        records = collect_paths(cfg, teachers=teachers, judge=judge)
     kept, path_stats = filter_paths(records, cfg)
     if cfg.num_shards > 1:  # one shard of the path generation: training waits for the merged paths
         log.info("qr-distill: shard %d of %d: %d paths in %s; merge the shards with --merge-shards",
@@ -83,11 +97,16 @@ def run(cfg: QRDistillConfig, *, teachers: Sequence[Teacher] | None = None, judg
     items = build_items(kept, cfg)
     features = route_features(cfg, kept, device, encoder) if cfg.learned_routing() else None
     students, tokenizers = load_students(cfg, device)
-    model = build_model(cfg, students, features.shape[1] if features is not None else None).to(device)
+    with torch.random.fork_rng(devices=[]):  # the router's and projections' initial weights: from the run's seed
+        torch.manual_seed(cfg.train.seed)
+        model = build_model(cfg, students, features.shape[1] if features is not None else None).to(device)
     if model.router is not None:
         model.router.fit_feature_scale(features.to(device))
     trainer = make_trainer(model, cfg, items, QRCollator(tokenizers, cfg.max_length, features))
     last = trainer.train()
+    if not info.is_main:  # the container is trained in place on every rank: rank 0 writes the outputs
+        barrier(info)
+        return {"paths": path_stats, "train": last}
     names = cfg.student_labels()
     summary = {"paths": path_stats, "train": last, "students": save_students(model, tokenizers, cfg),
                "routing": routing_summary(model, features, items, names, routing=cfg.canonical_routing()),
@@ -100,7 +119,30 @@ def run(cfg: QRDistillConfig, *, teachers: Sequence[Teacher] | None = None, judg
         summary["eval"] = evaluate_students(model, tokenizers, cfg)
     summary["config"] = config_values(cfg)
     write_json_atomic(os.path.join(cfg.output_dir, SUMMARY_NAME), summary)
+    barrier(info)
     return summary
+
+
+def _on_rank0(info, fn):
+    """``fn()`` on rank 0 (its result), None on the other ranks once rank 0 is done; an error raised on rank 0 is
+    raised there as it is and on every other rank (InputError as InputError, anything else as RuntimeError naming
+    it). One process: fn()."""
+    if not info.distributed:
+        return fn()
+    import torch.distributed as dist
+
+    result, error = None, [None]
+    if info.is_main:
+        try:
+            result = fn()
+        except Exception as exc:
+            dist.broadcast_object_list([(isinstance(exc, InputError), f"{type(exc).__name__}: {exc}")], src=0)
+            raise
+    dist.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        is_input, text = error[0]
+        raise (InputError if is_input else RuntimeError)(f"rank 0 failed: {text}")
+    return result
 
 
 def merge_cli(argv: Sequence[str]) -> int:

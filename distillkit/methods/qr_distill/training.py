@@ -197,12 +197,12 @@ def param_groups(model, cfg: QRDistillConfig) -> list[dict]:
 def make_trainer(model, cfg: QRDistillConfig, items: Sequence[PathItem], collate):
     """The shared Trainer over the container (students + router + projections + competence), one AdamW group per
     student (its own rate), for ``steps_for(cfg, len(items))`` steps."""
-    from distillkit.methods.qr_distill.router import qr_loss
     from distillkit.pipeline.train import Trainer
 
     tcfg = dataclasses.replace(cfg.train, output_dir=cfg.output_dir, max_steps=steps_for(cfg, len(items)))
     settings = loss_settings(cfg)
-    return Trainer(model, tcfg, items, collate, lambda m, b: qr_loss(m, b, settings), params=param_groups(model, cfg))
+    # the container's own forward (qr_loss): under torchrun the DDP wrapper's hooks run
+    return Trainer(model, tcfg, items, collate, lambda m, b: m(b, settings), params=param_groups(model, cfg))
 
 
 # ----------------------------------------------------------------------------------------------
