@@ -654,6 +654,7 @@ def collect_rows(cfg: DemoConfig, done: dict[str, tuple]) -> tuple[dict[str, dic
             if r.get("split"):
                 detail += f"; routes trained on over the last tenth of the steps: {r['split']}"
             rows[f"qr: {routing} routing"] = {"accuracy": r["accuracy"], "mean_accuracy": r["mean_accuracy"],
+                                              "students": r["students"],
                                               "detail": detail, "shares": r["shares"], "split": r.get("split") or {}}
     return rows, cord_runs
 

@@ -186,6 +186,12 @@ def _qr_lines(rows: dict) -> list[str]:
                        "paper: the two students are copies of one model and every path has one style (the "
                        "teachers' greedy reasoning), so the router has nothing to specialise on, and random "
                        "routing spreads the paths evenly while the learned one adds its noise to who sees what.")
+        students = list((rand.get("students") or {}).values())
+        if lm is not None and rm is not None and lm > rm and len(students) >= 2 \
+                and lm - rm <= max(students) - min(students):
+            out.append(f"- Learned routing's lead on the students' mean ({lm - rm:.3f}) is no larger than the gap "
+                       f"between the two random-routing students ({max(students) - min(students):.3f}), copies of "
+                       "one model trained on random halves of the same paths: one seed cannot rank the routings.")
     return out
 
 

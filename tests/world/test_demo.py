@@ -196,6 +196,12 @@ def test_explanations_follow_this_runs_numbers():
     text = "\n".join(demo.explain(rows))
     assert "MCTS reaches" not in text and "Random routing" not in text and "MoT's merge" not in text
     assert "outside [0.3, 0.7]" in text
+    # a lead of learned routing no larger than the gap between two identical students under random routing
+    rows["qr: random routing"]["students"] = {"s0": 0.19, "s1": 0.12}
+    assert "Learned routing's lead on the students' mean (0.045) is no larger than the gap between the two " \
+           "random-routing students (0.070)" in "\n".join(demo.explain(rows))
+    rows["qr: random routing"]["students"] = {"s0": 0.16, "s1": 0.15}
+    assert "Learned routing's lead" not in "\n".join(demo.explain(rows))
 
 
 def test_score_by_outcome_separates_right_and_wrong_traces():
