@@ -80,6 +80,13 @@ class MotConfig:
     eval_limit: int = _help("at most this many eval questions", default=64)
     max_new_tokens: int = _help("generation budget per eval answer", default=64)
     prompt_template: str = _help("prompt with {question}", default="{question}\n<think> ### Step")
+    fields: dict[str, str] | None = _help("column names of the inputs (teacher_data and eval_data: JSONL files or "
+                                          "Hugging Face dataset folders), e.g. {question: problem, answer: solution, "
+                                          "response: trace}; None: the names as they are", default=None)
+    split: str | None = _help("the split to read from a Hugging Face DatasetDict input", default=None)
+    chat_template: str = _help("none: the branches train on the raw prompt | auto: on the student tokenizer's chat "
+                               "template around it (system_prompt first when set)", default="none")
+    system_prompt: str | None = _help("system turn of chat_template auto", default=None)
     train: TrainConfig = train_field()
     max_length: int = _help("truncate examples to this many tokens", default=512)
     device: str = _help("auto | cpu | cuda", default="auto")
@@ -110,6 +117,11 @@ class MotConfig:
             raise ValueError("prompt_template must contain {question}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device={self.device!r}: expected auto, cpu or cuda")
+        from distillkit.pipeline.data import CHAT_TEMPLATES, check_fields
+
+        self.fields = check_fields(self.fields)
+        if self.chat_template not in CHAT_TEMPLATES:
+            raise InputError(f"chat_template={self.chat_template!r}: expected one of {CHAT_TEMPLATES}")
 
 
 def one_trace_per_prompt(examples, seed: int):
@@ -132,7 +144,8 @@ def load_teacher_datasets(cfg: MotConfig):
     datasets = []
     for k, path in enumerate(cfg.teacher_data):
         exs = load_examples(path, prompt_template=cfg.prompt_template, only_correct=True,
-                            is_correct=lambda resp, ans: answers_match(extract_answer(resp), ans))
+                            is_correct=lambda resp, ans: answers_match(extract_answer(resp), ans), fields=cfg.fields,
+                            split=cfg.split)
         if not exs:
             raise ValueError(f"teacher_data[{k}]={path!r} has no trace with a correct final answer")
         if cfg.traces_per_prompt == "one":
@@ -144,14 +157,20 @@ def load_teacher_datasets(cfg: MotConfig):
 def branch_trainer(model, tokenizer, examples, cfg: MotConfig, round_idx: int, k: int, *, strategy: str | None = None):
     """The Trainer of one teacher's branch: S steps in its own directory (resumable); ``strategy`` overrides
     ``cfg.train.strategy`` (the one-branch-per-rank mode trains each branch in its own process)."""
-    from distillkit.pipeline.data import SFTCollator, sft_loss
+    from distillkit.pipeline.data import sft_loss
     from distillkit.pipeline.train import Trainer
 
     tcfg = dataclasses.replace(cfg.train, output_dir=branch_dir(cfg, round_idx, k), max_steps=cfg.steps_per_round,
                                seed=cfg.train.seed + 1000 * round_idx + k,
                                save_every=max(1, cfg.steps_per_round // 4), log_every=max(1, cfg.steps_per_round // 10),
                                strategy=strategy or cfg.train.strategy)
-    return Trainer(model, tcfg, examples, SFTCollator(tokenizer, cfg.max_length), sft_loss)
+    return Trainer(model, tcfg, examples, _collator(cfg, tokenizer), sft_loss)
+
+
+def _collator(cfg: MotConfig, tokenizer):
+    from distillkit.pipeline.data import SFTCollator
+
+    return SFTCollator(tokenizer, cfg.max_length, chat_template=cfg.chat_template, system_prompt=cfg.system_prompt)
 
 
 def train_branch(model, tokenizer, examples, cfg: MotConfig, round_idx: int, k: int, *, strategy: str | None = None):
@@ -302,16 +321,16 @@ def merge_round_distributed(cfg: MotConfig, tokenizer, datasets, round_idx: int,
 
 
 def evaluate_round(cfg: MotConfig, tokenizer, round_idx: int, device, datasets) -> dict:
-    from distillkit.pipeline.data import SFTCollator, read_questions_for_eval
+    from distillkit.pipeline.data import read_questions_for_eval
     from distillkit.pipeline.evaluate import answer_accuracy, mean_loss
 
     model = _load(round_dir(cfg, round_idx), device)
     metrics: dict = {"round": round_idx + 1}
-    collate = SFTCollator(tokenizer, cfg.max_length)
+    collate = _collator(cfg, tokenizer)
     for k, exs in enumerate(datasets):  # how well the merge keeps each teacher's skill
         metrics[f"train_loss_teacher{k}"] = mean_loss(model, collate, exs[:64])
     if cfg.eval_data:
-        questions = read_questions_for_eval(cfg.eval_data, cfg.eval_limit)
+        questions = read_questions_for_eval(cfg.eval_data, cfg.eval_limit, fields=cfg.fields, split=cfg.split)
         if cfg.eval_samples == 1:
             acc = answer_accuracy(model, tokenizer, questions, prompt_template=cfg.prompt_template,
                                   max_new_tokens=cfg.max_new_tokens)
@@ -423,7 +442,7 @@ def run(cfg: MotConfig) -> list[dict]:
     # the input files are checked, and the config compared with the run's, before any model loads
     datasets = load_teacher_datasets(cfg)
     if cfg.eval_data:
-        read_questions_for_eval(cfg.eval_data, cfg.eval_limit)
+        read_questions_for_eval(cfg.eval_data, cfg.eval_limit, fields=cfg.fields, split=cfg.split)
     begin_mot_run(cfg, distributed)
     os.makedirs(cfg.output_dir, exist_ok=True)
     tokenizer = load_tokenizer(cfg.student)

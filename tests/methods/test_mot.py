@@ -293,3 +293,29 @@ def test_ties_in_round_one_takes_a_hub_id_or_another_dtype_as_base(setup, tmp_pa
     assert got["lm_head.weight"].dtype == torch.float32
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0, msg=k)
+
+
+def test_inputs_from_a_dataset_folder_with_a_field_mapping_and_a_chat_template(setup, tmp_path):
+    """teacher_data as a Hugging Face dataset folder with other column names (fields, split) reads the same traces
+    as the JSONL; chat_template reaches the branches' collator; bad values are named."""
+    datasets = pytest.importorskip("datasets")
+    from distillkit.methods.mot import _collator
+
+    root, student, data, evals = setup
+    rows = [json.loads(x) for x in open(data[0])]
+    renamed = [{"problem": r["question"], "solution": r["answer"], "trace": r["response"], "id": r["id"]}
+               for r in rows]
+    folder = str(tmp_path / "teacher0")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(renamed)}).save_to_disk(folder)
+    plain = load_teacher_datasets(_cfg(root, student, data, evals, "f"))
+    mapped = load_teacher_datasets(_cfg(root, student, [folder], evals, "f", split="train",
+                                        fields={"question": "problem", "answer": "solution", "response": "trace"}))
+    assert [(e.prompt, e.response, e.answer) for e in mapped[0]] == [(e.prompt, e.response, e.answer)
+                                                                      for e in plain[0]]
+    cfg = _cfg(root, student, data, evals, "f", chat_template="auto", system_prompt="Think step by step.")
+    collate = _collator(cfg, build_tokenizer())
+    assert (collate.chat_template, collate.system_prompt) == ("auto", "Think step by step.")
+    with pytest.raises(InputError, match="chat_template"):
+        _cfg(root, student, data, evals, "f", chat_template="chatml")
+    with pytest.raises(InputError, match="fields"):
+        _cfg(root, student, data, evals, "f", fields={"question": 3})
