@@ -36,8 +36,15 @@ class VcrdConfig:
                                        "'ки'; a value-head PRM's step separator, e.g. a newline); null reads the "
                                        "PRM right after the candidate", default=None)
     judge_batch_size: int = _help("PRM candidates scored per forward pass", default=64)
-    prompts: str = _help("JSONL of prompts {id, question, answer}", default="")
+    prompts: str = _help("JSONL of prompts {id, question, answer}, or a Hugging Face dataset folder", default="")
     prompt_template: str = _help("prompt with {question}", default="{question}\n<think> ### Step")
+    fields: dict[str, str] | None = _help("column names of the inputs (prompts and eval_data), e.g. {question: "
+                                          "problem, answer: solution}; None: the names as they are", default=None)
+    split: str | None = _help("the split to read from a Hugging Face DatasetDict input", default=None)
+    chat_template: str = _help("none: rollouts from the raw prompt | auto: from the student tokenizer's chat "
+                               "template around it (system_prompt first when set; teacher and student share the "
+                               "tokenizer)", default="none")
+    system_prompt: str | None = _help("system turn of chat_template auto", default=None)
     output_dir: str = _help("run directory: checkpoint, metrics.jsonl, final/ model, vcrd_summary.json",
                             default="vcrd-run")
     # the shared trainer's options (flat in YAML and flags: max_steps, batch_size = prompts per micro-batch, each
@@ -105,6 +112,12 @@ class VcrdConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be a finite number >= 0")
         if self.lambda_t == 0 and self.lambda_s == 0:
             raise ValueError("lambda_t and lambda_s are both 0: nothing to train")
+        from distillkit._errors import InputError
+        from distillkit.pipeline.data import CHAT_TEMPLATES, check_fields
+
+        self.fields = check_fields(self.fields)
+        if self.chat_template not in CHAT_TEMPLATES:
+            raise InputError(f"chat_template={self.chat_template!r}: expected one of {CHAT_TEMPLATES}")
         if self.weighting not in WEIGHTING_CHOICES:
             raise ValueError(f"weighting={self.weighting!r}: expected one of {WEIGHTING_CHOICES}")
         for name, allowed in (("candidate_tokens", CANDIDATE_TOKENS), ("normalization", NORMALIZATIONS),

@@ -216,21 +216,38 @@ def cap_prompts(prompts: list[str], tokenizer, max_tokens: int | None) -> list[s
 
 
 def load_prompts(cfg: VcrdConfig) -> list[str]:
-    """The prompts file's questions in ``cfg.prompt_template``; InputError naming the line (and id) of a
-    record without a text question. The answer is not needed: VCRD trains on rollouts."""
-    from distillkit.pipeline.data import fill_prompt, read_jsonl_lines
+    """The prompts' questions (a JSONL file or a Hugging Face dataset folder, columns renamed through
+    ``cfg.fields``) in ``cfg.prompt_template``; InputError naming the line or row (and id) of a record without a text
+    question. The answer is not needed: VCRD trains on rollouts."""
+    from distillkit.pipeline.data import fill_prompt, iter_rows
 
-    rows = read_jsonl_lines(cfg.prompts)
+    rows = list(iter_rows(cfg.prompts, fields=cfg.fields, split=cfg.split))
     if not rows:
         raise InputError(f"prompts={cfg.prompts!r} holds no record")
     out = []
-    for lineno, r in rows:
+    for where, r in rows:
         question = r.get("question")
         if not isinstance(question, str) or not question.strip():
             rid = f" (id {r['id']!r})" if "id" in r else ""
-            raise InputError(f"prompts={cfg.prompts!r}: line {lineno}{rid}: question={question!r}: expected a "
+            raise InputError(f"prompts={cfg.prompts!r}: {where}{rid}: question={question!r}: expected a "
                              "non-empty string")
         out.append(fill_prompt(cfg.prompt_template, question=question))
+    return out
+
+
+def render_prompts(prompts: list[str], tokenizer, cfg: VcrdConfig) -> list[str]:
+    """The prompts as the models are given them: ``chat_template`` auto wraps each in the tokenizer's chat template
+    (``system_prompt`` first); a BOS written by the template is left to the tokenizer, which adds it when the
+    rollouts encode the prompt. none: as they are."""
+    from distillkit.pipeline.data import render_prompt
+
+    if cfg.chat_template == "none":
+        return prompts
+    bos = tokenizer.bos_token
+    out = []
+    for p in prompts:
+        text = render_prompt(tokenizer, p, cfg.chat_template, cfg.system_prompt)
+        out.append(text[len(bos):] if bos and text.startswith(bos) else text)
     return out
 
 
@@ -324,11 +341,12 @@ def run(cfg: VcrdConfig) -> dict:
     device = torch_device(cfg.device)
     # the input files are checked, and the config compared with the run's, before any model loads
     prompts = load_prompts(cfg)
-    questions = read_questions_for_eval(cfg.eval_data, cfg.eval_limit) if cfg.eval_data else None
+    questions = read_questions_for_eval(cfg.eval_data, cfg.eval_limit, fields=cfg.fields, split=cfg.split) \
+        if cfg.eval_data else None
     info = init_distributed(cfg.train.strategy, device)
     _begin_run(cfg, info)
     student, teacher, teacher_backend, tokenizer, judge = load_models(cfg, device)
-    prompts = cap_prompts(prompts, tokenizer, cfg.max_prompt_tokens)
+    prompts = cap_prompts(render_prompts(prompts, tokenizer, cfg), tokenizer, cfg.max_prompt_tokens)
     teacher_rolls = None
     if cfg.rollouts == "offline" or cfg.sft_steps:
         teacher_rolls = offline_rollouts(cfg, prompts, teacher_backend, tokenizer, side="teacher", write=info.is_main)

@@ -605,9 +605,35 @@ def test_bad_input_records_are_refused_before_any_model(ckpts, tmp_path, monkeyp
     monkeypatch.setattr(vcrd_runner, "load_models", _no_models)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"id": "q0", "question": "1 + 1"}\n\n{"id": "q1", "question": null}\n')
-    with pytest.raises(InputError, match=r"line 3 \(id 'q1'\): question=None"):
+    with pytest.raises(InputError, match=r"prompts\.jsonl:3 \(id 'q1'\): question=None"):
         vcrd.run(_run_cfg(ckpts, "bad-prompts", prompts=str(prompts), eval_data=None))
     evals = tmp_path / "eval.jsonl"
     evals.write_text('{"id": "e0", "question": "1 + 1", "answer": null}\n')
     with pytest.raises(InputError, match=r"eval\.jsonl:1 \(id 'e0'\): answer=None"):
         vcrd.run(_run_cfg(ckpts, "bad-eval", eval_data=str(evals)))
+
+
+def test_prompts_from_a_dataset_folder_and_the_chat_template(ckpts, tmp_path):
+    """prompts as a Hugging Face dataset folder with other column names (fields, split) read as the JSONL does;
+    chat_template auto wraps each prompt in the tokenizer's template (system prompt first, no second BOS)."""
+    datasets = pytest.importorskip("datasets")
+    from distillkit.methods.vcrd.runner import load_prompts, render_prompts
+    from distillkit.world.tiny import build_tokenizer
+
+    root, student, teacher, prompts = ckpts
+    rows = [json.loads(x) for x in _read(prompts).splitlines()]
+    folder = str(tmp_path / "prompts")
+    datasets.DatasetDict({"test": datasets.Dataset.from_list(
+        [{"problem": r["question"], "solution": r["answer"], "id": r["id"]} for r in rows])}).save_to_disk(folder)
+    plain = _run_cfg(ckpts, "p")
+    mapped = _run_cfg(ckpts, "p", prompts=folder, split="test", fields={"question": "problem", "answer": "solution"})
+    assert load_prompts(mapped) == load_prompts(plain) and len(load_prompts(plain)) == 3
+    tok = build_tokenizer()
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                         "{% if add_generation_prompt %}<assistant>{% endif %}")
+    auto = _run_cfg(ckpts, "p", chat_template="auto", system_prompt="Be brief.")
+    got = render_prompts(load_prompts(plain), tok, auto)
+    assert got[0] == f"<system>Be brief.<user>{load_prompts(plain)[0]}<assistant>"
+    assert render_prompts(load_prompts(plain), tok, plain) == load_prompts(plain)
+    with pytest.raises(ValueError, match="chat_template"):
+        _run_cfg(ckpts, "p", chat_template="chatml")
