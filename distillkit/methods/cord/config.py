@@ -19,7 +19,7 @@ from distillkit.pipeline.generation import TeacherOptions
 
 log = logging.getLogger(__name__)
 
-METHODS = ("cord", "greedy", "curation", "random")
+METHODS = ("cord", "greedy", "curation", "random", "integration", "mcts")
 SCORING_BACKENDS = ("cuda", "triton", "cpu", "reference")
 SELECTORS = ("perplexity", "prm", "binary", "max_length")
 CHAT_TEMPLATES = ("none", "auto")
@@ -33,7 +33,8 @@ class CordConfig(TeacherOptions):
     meta_prover: str = _help("meta-prover checkpoint (local path or Hub id)", default="")
     input_path: str = _help("input JSONL, one {id, question, answer} per line", default="")
     output_path: str = _help("output JSONL, one record per question; rerunning resumes it", default="")
-    method: str = _help("cord | greedy (cord with beam_size 1) | curation | random", default="cord")
+    method: str = _help("cord | greedy (cord with beam_size 1) | curation | random | integration (a teacher merges "
+                        "the K traces) | mcts (UCT over the same step proposals)", default="cord")
     beam_size: int = _help("beams B kept per step (greedy forces 1)", default=4)
     segmentation: str = _help("prompt-guided | line-break | prefix-based", default="prompt-guided")
     segmentation_prefixes: list[str] | None = _help(

@@ -342,6 +342,11 @@ def curation_steps(question: str, answer: str, num_teachers: int, cfg: CordConfi
 
 
 STEPS = {"cord": cord_steps, "greedy": cord_steps, "random": random_steps, "curation": curation_steps}
+# Baselines with modules of their own; they take this module's classes at call time (no import cycle).
+from distillkit.methods.cord.integration import integration_steps  # noqa: E402
+from distillkit.methods.cord.mcts import mcts_steps  # noqa: E402
+
+STEPS.update(integration=integration_steps, mcts=mcts_steps)
 
 
 def decode_one(question: str, answer: str, teachers: Sequence[Teacher], scorer: Scorer, cfg: CordConfig, *,

@@ -11,7 +11,9 @@ from collections.abc import Sequence
 from distillkit._errors import InputError
 from distillkit.methods.cord.config import CordConfig
 from distillkit.methods.cord.decode import DecodeResult, Scorer, decode_many
+from distillkit.methods.cord.prompts import with_chat_templates
 from distillkit.methods.cord.segmentation import END_MARKER
+from distillkit.methods.cord.selectors import make_selector, score_for_record
 from distillkit.methods.cord.summary import summarize, write_summary
 from distillkit.pipeline.answers import answers_match, extract_answer
 from distillkit.pipeline.config import parse_config
@@ -117,6 +119,8 @@ def run(cfg: CordConfig, *, teachers: Sequence[Teacher] | None = None, meta_prov
     if pending:
         teachers = teachers if teachers is not None else load_teachers(cfg)
         meta_prover = meta_prover if meta_prover is not None else load_meta_prover(cfg)
+        teachers = with_chat_templates(cfg, teachers)  # chat_template auto: each teacher's own (prompts.py)
+        scorer = make_selector(cfg, meta_prover)  # what ranks the candidates (the meta-prover for perplexity)
         if len(teachers) != len(cfg.teachers):
             raise ValueError(f"teachers: {len(teachers)} given but the config lists {len(cfg.teachers)}")
         seg = cfg.make_segmentation()
@@ -128,7 +132,8 @@ def run(cfg: CordConfig, *, teachers: Sequence[Teacher] | None = None, meta_prov
                 tqdm(total=len(questions), initial=len(questions) - len(pending), desc=f"cord[{cfg.method}]",
                      unit="q", disable=not cfg.progress) as bar:
             # Records land as their questions finish (not in input order); a resumed run goes by id.
-            for i, res in decode_many(items, teachers, meta_prover, cfg, seg=seg, in_flight=cfg.questions_in_flight):
+            for i, res in decode_many(items, teachers, scorer, cfg, seg=seg, in_flight=cfg.questions_in_flight):
+                res = score_for_record(cfg, meta_prover, res, str(pending[i]["answer"]), seg.end_marker)
                 append_record(out, make_record(pending[i], res, seg.end_marker))
                 bar.update(1)
     records = load_done(cfg.output_path)

@@ -151,3 +151,22 @@ def test_generators_run_in_the_decode_loops_many_in_flight_driver(monkeypatch, m
     alone, together = results(1), results(3)
     assert sorted(alone) == [0, 1, 2, 3] and together == alone
     assert all(text.startswith(f"Q{i}?\n<think>\n") and text.endswith("</think>") for i, (text, *_) in alone.items())
+
+
+@pytest.mark.parametrize("method", ["mcts", "integration"])
+def test_distillkit_cord_runs_the_method(tmp_path, method):
+    """`--method mcts | integration` goes through the run (config, decode loop, records, summary)."""
+    import json
+
+    from distillkit.methods.cord import load_done, run
+
+    path = tmp_path / "q.jsonl"
+    path.write_text("".join(json.dumps({"id": f"q{i}", "question": f"Q{i}?", "answer": "7"}) + "\n" for i in range(3)))
+    cfg = _cfg(method=method, input_path=str(path), output_path=str(tmp_path / "out.jsonl"), token_budget=8,
+               questions_in_flight=2)
+    summary = run(cfg, teachers=[StepTeacher("A", finish_at=2), StepTeacher("B", finish_at=3)],
+                  meta_prover=TableScorer({"A0": 0.9, "B1": 0.8}))
+    records = load_done(cfg.output_path)
+    assert summary["method"] == method and summary["records"] == 3 and len(records) == 3
+    for r in records:
+        assert r["trajectory"].split("</think>")[0] and r["tokens_generated"] > 0 and r["meta_prover_tokens"] > 0

@@ -127,3 +127,39 @@ def test_with_chat_templates_wraps_each_teacher_and_none_keeps_them(world_tokeni
         wrapped[0].propose(["no marker"])
     with pytest.raises(ValueError, match="prompt_template"):
         CordConfig(teachers=names, chat_template="auto", prompt_template="Q: {question}\nA:", **base)
+
+
+def test_the_run_shows_each_teacher_its_chat_template(tmp_path, world_tokenizer, monkeypatch):
+    import json
+
+    from distillkit.methods.cord import CordConfig, load_done, prompts, run
+    from distillkit.teachers.base import Proposal, Teacher
+
+    class Seen(Teacher):
+        def __init__(self):
+            self.name, self.prefixes = "t", []
+
+        def propose(self, prefixes, *, n=1, max_new_tokens=128, stop=None, temperature=0.0, seed=None):
+            self.prefixes += list(prefixes)
+            return [[Proposal(" 1: 1+1=2\n</think>" if "</think>" not in p else " 2", 3, True, "end")] * n
+                    for p in prefixes]
+
+    class One:
+        tokens_processed = 0
+
+        def score(self, pairs, *, prefixes=None):
+            import torch
+
+            return torch.ones(len(pairs))
+
+    monkeypatch.setattr(prompts, "load_tokenizer", lambda path: _with_template(world_tokenizer, OPENS_THINK))
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"id": "q0", "question": "1+1", "answer": "2"}) + "\n")
+    teacher = Seen()
+    cfg = CordConfig(teachers=["Qwen/QwQ-32B"], meta_prover="m", input_path=str(path), chat_template="auto",
+                     output_path=str(tmp_path / "o.jsonl"), beam_size=1, temperature=0.0, progress=False)
+    run(cfg, teachers=[teacher], meta_prover=One())
+    assert teacher.prefixes[0] == ("<|im_start|>user\n1+1\n" + BOXED_INSTRUCTION + "<|im_end|>\n"
+                                   "<|im_start|>assistant\n<think> ### Step")
+    (rec,) = load_done(cfg.output_path)
+    assert rec["prompt"] == "1+1\n<think> ### Step"  # the record keeps the raw prompt

@@ -169,3 +169,44 @@ def test_records_keep_the_meta_provers_score_under_another_selector(prover):
     spent = prover.tokens_processed - before
     want = float(prover.score([(PARENT + RIGHT, "0")])[0])
     assert res.beam.score == pytest.approx(want, rel=1e-6) and res.meta_prover_tokens == spent > 0
+
+
+def test_the_run_ranks_with_the_configured_selector_and_records_the_meta_provers_score(tmp_path):
+    import json
+
+    from distillkit.methods.cord import load_done, run
+    from distillkit.teachers.base import Proposal, Teacher
+
+    class Writes(Teacher):
+        def __init__(self, name, text):
+            self.name, self.text = name, text
+
+        def propose(self, prefixes, *, n=1, max_new_tokens=128, stop=None, temperature=0.0, seed=None):
+            out = []
+            for p in prefixes:
+                if p.endswith("</think>"):
+                    out.append([Proposal(" 7", 1, True, "eos")] * n)
+                else:
+                    out.append([Proposal(self.text + "</think>", 2, True, "end")] * n)
+            return out
+
+    class PrefersShort:
+        tokens_processed = 0
+
+        def score(self, pairs, *, prefixes=None):
+            self.tokens_processed += len(pairs)
+            return torch.tensor([1.0 / len(c) for c, _ in pairs])
+
+    path = tmp_path / "q.jsonl"
+    path.write_text(json.dumps({"id": "q0", "question": "Q", "answer": "7"}) + "\n")
+    base = dict(teachers=["short", "long"], input_path=str(path), segmentation="line-break", beam_size=1,
+                temperature=0.0, token_budget=20, max_answer_tokens=2, progress=False)
+    picked = {}
+    for selector in ("perplexity", "max_length"):
+        cfg = _cfg(**base, selector=selector, output_path=str(tmp_path / f"{selector}.jsonl"))
+        run(cfg, teachers=[Writes("short", "ab"), Writes("long", "abcdef")], meta_prover=PrefersShort())
+        (rec,) = load_done(cfg.output_path)
+        picked[selector] = rec["steps"][-1]["teacher"]
+        ctx = rec["prompt"] + rec["trajectory"].split("</think>")[0]
+        assert rec["predictive_perplexity"] == pytest.approx(1.0 / len(ctx))  # always the meta-prover's score
+    assert picked == {"perplexity": "short", "max_length": "long"}
