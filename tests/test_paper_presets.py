@@ -17,8 +17,6 @@ METHODS = {
     "qr_distill": ("distillkit.methods.qr_distill.config:QRDistillConfig", "qr-distill"),
     "vcrd": ("distillkit.methods.vcrd.config:VcrdConfig", "vcrd"),
     "mot": ("distillkit.methods.mot:MotConfig", "mot"),
-    "cord-hetero": ("distillkit.methods.cord.config:CordConfig", "cord"),
-    "cord-homo": ("distillkit.methods.cord.config:CordConfig", "cord"),
 }
 
 
