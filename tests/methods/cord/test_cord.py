@@ -341,7 +341,9 @@ def _write_yaml(path, cfg: dict) -> None:
 def test_sigkill_midway_then_resume_matches_uninterrupted(tiny_world, tmp_path):
     root, paths = tiny_world
     ref, out = tmp_path / "ref.jsonl", tmp_path / "out.jsonl"
-    _write_yaml(tmp_path / "out.yaml", _tiny_config(root, paths, out))
+    # One question in flight: with many, the meta-prover's batch holds other questions after the resume, which
+    # moves scores in the last bits (test_in_flight.py checks traces against one at a time, scores by tolerance)
+    _write_yaml(tmp_path / "out.yaml", _tiny_config(root, paths, out, questions_in_flight=1))
     cmd = [sys.executable, "-m", "distillkit.cli", "cord", "--config"]
     proc = subprocess.Popen(cmd + [str(tmp_path / "out.yaml")], env=_cli_env(),
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -358,7 +360,7 @@ def test_sigkill_midway_then_resume_matches_uninterrupted(tiny_world, tmp_path):
     assert killed and 2 <= partial < 6, f"the run was not caught midway ({partial} records)"
     subprocess.run(cmd + [str(tmp_path / "out.yaml")], env=_cli_env(), check=True, capture_output=True)
     # The uninterrupted reference runs in this process (one thread, as the subprocesses).
-    run(CordConfig(**_tiny_config(root, paths, ref)))
+    run(CordConfig(**_tiny_config(root, paths, ref, questions_in_flight=1)))
     got = [json.loads(line) for line in out.read_text().splitlines()]
     want = [json.loads(line) for line in ref.read_text().splitlines()]
     assert [r["id"] for r in got] == [f"q{i}" for i in range(6)]  # none lost, none duplicated
