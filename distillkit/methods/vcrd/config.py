@@ -53,6 +53,12 @@ class VcrdConfig:
     rollouts: str = _help("offline: one teacher and one student rollout per prompt generated once before training "
                           "and kept fixed (Appendix 10.2; saved in output_dir/rollouts.jsonl) | online: new rollouts "
                           "every step, the student's with its current weights", default="offline")
+    num_shards: int = _help("offline rollouts in shards: this run draws the rollouts of one shard of the prompts' "
+                            "batches (of batch_size prompts, by a stable hash of their prompt texts), writes them to "
+                            "output_dir/rollouts.jsonl and stops (no training); merge with `distillkit vcrd "
+                            "--merge-shards OUT_DIR SHARD_DIR...` and run on OUT_DIR", default=1)
+    shard_index: int = _help("which shard of the prompt batches this run draws rollouts for: 0 .. num_shards - 1",
+                             default=0)
     sft_steps: int = _help("supervised fine-tuning steps on the teacher's rollouts before distillation (Appendix "
                            "10.2; 0 = none); offline student rollouts are drawn after it", default=0)
     sft_lr: float | None = _help("learning rate of the SFT stage (null = lr)", default=None)
@@ -126,6 +132,12 @@ class VcrdConfig:
                 raise ValueError(f"{name}={getattr(self, name)!r}: expected one of {allowed}")
         if isinstance(self.sft_steps, bool) or not isinstance(self.sft_steps, int) or self.sft_steps < 0:
             raise ValueError(f"sft_steps={self.sft_steps!r} must be an integer >= 0 (0 = no SFT stage)")
+        from distillkit.pipeline.runs import check_shard_args
+
+        check_shard_args(self.num_shards, self.shard_index)
+        if self.num_shards > 1 and self.rollouts == "online" and not self.sft_steps:
+            raise InputError(f"num_shards={self.num_shards}: shards draw the offline rollouts, and rollouts='online' "
+                             "with sft_steps=0 draws none before training; use rollouts: offline (or an SFT stage)")
         if self.sft_lr is not None and not (self.sft_lr > 0 and math.isfinite(self.sft_lr)):
             raise ValueError(f"sft_lr={self.sft_lr} must be a positive number or null")
         if self.max_prompt_tokens is not None and (isinstance(self.max_prompt_tokens, bool) or not isinstance(

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 from collections.abc import Sequence
 
 import torch
@@ -120,17 +121,35 @@ class FixedRollout:
 ROLLOUTS_NAME = "rollouts.jsonl"
 
 
-def _propose_all(backend, prompts: list[str], cfg: VcrdConfig, seed: int, side: int) -> list[Proposal]:
-    """One rollout per prompt, in batches of ``batch_size`` prompts, batch i sampled with a seed from
-    (seed, i, side): the same whatever else the run does."""
+def rollout_batches(prompts: list[str], batch_size: int) -> list[tuple[int, list[int]]]:
+    """The offline rollouts' batches: (batch index, positions of its prompts), batch i holding prompts
+    i * batch_size .. (i + 1) * batch_size - 1. A prompt's rollout depends on its batch (sampled together with
+    the batch's other prompts, seeded by the batch index), so a batch is the unit of a shard."""
+    size = max(1, batch_size)
+    return [(b, list(range(i, min(len(prompts), i + size)))) for b, i in enumerate(range(0, len(prompts), size))]
+
+
+def shard_batches(prompts: list[str], cfg: VcrdConfig) -> list[tuple[int, list[int]]]:
+    """The batches of shard ``cfg.shard_index`` of ``cfg.num_shards``: batch goes to shard
+    :func:`distillkit.pipeline.runs.shard_of` of its prompt texts (joined), a stable hash."""
+    from distillkit.pipeline.runs import select_shard
+
+    items = [{"id": "\x1f".join(prompts[i] for i in pos), "batch": (b, pos)}
+             for b, pos in rollout_batches(prompts, cfg.train.batch_size)]
+    return [it["batch"] for it in select_shard(items, cfg.num_shards, cfg.shard_index)]
+
+
+def _propose_all(backend, prompts: list[str], cfg: VcrdConfig, seed: int, side: int,
+                 batches: list[tuple[int, list[int]]]) -> list[Proposal]:
+    """One rollout per prompt of ``batches`` (batch index, prompt positions), in their order, batch b sampled with
+    a seed from (seed, b, side): the same whatever else the run does (and whichever shard draws it)."""
     from tqdm.auto import tqdm
 
     out: list[Proposal] = []
-    size = max(1, cfg.train.batch_size)
     with _eval_mode([backend]):
-        for i in tqdm(range(0, len(prompts), size), desc="rollouts", unit="batch", disable=not cfg.train.progress):
-            got = backend.propose(prompts[i:i + size], n=1, max_new_tokens=cfg.rollout_tokens, stop=None,
-                                  temperature=cfg.temperature, seed=rollout_seed(seed, i // size, side) + side)
+        for b, pos in tqdm(batches, desc="rollouts", unit="batch", disable=not cfg.train.progress):
+            got = backend.propose([prompts[i] for i in pos], n=1, max_new_tokens=cfg.rollout_tokens, stop=None,
+                                  temperature=cfg.temperature, seed=rollout_seed(seed, b, side) + side)
             out += [p[0] for p in got]
     return out
 
@@ -146,38 +165,43 @@ def _read_rollouts(path: str, side: str, prompts: list[str]) -> list[Proposal] |
     return [Proposal(**r[side]) for r in rows]
 
 
-def _write_rollouts(path: str, prompts: list[str], sides: dict[str, list[Proposal]]) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for i, prompt in enumerate(prompts):
-            rec = {"prompt": prompt, **{k: dataclasses.asdict(v[i]) for k, v in sides.items()}}
-            f.write(json.dumps(rec) + "\n")
-    os.replace(tmp, path)
+def _write_rollouts(path: str, ids: list[str], prompts: list[str], sides: dict[str, list[Proposal]]) -> None:
+    from distillkit.pipeline.runs import write_records_atomic
+
+    write_records_atomic(path, [{"id": ids[i], "prompt": prompt, **{k: dataclasses.asdict(v[i])
+                                                                     for k, v in sides.items()}}
+                                for i, prompt in enumerate(prompts)])
 
 
 def offline_rollouts(cfg: VcrdConfig, prompts: list[str], backend, tokenizer, student=None, *,
-                     side: str = "teacher", write: bool = True) -> list[Proposal]:
+                     side: str = "teacher", write: bool = True,
+                     batches: list[tuple[int, list[int]]] | None = None) -> list[Proposal]:
     """The fixed rollouts of one side (teacher: through ``backend``; student: the model ``student``),
     drawn once and kept in output_dir/rollouts.jsonl, so that a resumed run trains on the same ones.
-    write: False on every rank but rank 0 under torchrun (each draws the same rollouts: the seeds are the run's)."""
+    write: False on every rank but rank 0 under torchrun (each draws the same rollouts: the seeds are the run's).
+    batches: the batches to draw (:func:`shard_batches`: one shard's); default: every batch of ``prompts``.
+    Each record's id is its prompt's position among all of ``prompts``; returns the rollouts of ``batches``."""
     from distillkit.teachers.hf import HFTeacher
 
+    batches = rollout_batches(prompts, cfg.train.batch_size) if batches is None else batches
+    positions = [i for _, pos in batches for i in pos]
+    mine = [prompts[i] for i in positions]
     path = os.path.join(cfg.output_dir, ROLLOUTS_NAME)
-    have = _read_rollouts(path, side, prompts)
+    have = _read_rollouts(path, side, mine)
     if have is not None:
         return have
     if side == "student":
         was_training = student.training
         backend = HFTeacher(student, tokenizer, name="student", batch_size=max(1, cfg.train.batch_size))
         student.train(was_training)
-    got = _propose_all(backend, prompts, cfg, cfg.train.seed, 0 if side == "teacher" else 1)
+    got = _propose_all(backend, prompts, cfg, cfg.train.seed, 0 if side == "teacher" else 1, batches)
     other = "student" if side == "teacher" else "teacher"
     sides = {side: got}
-    kept = _read_rollouts(path, other, prompts)
+    kept = _read_rollouts(path, other, mine)
     if kept is not None:
         sides[other] = kept
     if write:
-        _write_rollouts(path, prompts, sides)
+        _write_rollouts(path, [str(i) for i in positions], mine, sides)
     return got
 
 
@@ -347,6 +371,8 @@ def run(cfg: VcrdConfig) -> dict:
     _begin_run(cfg, info)
     student, teacher, teacher_backend, tokenizer, judge = load_models(cfg, device)
     prompts = cap_prompts(render_prompts(prompts, tokenizer, cfg), tokenizer, cfg.max_prompt_tokens)
+    if cfg.num_shards > 1:  # one shard of the offline rollouts: training waits for the merged rollouts
+        return _draw_shard(cfg, prompts, student, teacher_backend, tokenizer, info)
     teacher_rolls = None
     if cfg.rollouts == "offline" or cfg.sft_steps:
         teacher_rolls = offline_rollouts(cfg, prompts, teacher_backend, tokenizer, side="teacher", write=info.is_main)
@@ -397,11 +423,113 @@ def run(cfg: VcrdConfig) -> dict:
     return summary
 
 
+def shard_sides(cfg: VcrdConfig) -> tuple[str, ...]:
+    """The rollout sides a shard draws: the teacher's always (offline rollouts or the SFT stage's data), the
+    student's when the run draws them offline from the student as it starts (no SFT stage: after one, the
+    unsharded run draws them from the fine-tuned student)."""
+    return ("teacher", "student") if cfg.rollouts == "offline" and not cfg.sft_steps else ("teacher",)
+
+
+def _draw_shard(cfg: VcrdConfig, prompts: list[str], student, teacher_backend, tokenizer, info) -> dict:
+    from distillkit.pipeline.distributed import barrier
+
+    batches = shard_batches(prompts, cfg)
+    for side in shard_sides(cfg):
+        offline_rollouts(cfg, prompts, teacher_backend if side == "teacher" else None, tokenizer,
+                         student if side == "student" else None, side=side, write=info.is_main, batches=batches)
+    n = sum(len(pos) for _, pos in batches)
+    path = os.path.join(cfg.output_dir, ROLLOUTS_NAME)
+    log.info("vcrd: shard %d of %d: %s rollouts of %d of %d prompts in %s; merge the shards with --merge-shards",
+             cfg.shard_index, cfg.num_shards, " and ".join(shard_sides(cfg)), n, len(prompts), path)
+    barrier(info)
+    return {"config": config_values(cfg), "shard": {"index": cfg.shard_index, "of": cfg.num_shards},
+            "prompts": n, "sides": list(shard_sides(cfg)), "rollouts": path}
+
+
+def merge_rollout_shards(output_dir: str, shard_dirs: Sequence[str]) -> dict:
+    """Merges the rollouts.jsonl of a sharded rollout generation (``num_shards`` runs, each its own output_dir)
+    into ``output_dir``/rollouts.jsonl, in prompt order, and records the unsharded config there, so that
+    ``distillkit vcrd`` with that config and ``output_dir`` trains on them without drawing any.
+
+    Refuses (InputError) shards of different configs, a shard given twice or missing, a prompt in two shards or
+    in none (a shard unfinished), a shard without the student rollouts it should hold, prompts that are not the
+    input's (the input changed since the shards ran), and an ``output_dir`` that already holds anything.
+    Returns what was merged."""
+    from distillkit.pipeline.runs import (
+        RUN_CONFIG_NAME,
+        check_shard_configs,
+        dir_has_outputs,
+        merge_shard_records,
+        write_records_atomic,
+    )
+    from distillkit.teachers.hf import load_tokenizer
+
+    configs = []
+    for d in shard_dirs:
+        record = os.path.join(d, RUN_CONFIG_NAME)
+        if not os.path.isfile(record):
+            raise InputError(f"{d}: no run config ({record}); expected the output_dir of a `distillkit vcrd` shard run")
+        with open(record, encoding="utf-8") as f:
+            configs.append((d, json.load(f)["config"]))
+    common = check_shard_configs(configs)
+    if dir_has_outputs(output_dir, ignore=()):
+        raise InputError(f"--merge-shards {output_dir}: not empty; choose a new directory for the merged rollouts")
+    # the recorded config is flat (the trainer's options beside the method's); keep what the class accepts
+    accepted = {f.name for f in dataclasses.fields(VcrdConfig)} - {"train"}
+    accepted |= set(getattr(VcrdConfig, "__train_options__", {}))
+    cfg = VcrdConfig(**{**{k: v for k, v in common.items() if k in accepted}, "output_dir": output_dir,
+                        "num_shards": 1, "shard_index": 0})
+    tokenizer = load_tokenizer(cfg.student)
+    prompts = cap_prompts(render_prompts(load_prompts(cfg), tokenizer, cfg), tokenizer, cfg.max_prompt_tokens)
+    records = merge_shard_records([os.path.join(d, ROLLOUTS_NAME) for d in shard_dirs],
+                                  [str(i) for i in range(len(prompts))])
+    sides = shard_sides(cfg)
+    for rec in records:
+        i = int(rec["id"])
+        if rec.get("prompt") != prompts[i]:
+            raise InputError(f"rollout {i}: its prompt {rec.get('prompt')!r} is not the input's prompt {prompts[i]!r}; "
+                             f"prompts={cfg.prompts!r} changed since the shards ran")
+        lacking = [side for side in sides if side not in rec]
+        if lacking:
+            raise InputError(f"rollout {i} (prompt {prompts[i]!r}) has no {' or '.join(lacking)} rollout: its shard "
+                             "has not finished; rerun it")
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, ROLLOUTS_NAME)
+    write_records_atomic(path, records)
+    write_json_atomic(os.path.join(output_dir, RUN_CONFIG_NAME), {"config": config_values(cfg)})
+    log.info("vcrd: merged %d shards, %d prompts' %s rollouts -> %s", len(shard_dirs), len(records),
+             " and ".join(sides), path)
+    return {"shards": len(shard_dirs), "prompts": len(records), "sides": list(sides), "rollouts": path}
+
+
+def merge_cli(argv: Sequence[str]) -> int:
+    """`distillkit vcrd --merge-shards OUT_DIR SHARD_DIR [SHARD_DIR ...]`."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="distillkit vcrd --merge-shards",
+        description="Merge the offline rollouts of a sharded run (--num-shards N --shard-index i, one output_dir "
+                    "each) into a new output_dir; then run distillkit vcrd on it unsharded to train.")
+    parser.add_argument("--merge-shards", nargs="+", required=True, metavar="DIR",
+                        help="the merged output_dir, then every shard's output_dir")
+    args = parser.parse_args(list(argv))
+    if len(args.merge_shards) < 2:
+        parser.error("--merge-shards: expected the merged output_dir and at least one shard output_dir")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out, *shards = args.merge_shards
+    print(json.dumps(merge_rollout_shards(out, shards)))
+    return 0
+
+
 def cli(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--merge-shards" in argv:
+        return merge_cli(argv)
     cfg = parse_config(VcrdConfig, argv, "distillkit vcrd",
                        "VCRD: validity-calibrated reasoning distillation (teacher- and student-prefix rollouts, "
                        "validity-weighted skew KL / skew reverse KL).")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     summary = run(cfg)
-    print(json.dumps({k: summary[k] for k in ("step", "final_model", "last_metrics", "eval") if k in summary}))
+    print(json.dumps({k: summary[k] for k in ("step", "final_model", "last_metrics", "eval", "shard", "prompts",
+                                              "sides", "rollouts") if k in summary}))
     return 0
