@@ -1,7 +1,8 @@
 """One QR-Distill training run for the methods' distributed tests: run as a script, under torchrun (strategy ddp)
 or as one plain process (strategy none), on paths given as a file (no teachers), two tiny students of two
-architectures and a learned top-1 router over a tiny BERT encoder's features (deterministic routing: every rank
-routes its own slice as one process routes the same micro-batch). write_setup builds the students, the encoder and
+architectures and a learned router over a tiny BERT encoder's features (--routing: topk by default, deterministic;
+bernoulli draws each path's noise from (seed, its position in the stream of paths), so every rank routes its own
+slice as one process routes the same micro-batch). write_setup builds the students, the encoder and
 the paths."""
 import argparse
 import json
@@ -48,11 +49,12 @@ def main():
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--routing", default="topk")
     a = p.parse_args()
     torch.set_num_threads(1)
     root = a.root
     cfg = QRDistillConfig(paths_input=os.path.join(root, "paths.jsonl"), teachers=[], output_dir=a.out,
-                          students=[os.path.join(root, "llama32"), os.path.join(root, "qwen48")], routing="topk",
+                          students=[os.path.join(root, "llama32"), os.path.join(root, "qwen48")], routing=a.routing,
                           router_encoder=os.path.join(root, "encoder"), router_capacity_factor=None,
                           max_steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum, lr=3e-3, seed=3,
                           progress=False, log_every=1, device="cpu", strategy=a.strategy)

@@ -26,7 +26,10 @@ def qr_run(*args: str, nproc: int = 0) -> None:
 
 
 @pytest.mark.timeout(400)  # a plain run and a torchrun launch of 2 ranks: ~20 s on a quiet 2-core CPU
-def test_ddp_gives_the_one_process_students_and_router(tmp_path):
+@pytest.mark.parametrize("routing", ["topk", "bernoulli"])
+def test_ddp_gives_the_one_process_students_and_router(tmp_path, routing):
+    """topk routes deterministically; bernoulli draws each path's noise from (seed, its position in the stream of
+    paths), so the ranks' draws are one process's draws on the same global batches (not one stream per rank)."""
     import torch
     from _qr_run import write_setup
     from transformers import AutoModelForCausalLM
@@ -35,8 +38,9 @@ def test_ddp_gives_the_one_process_students_and_router(tmp_path):
     os.makedirs(root)
     setup = write_setup(root)
     one, ddp = str(tmp_path / "one"), str(tmp_path / "ddp")
-    qr_run("--root", root, "--out", one, "--grad-accum", "2")  # 1 process x 2 micro-batches of 2 = 2 ranks x 2
-    qr_run("--root", root, "--out", ddp, "--strategy", "ddp", nproc=2)
+    # 1 process x 2 micro-batches of 2 = 2 ranks x 2
+    qr_run("--root", root, "--out", one, "--grad-accum", "2", "--routing", routing)
+    qr_run("--root", root, "--out", ddp, "--strategy", "ddp", "--routing", routing, nproc=2)
     for student in setup["students"]:
         name = os.path.basename(student)
         want = AutoModelForCausalLM.from_pretrained(os.path.join(one, "students", name), dtype=None).state_dict()

@@ -20,6 +20,11 @@ Notation (one batch of B reasoning paths, S students, shared space of D dimensio
                  softmax (straight-through Gumbel-softmax; k = route_top_k, 1 by default; the old
                  ``learned`` routing)
     random | all the ablations: uniform top-k without a router, every student on every path
+  Noise: the uniforms of bernoulli, gumbel_top1 and random are drawn per path from a generator seeded by
+    (seed, the path's position in the run's stream of paths) (``path_uniforms``); the position is
+    step x global batch + the path's index in the global batch, so a run on N ranks draws, path by path,
+    the noise one process draws on the same global batches (whatever the split into ranks and micro-batches),
+    and a resumed run draws the same noise again.
   Capacity (beyond the paper; on by default): each student takes at most
     C = ceil(c * R / S) routes of a batch (R = the batch's routes, c = router_capacity_factor), as in
   mixture-of-experts routing. Over capacity, a student keeps the paths it is most preferred for
@@ -175,13 +180,46 @@ class Router(nn.Module):
         return self.mlp(x.to(self.mlp[0].weight.dtype))
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def path_seed(seed: int, position: int) -> int:
+    """The 63-bit seed of one path's routing noise: a hash of (run seed, the path's position in the stream)."""
+    return _splitmix64(_splitmix64(int(seed) & _MASK64) ^ (int(position) & _MASK64)) >> 1
+
+
+def path_uniforms(keys: torch.Tensor, seed: int, num_students: int, *, dtype: torch.dtype = torch.float32,
+                  device=None) -> torch.Tensor:
+    """Uniforms in [0, 1) [B, num_students]: row b from a generator seeded by ``path_seed(seed, keys[b])``, so a
+    path's noise depends on (seed, its key) alone, not on the rows it is batched with nor on the rank.
+    keys: [B] integers (the paths' positions in the run's stream of paths)."""
+    if keys.dim() != 1:
+        raise ValueError(f"keys: expected [B], got shape {tuple(keys.shape)}")
+    if num_students < 1:
+        raise ValueError(f"num_students={num_students}: expected >= 1")
+    g = torch.Generator()
+    rows = [torch.rand(num_students, generator=g.manual_seed(path_seed(seed, k)), dtype=torch.float64)
+            for k in keys.tolist()]
+    out = torch.stack(rows) if rows else torch.zeros(0, num_students, dtype=torch.float64)
+    return out.to(device=device if device is not None else keys.device, dtype=dtype)
+
+
 def gumbel_topk_straight_through(logits: torch.Tensor, *, tau: float = 1.0, k: int = 1,
-                                 noise: bool = True, generator: torch.Generator | None = None):
+                                 noise: bool = True, generator: torch.Generator | None = None,
+                                 uniforms: torch.Tensor | None = None):
     """Straight-through Gumbel-softmax: (assignment [B, S], y_soft [B, S]).
 
     ``assignment`` equals the hard top-k one-hot in the forward pass and carries the gradient of
     ``y_soft = softmax((logits + g) / tau)`` in the backward pass. ``noise=False`` drops the Gumbel
-    noise (deterministic routing, e.g. for statistics)."""
+    noise (deterministic routing, e.g. for statistics). ``uniforms`` [B, S]: the uniforms of the noise
+    (``path_uniforms``) instead of drawing them from ``generator``."""
     if logits.dim() != 2:
         raise ValueError(f"logits: expected [B, S], got shape {tuple(logits.shape)}")
     if not 1 <= k <= logits.shape[1]:
@@ -190,7 +228,7 @@ def gumbel_topk_straight_through(logits: torch.Tensor, *, tau: float = 1.0, k: i
         raise ValueError(f"tau={tau}: expected > 0")
     x = _upcast(logits)
     if noise:
-        u = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        u = _uniforms(uniforms, x, generator)
         x = x - torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
     y_soft = torch.softmax(x / tau, dim=-1)
     hard = torch.zeros_like(y_soft).scatter_(-1, y_soft.topk(k, dim=-1).indices, 1.0)
@@ -205,19 +243,28 @@ def balance_loss(router_logits: torch.Tensor) -> torch.Tensor:
     return math.log(router_logits.shape[-1]) - entropy
 
 
-def bernoulli_straight_through(logits: torch.Tensor, *, noise: bool = True,
-                                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _uniforms(uniforms: torch.Tensor | None, like: torch.Tensor, generator) -> torch.Tensor:
+    if uniforms is None:
+        return torch.rand(like.shape, generator=generator, device=like.device, dtype=like.dtype)
+    if uniforms.shape != like.shape:
+        raise ValueError(f"uniforms: expected shape {tuple(like.shape)}, got {tuple(uniforms.shape)}")
+    return uniforms.to(device=like.device, dtype=like.dtype)
+
+
+def bernoulli_straight_through(logits: torch.Tensor, *, noise: bool = True, generator: torch.Generator | None = None,
+                               uniforms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Eq. 2 with a per-student Bernoulli: (hard [B, S] in {0, 1}, p = sigmoid(logits) [B, S]).
 
     hard_bs ~ Bernoulli(p_bs) independently (``noise=False``: hard_bs = [p_bs > 0.5]); a row drawn for no
     student is routed to its argmax. ``hard`` carries no gradient: the straight-through term of the
-    routed loss (``routed_loss``) gives the router its gradient through ``p``."""
+    routed loss (``routed_loss``) gives the router its gradient through ``p``. ``uniforms`` [B, S]: the draw's
+    uniforms (``path_uniforms``) instead of drawing them from ``generator``."""
     if logits.dim() != 2:
         raise ValueError(f"logits: expected [B, S], got shape {tuple(logits.shape)}")
     p = torch.sigmoid(_upcast(logits))
     with torch.no_grad():
         if noise:
-            u = torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype)
+            u = _uniforms(uniforms, p, generator)
             hard = (u < p).to(p.dtype)
         else:
             hard = (p > 0.5).to(p.dtype)
@@ -293,27 +340,36 @@ class Route:
 
 def route(router_logits: torch.Tensor | None, batch_size: int, num_students: int, *, routing: str,
           tau: float = 1.0, k: int = 1, capacity_factor: float | None = None, device=None,
-          noise: bool = True) -> Route:
+          noise: bool = True, noise_keys: torch.Tensor | None = None, noise_seed: int = 0) -> Route:
     """The assignment of one batch under ``routing`` (see the module docstring), capacity-limited for the
-    learned routings when ``capacity_factor`` is set."""
+    learned routings when ``capacity_factor`` is set. ``noise_keys`` [B]: the paths' positions in the run's
+    stream, their noise drawn by ``path_uniforms(noise_keys, noise_seed, S)`` (the same path for the same key
+    whatever the batch and rank); None: from torch's global generator."""
     routing = canonical_routing(routing)
+    uniforms = None
+    if noise_keys is not None and noise and routing in ("bernoulli", "gumbel_top1", "random"):
+        if noise_keys.shape != (batch_size,):
+            raise ValueError(f"noise_keys: expected [{batch_size}], got shape {tuple(noise_keys.shape)}")
+        dtype = torch.float32 if router_logits is None else _upcast(router_logits).dtype
+        uniforms = path_uniforms(noise_keys, noise_seed, num_students, dtype=dtype,
+                                 device=device if router_logits is None else router_logits.device)
     if routing in LEARNED_ROUTINGS:
         if router_logits is None:
             raise ValueError(f"routing={routing!r} needs router logits")
         if routing == "bernoulli":
-            hard, probs = bernoulli_straight_through(router_logits, noise=noise)
+            hard, probs = bernoulli_straight_through(router_logits, noise=noise, uniforms=uniforms)
             dist = probs / probs.sum(-1, keepdim=True)
         elif routing == "topk":
             hard, probs = topk_route(router_logits, k)
             dist = probs
         else:
-            y, probs = gumbel_topk_straight_through(router_logits, tau=tau, k=k, noise=noise)
+            y, probs = gumbel_topk_straight_through(router_logits, tau=tau, k=k, noise=noise, uniforms=uniforms)
             hard = y.detach()
             dist = torch.softmax(_upcast(router_logits), dim=-1)  # noise-free, as the balance term always was
         hard = apply_capacity(hard, probs, capacity_factor)
         return Route(hard, probs, dist)
     if routing == "random":
-        scores = torch.rand(batch_size, num_students, device=device)
+        scores = uniforms if uniforms is not None else torch.rand(batch_size, num_students, device=device)
         return Route(torch.zeros_like(scores).scatter_(-1, scores.topk(k, dim=-1).indices, 1.0), None, None)
     return Route(torch.ones(batch_size, num_students, device=device), None, None)
 
@@ -642,6 +698,7 @@ class LossSettings:
     lambda_2: float = 0.01
     normalize_shared: bool = True
     competence_tau: float = 1.0
+    noise_seed: int = 0  # with the batch's "route_keys", seeds each path's routing noise (path_uniforms)
 
     def __post_init__(self):
         self.routing = canonical_routing(self.routing)
@@ -677,7 +734,8 @@ def qr_loss(model: QRDistillModel, batch: dict, settings: LossSettings) -> tuple
     """L = L_ce + lambda_1 (L_mutual + L_comp) + lambda_2 L_reg for one batch (Eq. 9); returns (loss, metrics).
 
     batch: {"student{s}": {input_ids, attention_mask, labels} per student, "route_features": [B, d_enc]
-    (learned routings)}."""
+    (learned routings), optionally "route_keys": [B] the paths' positions in the run's stream (seeding each
+    path's routing noise with ``settings.noise_seed``; without them the noise comes from torch's generator)}."""
     S = model.num_students
     ces, counts, hiddens, masks = [], [], [], []
     for s, student in enumerate(model.students):
@@ -695,7 +753,8 @@ def qr_loss(model: QRDistillModel, batch: dict, settings: LossSettings) -> tuple
             raise ValueError(f"routing={settings.routing!r} needs a router (QRDistillModel(router_in_dim=...))")
         logits = model.router(batch["route_features"])
     r = route(logits, B, S, routing=settings.routing, tau=settings.gumbel_tau, k=settings.top_k,
-              capacity_factor=settings.capacity_factor, device=device)
+              capacity_factor=settings.capacity_factor, device=device, noise_keys=batch.get("route_keys"),
+              noise_seed=settings.noise_seed)
     loss_ce = routed_loss(r, ce)
     loss = loss_ce
     metrics = {"ce_routed": float(loss_ce.detach())}

@@ -24,10 +24,12 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class PathItem:
-    """A training path: the student's example, its style, and its row in the router features."""
+    """A training path: the student's example, its style, its row in the router features, and (set by the
+    trainer's batches, -1 elsewhere) its position in the run's stream of paths, which seeds its routing noise."""
     example: Example
     style: str
     index: int
+    position: int = -1
 
 
 def build_items(records: Sequence[dict], cfg: QRDistillConfig) -> list[PathItem]:
@@ -43,7 +45,8 @@ class QRCollator:
     """Tokenises each path once per distinct student tokenizer; adds the router features.
 
     Returns {"student{s}": {input_ids, attention_mask, labels} [B, T_s] int64,
-    "route_features": [B, d_enc] float32 (when features are given)}."""
+    "route_features": [B, d_enc] float32 (when features are given), "route_keys": [B] int64 the paths' stream
+    positions (when every item has one: the batches of ``make_trainer``'s trainer)}."""
 
     def __init__(self, tokenizers: Sequence, max_length: int, features: torch.Tensor | None = None):
         from distillkit.pipeline.data import SFTCollator
@@ -58,6 +61,8 @@ class QRCollator:
         batch: dict[str, Any] = {f"student{s}": made[id(t)] for s, t in enumerate(self.tokenizers)}
         if self.features is not None:
             batch["route_features"] = self.features[torch.tensor([it.index for it in items])]
+        if items and all(getattr(it, "position", -1) >= 0 for it in items):
+            batch["route_keys"] = torch.tensor([it.position for it in items], dtype=torch.long)
         return batch
 
 
@@ -154,7 +159,8 @@ def loss_settings(cfg: QRDistillConfig):
                         capacity_factor=cfg.router_capacity_factor, mutual=cfg.mutual, mutual_form=cfg.mutual_form,
                         mutual_scope=cfg.mutual_scope, competence=cfg.competence, entropy_reg=cfg.entropy_reg,
                         regularizer=cfg.router_regularizer, lambda_1=cfg.lambda_1, lambda_2=cfg.lambda_2,
-                        normalize_shared=cfg.normalize_shared, competence_tau=cfg.competence_tau)
+                        normalize_shared=cfg.normalize_shared, competence_tau=cfg.competence_tau,
+                        noise_seed=cfg.train.seed)
 
 
 def default_shared_dim(hidden_sizes: Sequence[int]) -> int:
@@ -194,15 +200,32 @@ def param_groups(model, cfg: QRDistillConfig) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+def stream_positions(trainer, step: int, micro: int) -> range:
+    """The stream positions of this rank's rows of micro-batch ``micro`` of step ``step`` (the Trainer's data
+    order: global micro-batch ``step * grad_accum + micro`` of ``world_size * batch_size`` paths, rank r its r-th
+    slice): step x global batch + the row's index in the global batch, the same for a path whatever the split
+    into ranks and micro-batches (world_size x grad_accum fixed)."""
+    b, w = trainer.cfg.batch_size, trainer.dist.world_size
+    start = (step * trainer.cfg.grad_accum + micro) * b * w + trainer.dist.rank * b
+    return range(start, start + b)
+
+
 def make_trainer(model, cfg: QRDistillConfig, items: Sequence[PathItem], collate):
     """The shared Trainer over the container (students + router + projections + competence), one AdamW group per
-    student (its own rate), for ``steps_for(cfg, len(items))`` steps."""
+    student (its own rate), for ``steps_for(cfg, len(items))`` steps; its batches' paths carry their stream
+    positions (``stream_positions``), which seed their routing noise."""
     from distillkit.pipeline.train import Trainer
+
+    class _QRTrainer(Trainer):
+        def batch_examples(self, step: int, micro: int) -> list:
+            got = super().batch_examples(step, micro)
+            return [dataclasses.replace(it, position=p) if isinstance(it, PathItem) else it
+                    for it, p in zip(got, stream_positions(self, step, micro), strict=True)]
 
     tcfg = dataclasses.replace(cfg.train, output_dir=cfg.output_dir, max_steps=steps_for(cfg, len(items)))
     settings = loss_settings(cfg)
     # the container's own forward (qr_loss): under torchrun the DDP wrapper's hooks run
-    return Trainer(model, tcfg, items, collate, lambda m, b: m(b, settings), params=param_groups(model, cfg))
+    return _QRTrainer(model, tcfg, items, collate, lambda m, b: m(b, settings), params=param_groups(model, cfg))
 
 
 # ----------------------------------------------------------------------------------------------
