@@ -357,7 +357,12 @@ def run(cfg: VcrdConfig) -> dict:
     Under torchrun (``strategy: ddp | fsdp``) every rank runs this: each draws the online rollouts of its shard
     of prompts (offline ones: every rank the same, rank 0 writes them), the loss is averaged over all ranks' slices,
     the SFT stage's model passes to distillation through its export (output_dir/sft/model), and rank 0 writes
-    ``final``, evaluates and writes the summary."""
+    ``final``, evaluates and writes the summary.
+
+    With ``num_shards`` > 1 the run draws the offline rollouts of its shard of the prompt batches
+    (:func:`shard_batches`; the sides :func:`shard_sides` names), writes them to output_dir/rollouts.jsonl and
+    returns before training; :func:`merge_rollout_shards` (``distillkit vcrd --merge-shards``) merges the shards
+    into an output_dir on which the unsharded run trains without drawing them again."""
     from distillkit.pipeline.data import read_questions_for_eval
     from distillkit.pipeline.distributed import barrier, init_distributed
     from distillkit.pipeline.train import Trainer

@@ -104,12 +104,27 @@ def test_shards_cover_every_prompt_once_and_merge_into_the_unsharded_run(ckpts, 
         torch.testing.assert_close(merged[k], final[k], rtol=0, atol=0, msg=k)
 
 
-def test_shards_with_an_sft_stage_draw_the_teacher_side(ckpts):
+@pytest.mark.timeout(120)
+def test_shards_with_an_sft_stage_draw_the_teacher_side_and_merge(ckpts, monkeypatch):
     # the student's offline rollouts come from the fine-tuned student: the unsharded run draws them after SFT
-    cfg = _cfg(ckpts, "sft-shard", num_shards=SHARDS, shard_index=0, sft_steps=1)
-    summary = vcrd.run(cfg)
-    assert summary["sides"] == ["teacher"]
-    assert all("teacher" in r and "student" not in r for r in _rows(cfg.output_dir))
+    whole = _cfg(ckpts, "sft-whole", sft_steps=1, steps=1)
+    vcrd.run(whole)
+    dirs = []
+    for i in range(2):
+        cfg = dataclasses.replace(whole, output_dir=str(ckpts[0] / f"sft-shard{i}"), num_shards=2, shard_index=i)
+        assert vcrd.run(cfg)["sides"] == ["teacher"]
+        assert all("student" not in r for r in _rows(cfg.output_dir))
+        dirs.append(cfg.output_dir)
+    out = str(ckpts[0] / "sft-merged")
+    assert vcrd_runner.merge_rollout_shards(out, dirs)["sides"] == ["teacher"]
+    drawn, real = [], vcrd_runner._propose_all
+    monkeypatch.setattr(vcrd_runner, "_propose_all", lambda *a: drawn.append(a[4]) or real(*a))
+    vcrd.run(dataclasses.replace(whole, output_dir=out))
+    assert drawn == [1]  # the student's side only: the teacher's came from the shards
+    assert _rows(out) == _rows(whole.output_dir)
+    final, merged = _state(os.path.join(whole.output_dir, "final")), _state(os.path.join(out, "final"))
+    for k in final:
+        torch.testing.assert_close(merged[k], final[k], rtol=0, atol=0, msg=k)
 
 
 def _copy(shards, tmp_path):
