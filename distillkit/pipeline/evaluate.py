@@ -35,13 +35,37 @@ def generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int, b
     return out
 
 
+def eval_prompts(tokenizer, questions: Sequence[dict], *, prompt_template: str = DEFAULT_PROMPT,
+                 chat_template: str = "none", system_prompt: str | None = None) -> list[str]:
+    """The texts :func:`generate` is given for ``questions``: each question in ``prompt_template``, rendered as in
+    training (:func:`distillkit.pipeline.data.render_prompt`: ``chat_template`` auto wraps it in the tokenizer's
+    chat template, ``system_prompt`` first). A BOS the template writes is dropped from the text: :func:`generate`
+    puts the BOS token in front, so the model sees the token ids training gave it."""
+    from distillkit.pipeline.data import CHAT_TEMPLATES, fill_prompt, render_prompt
+
+    if chat_template not in CHAT_TEMPLATES:
+        raise InputError(f"chat_template={chat_template!r}: expected one of {CHAT_TEMPLATES}")
+    bos = tokenizer.bos_token if tokenizer.bos_token_id is not None else None
+    out = []
+    for q in questions:
+        text = render_prompt(tokenizer, fill_prompt(prompt_template, question=q["question"]), chat_template,
+                             system_prompt)
+        out.append(text[len(bos):] if chat_template != "none" and bos and text.startswith(bos) else text)
+    return out
+
+
 def answer_accuracy(model, tokenizer, questions: Sequence[dict], *, prompt_template: str = DEFAULT_PROMPT,
-                    max_new_tokens: int = 64, batch_size: int = 16) -> dict:
-    """Fraction of {question, answer} records whose generated final answer matches (and the outputs).
+                    max_new_tokens: int = 64, batch_size: int = 16, chat_template: str = "none",
+                    system_prompt: str | None = None) -> dict:
+    """Fraction of {question, answer} records whose generated final answer matches (and the outputs), the
+    prompts built by :func:`eval_prompts` (``chat_template`` / ``system_prompt`` as the method trained with).
     A record without a question or a reference answer (missing, null, empty) raises InputError naming
     it before anything is generated."""
     from distillkit.pipeline.answers import answers_match, extract_answer
-    from distillkit.pipeline.data import check_reference_answer, fill_prompt
+    from distillkit.pipeline.data import CHAT_TEMPLATES, check_reference_answer
+
+    if chat_template not in CHAT_TEMPLATES:
+        raise InputError(f"chat_template={chat_template!r}: expected one of {CHAT_TEMPLATES}")
 
     for i, q in enumerate(questions):
         where = f"questions[{i}]"
@@ -49,7 +73,8 @@ def answer_accuracy(model, tokenizer, questions: Sequence[dict], *, prompt_templ
             raise InputError(f"{where}: expected a record with a text 'question', got {q!r:.80}")
         check_reference_answer(q, where)
 
-    prompts = [fill_prompt(prompt_template, question=q["question"]) for q in questions]
+    prompts = eval_prompts(tokenizer, questions, prompt_template=prompt_template, chat_template=chat_template,
+                           system_prompt=system_prompt)
     outputs = generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     correct = [answers_match(extract_answer(o), q["answer"]) for o, q in zip(outputs, questions)]
     return {"accuracy": sum(correct) / max(1, len(correct)), "n": len(correct), "outputs": outputs, "correct": correct}

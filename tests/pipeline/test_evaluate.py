@@ -1,0 +1,71 @@
+"""The evaluator renders its prompts as training does: chat_template auto puts the question in the tokenizer's chat
+template (system prompt first), and the model is given the prompt token ids the SFT collator trains it on."""
+import pytest
+import torch
+
+from distillkit._errors import InputError
+from distillkit.pipeline.data import DEFAULT_PROMPT, Example, fill_prompt, tokenize_example
+from distillkit.pipeline.evaluate import answer_accuracy, eval_prompts
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+            "{% if add_generation_prompt %}<assistant>{% endif %}")
+QUESTIONS = [{"question": "3 + 4", "answer": "7"}, {"question": "12 + 30", "answer": "42"}]
+
+
+@pytest.fixture()
+def tok():
+    from distillkit.world.tiny import build_tokenizer
+
+    t = build_tokenizer()
+    t.chat_template = TEMPLATE
+    return t
+
+
+class Recorder(torch.nn.Module):
+    """A tiny causal LM whose generate records the prompt ids it is given (padding dropped)."""
+
+    def __init__(self, tok):
+        super().__init__()
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        self.lm = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=16, intermediate_size=32,
+                                               num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2,
+                                               pad_token_id=tok.pad_token_id))
+        self.seen = []
+
+    def generate(self, input_ids, attention_mask, **kw):
+        self.seen += [ids[m.bool()].tolist() for ids, m in zip(input_ids, attention_mask)]
+        return self.lm.generate(input_ids=input_ids, attention_mask=attention_mask, **kw)
+
+
+def test_chat_template_auto_gives_the_model_the_templated_prompt(tok):
+    model = Recorder(tok)
+    got = answer_accuracy(model, tok, QUESTIONS, chat_template="auto", system_prompt="Be brief.", max_new_tokens=2)
+    assert got["n"] == 2 and len(model.seen) == 2
+    texts = eval_prompts(tok, QUESTIONS, chat_template="auto", system_prompt="Be brief.")
+
+    for q, text, ids in zip(QUESTIONS, texts, model.seen):
+        raw = fill_prompt(DEFAULT_PROMPT, question=q["question"])
+        assert text == f"<system>Be brief.<user>{raw}<assistant>"
+        # the ids training puts before the response (one BOS: the template's)
+        train = tokenize_example(tok, Example("x", raw, " 7", "7", True), chat_template="auto",
+                                 system_prompt="Be brief.")
+        prompt_ids = [i for i, lab in zip(train["input_ids"], train["labels"]) if lab == -100]
+        assert ids == prompt_ids and ids.count(tok.bos_token_id) == 1
+
+
+def test_chat_template_none_keeps_the_raw_prompt(tok):
+    model = Recorder(tok)
+    answer_accuracy(model, tok, QUESTIONS[:1], max_new_tokens=1)
+    raw = fill_prompt(DEFAULT_PROMPT, question=QUESTIONS[0]["question"])
+    assert eval_prompts(tok, QUESTIONS[:1]) == [raw]
+    train = tokenize_example(tok, Example("x", raw, " 7", "7", True))
+    assert model.seen[0] == [i for i, lab in zip(train["input_ids"], train["labels"]) if lab == -100]
+
+
+def test_bad_chat_template_is_named(tok):
+    with pytest.raises(InputError, match="chat_template='chatml'"):
+        answer_accuracy(None, tok, QUESTIONS, chat_template="chatml")
