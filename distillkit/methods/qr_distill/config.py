@@ -68,12 +68,22 @@ ROUTER_NAME = "router.pt"
 @dataclass
 class QRDistillConfig(TeacherOptions):
     # data
-    input_path: str = _help("questions JSONL, one {id, question, answer} per line", default="")
+    input_path: str = _help("questions JSONL, one {id, question, answer} per line, or a Hugging Face dataset folder",
+                            default="")
     output_dir: str = _help("run directory: paths.jsonl, checkpoint, metrics, students/, summary", default="qr-run")
-    paths_input: str | None = _help("paths written elsewhere, JSONL {question, answer, response[, id, style, "
-                                    "teacher]}: used instead of generating with teachers", default=None)
+    paths_input: str | None = _help("paths written elsewhere, JSONL (or a Hugging Face dataset folder) {question, "
+                                    "answer, response[, id, style, teacher]}: used instead of generating with "
+                                    "teachers", default=None)
     limit: int | None = _help("use at most this many input questions (or paths_input records; None: all)",
                               default=None)
+    fields: dict[str, str] | None = _help("column names of the inputs (input_path, paths_input and eval_data: JSONL "
+                                          "files or Hugging Face dataset folders), e.g. {question: problem, answer: "
+                                          "solution, response: trace}; None: the names as they are", default=None)
+    split: str | None = _help("the split to read from a Hugging Face DatasetDict input", default=None)
+    chat_template: str = _help("none: the students train and are evaluated on the raw prompt | auto: on each "
+                               "student tokenizer's chat template around it (system_prompt first when set)",
+                               default="none")
+    system_prompt: str | None = _help("system turn of chat_template auto", default=None)
     num_shards: int = _help("path generation in shards: this run writes the paths of the questions whose stable id "
                             "hash mod num_shards is shard_index, then stops (no training); merge with "
                             "`distillkit qr-distill --merge-shards OUT_DIR SHARD_DIR...` and run on OUT_DIR",
@@ -171,7 +181,8 @@ class QRDistillConfig(TeacherOptions):
     train: TrainConfig = train_field(max_steps=1000, lr=1e-5, save_every=100)
     device: str = _help("auto | cpu | cuda | cuda:N", default="auto")
     # evaluation
-    eval_data: str | None = _help("JSONL {id, question, answer}: each student's answer accuracy after training",
+    eval_data: str | None = _help("JSONL (or dataset folder) {id, question, answer}: each student's answer accuracy "
+                                  "after training",
                                   default=None)
     eval_limit: int = _help("at most this many eval questions", default=200)
     eval_max_new_tokens: int = _help("generation budget per eval answer", default=512)
@@ -252,6 +263,14 @@ class QRDistillConfig(TeacherOptions):
                 raise ValueError(f"student_names: names must be distinct, got {self.student_names}")
         if "{question}" not in self.prompt_template:
             raise ValueError("prompt_template: must contain {question}")
+        from distillkit._errors import InputError
+        from distillkit.pipeline.data import CHAT_TEMPLATES, check_fields
+
+        self.fields = check_fields(self.fields)
+        if self.chat_template not in CHAT_TEMPLATES:
+            raise InputError(f"chat_template={self.chat_template!r}: expected one of {CHAT_TEMPLATES}")
+        if self.system_prompt is not None and not isinstance(self.system_prompt, str):
+            raise InputError(f"system_prompt={self.system_prompt!r}: expected a string or None")
         if self.routing not in ROUTINGS and self.routing not in ("learned",):
             raise ValueError(f"routing={self.routing!r}: expected one of {ROUTINGS}")
         if self.learned_routing() and not self.router_encoder:
@@ -306,6 +325,13 @@ class QRDistillConfig(TeacherOptions):
             raise ValueError(f"shared_dim={self.shared_dim!r}: expected an integer >= 1 or None")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
             raise ValueError(f"device={self.device!r}: expected auto, cpu, cuda or cuda:N")
+
+    def question_fields(self) -> dict[str, str] | None:
+        """``fields`` for the question readers (input_path, eval_data): the names they read (id, question, answer);
+        a mapping of ``response`` is for paths_input, whose column an eval set need not have."""
+        if self.fields is None:
+            return None
+        return {k: v for k, v in self.fields.items() if k in ("id", "question", "answer")} or None
 
     def canonical_routing(self) -> str:
         return canonical_routing(self.routing)

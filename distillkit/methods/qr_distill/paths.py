@@ -114,14 +114,14 @@ def judge_paths(judge: Teacher, records: list[dict], cfg: QRDistillConfig) -> li
 
 
 def imported_records(cfg: QRDistillConfig) -> list[dict]:
-    """Path records built from ``paths_input`` (answer verdicts recomputed, judge fields not yet set).
+    """Path records built from ``paths_input`` (a JSONL file or a Hugging Face dataset folder, columns renamed
+    through ``fields``; answer verdicts recomputed, judge fields not yet set).
     A record without "id" is keyed ``path<i>`` (its index among the file's records); one without a
     reference answer raises InputError naming its line."""
-    from distillkit.pipeline.data import check_reference_answer, read_jsonl_lines
+    from distillkit.pipeline.data import check_reference_answer, iter_rows
 
     out, seen = [], set()
-    for i, (lineno, rec) in enumerate(read_jsonl_lines(cfg.paths_input)):
-        where = f"{cfg.paths_input}:{lineno}"
+    for i, (where, rec) in enumerate(iter_rows(cfg.paths_input, fields=cfg.fields, split=cfg.split)):
         missing = [k for k in ("question", "answer", "response") if k not in rec]
         if missing:
             raise InputError(f"{where}: missing field(s) {missing}; expected {{question, answer, response}}")
@@ -188,7 +188,8 @@ def collect_paths(cfg: QRDistillConfig, *, teachers: Sequence[Teacher] | None = 
         work = [(qid, recs) for qid, recs in groups.items()]
     else:
         names = cfg.names()
-        questions = select_shard(read_questions(cfg.input_path, cfg.limit), cfg.num_shards, cfg.shard_index)
+        questions = read_questions(cfg.input_path, cfg.limit, fields=cfg.question_fields(), split=cfg.split)
+        questions = select_shard(questions, cfg.num_shards, cfg.shard_index)
         work = []
         for q in questions:
             keys = {path_key(q["id"], s, n, j) for s in cfg.styles for n in names for j in range(cfg.paths_per_style)}
@@ -225,7 +226,8 @@ def expected_path_ids(cfg: QRDistillConfig) -> list[str]:
     if cfg.paths_input:
         return [rec["id"] for rec in imported_records(cfg)]
     names = cfg.names()
-    return [path_key(q["id"], s, n, j) for q in read_questions(cfg.input_path, cfg.limit)
+    questions = read_questions(cfg.input_path, cfg.limit, fields=cfg.question_fields(), split=cfg.split)
+    return [path_key(q["id"], s, n, j) for q in questions
             for n in names for s in cfg.styles for j in range(cfg.paths_per_style)]
 
 

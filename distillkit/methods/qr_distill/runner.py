@@ -52,9 +52,9 @@ def check_inputs(cfg: QRDistillConfig) -> None:
     if cfg.paths_input:
         imported_records(cfg)
     else:
-        read_questions(cfg.input_path, cfg.limit)
+        read_questions(cfg.input_path, cfg.limit, fields=cfg.question_fields(), split=cfg.split)
     if cfg.eval_data:
-        read_questions_for_eval(cfg.eval_data, cfg.eval_limit)
+        read_questions_for_eval(cfg.eval_data, cfg.eval_limit, fields=cfg.question_fields(), split=cfg.split)
 
 
 def run(cfg: QRDistillConfig, *, teachers: Sequence[Teacher] | None = None, judge: Teacher | None = None,
@@ -102,7 +102,9 @@ def run(cfg: QRDistillConfig, *, teachers: Sequence[Teacher] | None = None, judg
         model = build_model(cfg, students, features.shape[1] if features is not None else None).to(device)
     if model.router is not None:
         model.router.fit_feature_scale(features.to(device))
-    trainer = make_trainer(model, cfg, items, QRCollator(tokenizers, cfg.max_length, features))
+    collate = QRCollator(tokenizers, cfg.max_length, features, chat_template=cfg.chat_template,
+                         system_prompt=cfg.system_prompt)
+    trainer = make_trainer(model, cfg, items, collate)
     last = trainer.train()
     if not info.is_main:  # the container is trained in place on every rank: rank 0 writes the outputs
         barrier(info)

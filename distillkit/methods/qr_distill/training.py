@@ -42,17 +42,20 @@ def build_items(records: Sequence[dict], cfg: QRDistillConfig) -> list[PathItem]
 
 
 class QRCollator:
-    """Tokenises each path once per distinct student tokenizer; adds the router features.
+    """Tokenises each path once per distinct student tokenizer (its prompt in that tokenizer's chat template with
+    ``chat_template`` auto, ``system_prompt`` first); adds the router features.
 
     Returns {"student{s}": {input_ids, attention_mask, labels} [B, T_s] int64,
     "route_features": [B, d_enc] float32 (when features are given), "route_keys": [B] int64 the paths' stream
     positions (when every item has one: the batches of ``make_trainer``'s trainer)}."""
 
-    def __init__(self, tokenizers: Sequence, max_length: int, features: torch.Tensor | None = None):
+    def __init__(self, tokenizers: Sequence, max_length: int, features: torch.Tensor | None = None, *,
+                 chat_template: str = "none", system_prompt: str | None = None):
         from distillkit.pipeline.data import SFTCollator
 
         self.tokenizers = list(tokenizers)
-        self.collators = {id(t): SFTCollator(t, max_length) for t in self.tokenizers}
+        self.collators = {id(t): SFTCollator(t, max_length, chat_template=chat_template, system_prompt=system_prompt)
+                          for t in self.tokenizers}
         self.features = features
 
     def __call__(self, items: Sequence[PathItem]) -> dict:
@@ -281,7 +284,9 @@ def evaluate_students(model, tokenizers, cfg: QRDistillConfig) -> dict:
     from distillkit.pipeline.data import read_questions_for_eval
     from distillkit.pipeline.evaluate import answer_accuracy
 
-    questions = read_questions_for_eval(cfg.eval_data, cfg.eval_limit)
+    questions = read_questions_for_eval(cfg.eval_data, cfg.eval_limit, fields=cfg.question_fields(),
+                                        split=cfg.split)
     return {name: answer_accuracy(student, tok, questions, prompt_template=cfg.prompt_template,
-                                  max_new_tokens=cfg.eval_max_new_tokens)["accuracy"]
+                                  max_new_tokens=cfg.eval_max_new_tokens, chat_template=cfg.chat_template,
+                                  system_prompt=cfg.system_prompt)["accuracy"]
             for student, tok, name in zip(model.students, tokenizers, cfg.student_labels())}
