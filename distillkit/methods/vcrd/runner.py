@@ -420,7 +420,8 @@ def run(cfg: VcrdConfig) -> dict:
             if info.distributed:  # the trainer's student may be sharded: the exported one, whole
                 student = _reload(final, device)
             acc = answer_accuracy(student, tokenizer, questions, prompt_template=cfg.prompt_template,
-                                  max_new_tokens=cfg.max_new_tokens)
+                                  max_new_tokens=cfg.max_new_tokens, chat_template=cfg.chat_template,
+                                  system_prompt=cfg.system_prompt)
             summary["eval"] = {"accuracy": acc["accuracy"], "n": acc["n"]}
         log.info("answer accuracy %.4f on %d questions", summary["eval"]["accuracy"], summary["eval"]["n"])
     write_json_atomic(summary_path, summary)
