@@ -14,17 +14,27 @@ Each candidate is beam prefix (P tokens) + proposed step (S tokens) + answer pro
              (same run), roofline fraction = FLOPs of the minimal work (body over the reuse token
              count + lm_head at the answer rows) at the dense matmul rate measured in this run / time.
 
+Across steps (test_meta_prover_across_steps): CoRD beam search on the shipped world's models (its three
+teachers, its meta-prover), the meta-prover's calls recorded once and replayed on a MetaProver that keeps
+each scored candidate's KV for the next step (``kv_cache_bytes`` default) and on one that keeps nothing
+(``kv_cache_bytes=0``, every step's prefixes run again): meta-prover tokens per question, scoring time,
+their ratio, and the largest score difference. Written to bench/results/meta_prover_across_steps-cpu.json
+(or -<gpu>.json) with the CPU's model.
+
     pytest bench/bench_meta_prover.py -q -s
 """
 from __future__ import annotations
 
+import json
+import os
 import random
+import time
 
 import pytest
 import torch
 
 import shapes
-from _util import Row, device, matmul_flops, median_time_s, peak_extra_bytes, report
+from _util import RESULTS_DIR, Row, device, environment, matmul_flops, median_time_s, peak_extra_bytes, report
 from distillkit.methods.meta_prover import MetaProver
 from distillkit.world.tiny import build_tokenizer, tiny_causal_lm
 
@@ -80,7 +90,8 @@ def test_meta_prover(benchmark):
     c = len(pairs)
     case = (f"C={c} (B={SHAPE['beams']} K={SHAPE['teachers']}) P={SHAPE['prefix']} S={SHAPE['step']} "
             f"H={SHAPE['hidden']} L={SHAPE['layers']} V={SHAPE['vocab']} {str(SHAPE['dtype']).split('.')[-1]}")
-    provers = {"reuse": MetaProver(model, tok, reuse_prefix_cache=True, batch_size=SHAPE["batch"]),
+    # one scoring step: nothing kept from an earlier step (test_meta_prover_across_steps measures that)
+    provers = {"reuse": MetaProver(model, tok, reuse_prefix_cache=True, batch_size=SHAPE["batch"], kv_cache_bytes=0),
                "no-reuse": MetaProver(model, tok, reuse_prefix_cache=False, batch_size=SHAPE["batch"])}
     calls = {name: (lambda p=p: p.score(pairs, prefixes=prefixes)) for name, p in provers.items()}
     calls["eager"] = lambda: eager_scores(model, provers["no-reuse"], pairs, SHAPE["batch"])
@@ -130,3 +141,96 @@ def test_meta_prover_report():
     if not ROWS:
         pytest.skip("nothing measured")
     report(ROWS, "meta_prover")
+
+
+class _Recorder:
+    """Passes score() through to a MetaProver and records each call's (pairs, prefixes)."""
+
+    def __init__(self, prover: MetaProver):
+        self.prover, self.calls = prover, []
+
+    def score(self, pairs, *, prefixes=None):
+        self.calls.append((list(pairs), None if prefixes is None else list(prefixes)))
+        return self.prover.score(pairs, prefixes=prefixes)
+
+    @property
+    def last_pair_tokens(self):
+        return self.prover.last_pair_tokens
+
+    @property
+    def tokens_processed(self):
+        return self.prover.tokens_processed
+
+
+def test_meta_prover_across_steps():
+    from distillkit.methods.cord import CordConfig
+    from distillkit.methods.cord.decode import decode_many
+    from distillkit.teachers.hf import HFTeacher
+    from distillkit.world import models as M
+    from distillkit.world import problems as W
+
+    n_questions = 4 if shapes.profile() == "tiny" else 12
+    info = M.manifest()["eval"]
+    probs = W.generate_problems(n_questions, seed=info["seed"], num_ops=info["num_ops"])
+    teachers = [HFTeacher.from_pretrained(M.asset_path(n), name=n) for n in M.TEACHERS]
+    path = M.asset_path(M.META_PROVER)
+    cfg = CordConfig(teachers=[M.asset_path(n) for n in M.TEACHERS], teacher_names=list(M.TEACHERS), meta_prover=path,
+                     input_path="unused.jsonl", output_path="unused.jsonl", method="cord", beam_size=4,
+                     max_steps=W.NUM_OPS + 1, token_budget=M.max_new_tokens(), max_step_tokens=16,
+                     max_answer_tokens=8, temperature=0.0, n_curation=1, progress=False)
+    recorder = _Recorder(MetaProver.from_pretrained(path, device=DEV))
+    items = [(p.question, p.answer, i) for i, p in enumerate(probs)]
+    for _ in decode_many(items, teachers, recorder, cfg, in_flight=4):
+        pass
+    calls = recorder.calls
+
+    def replay(prover: MetaProver):
+        before = prover.tokens_processed
+        out = []
+        t0 = time.perf_counter()
+        for pairs, prefixes in calls:
+            out.append(prover.score(pairs, prefixes=prefixes))
+        if DEV.type == "cuda":
+            torch.cuda.synchronize()
+        return prover.tokens_processed - before, time.perf_counter() - t0, torch.cat(out)
+
+    res = {}
+    rounds = {"kept": [], "not kept": []}
+    for _ in range(3):  # alternate, so a change in machine load hits both alike; median time
+        for name, cap in (("kept", 1 << 30), ("not kept", 0)):
+            rounds[name].append(replay(MetaProver.from_pretrained(path, device=DEV, kv_cache_bytes=cap)))
+    for name, runs in rounds.items():
+        tokens, _, scores = runs[0]
+        res[name] = dict(tokens_per_question=tokens / n_questions,
+                         time_s=sorted(r[1] for r in runs)[len(runs) // 2], scores=scores)
+    diff = (res["kept"]["scores"].double() - res["not kept"]["scores"].double()).abs().max().item()
+    ratio_tokens = res["kept"]["tokens_per_question"] / res["not kept"]["tokens_per_question"]
+    ratio_time = res["kept"]["time_s"] / res["not kept"]["time_s"]
+    for name, r in res.items():
+        print(f"  {name:<8}: {r['tokens_per_question']:8.1f} meta-prover tokens / question, "
+              f"{r['time_s'] * 1e3 / n_questions:8.1f} ms scoring / question")
+    print(f"  kept / not kept: tokens {ratio_tokens:.3f}, time {ratio_time:.3f}; max |dS| {diff:.1e}; "
+          f"{len(calls)} scoring calls, {sum(len(c[0]) for c in calls)} pairs, {n_questions} questions")
+    env = environment()
+    try:
+        import subprocess
+
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        env["lscpu"] = {k.strip(): v.strip() for k, v in (line.split(":", 1) for line in lscpu.splitlines()
+                        if ":" in line) if k.strip() in ("Model name", "CPU(s)", "Thread(s) per core", "L3")}
+    except OSError:
+        env["lscpu"] = None
+    env["note"] = ("CPU shared with other jobs while measured (2 cores, several users)" if DEV.type == "cpu"
+                   else "GPU")
+    out = {"environment": env, "world": {"questions": n_questions, "beam_size": cfg.beam_size,
+                                         "teachers": len(teachers), "in_flight": 4, "scoring_calls": len(calls),
+                                         "pairs": sum(len(c[0]) for c in calls)},
+           "rows": {n: {k: v for k, v in r.items() if k != "scores"} for n, r in res.items()},
+           "ratio_kept_to_not_kept": {"tokens": ratio_tokens, "time": ratio_time}, "max_abs_score_diff": diff}
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    tag = env.get("gpu", "cpu").replace(" ", "_")
+    dest = os.path.join(RESULTS_DIR, f"meta_prover_across_steps-{tag}.json")
+    with open(dest + ".tmp", "w") as f:
+        json.dump(out, f, indent=1)
+    os.replace(dest + ".tmp", dest)
+    assert res["kept"]["tokens_per_question"] < res["not kept"]["tokens_per_question"]
