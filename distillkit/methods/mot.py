@@ -333,7 +333,8 @@ def evaluate_round(cfg: MotConfig, tokenizer, round_idx: int, device, datasets) 
         questions = read_questions_for_eval(cfg.eval_data, cfg.eval_limit, fields=cfg.fields, split=cfg.split)
         if cfg.eval_samples == 1:
             acc = answer_accuracy(model, tokenizer, questions, prompt_template=cfg.prompt_template,
-                                  max_new_tokens=cfg.max_new_tokens)
+                                  max_new_tokens=cfg.max_new_tokens, chat_template=cfg.chat_template,
+                                  system_prompt=cfg.system_prompt)
             metrics["accuracy"] = acc["accuracy"]
         else:
             per_sample = sampled_accuracy(model, tokenizer, questions, cfg, seed=cfg.train.seed + 7919 * round_idx)
@@ -348,11 +349,13 @@ def sampled_accuracy(model, tokenizer, questions: Sequence[dict], cfg: MotConfig
     """Answer accuracy of each of ``cfg.eval_samples`` sampled runs over ``questions`` (temperature
     ``cfg.eval_temperature``; run i seeded from ``seed`` and i), framed as the greedy evaluation frames them."""
     from distillkit.pipeline.answers import answers_match, extract_answer
-    from distillkit.pipeline.data import check_reference_answer, fill_prompt
+    from distillkit.pipeline.data import check_reference_answer
+    from distillkit.pipeline.evaluate import eval_prompts
 
     for i, q in enumerate(questions):
         check_reference_answer(q, f"questions[{i}]")
-    prompts = [fill_prompt(cfg.prompt_template, question=q["question"]) for q in questions]
+    prompts = eval_prompts(tokenizer, questions, prompt_template=cfg.prompt_template, chat_template=cfg.chat_template,
+                           system_prompt=cfg.system_prompt)
     device = next(model.parameters()).device
     was_training, side = model.training, tokenizer.padding_side
     model.eval()

@@ -69,3 +69,37 @@ def test_chat_template_none_keeps_the_raw_prompt(tok):
 def test_bad_chat_template_is_named(tok):
     with pytest.raises(InputError, match="chat_template='chatml'"):
         answer_accuracy(None, tok, QUESTIONS, chat_template="chatml")
+
+
+@pytest.mark.parametrize("samples", [1, 2])
+def test_mot_evaluates_on_the_chat_template_it_trains_with(tok, tmp_path, monkeypatch, samples):
+    """MoT's round evaluation (greedy, and sampled with eval_samples > 1) builds its prompts with the run's
+    chat_template and system_prompt."""
+    import json
+
+    import distillkit.pipeline.evaluate as evaluate
+    from distillkit.methods.mot import MotConfig, evaluate_round
+    from distillkit.world.tiny import save_tiny_checkpoint
+
+    student = save_tiny_checkpoint(tmp_path / "student", tokenizer=tok, hidden_size=16, num_layers=1, num_heads=2,
+                                   seed=3)
+    data = tmp_path / "a.jsonl"
+    data.write_text(json.dumps({"id": "a0", "question": "1 + 1", "answer": "2",
+                                "response": " 1 + 1 = 2</think> The final answer is 2."}) + "\n")
+    evals = tmp_path / "eval.jsonl"
+    evals.write_text("".join(json.dumps(q) + "\n" for q in QUESTIONS))
+    built = []
+    real = evaluate.eval_prompts
+
+    def record(*a, **kw):
+        built.extend(real(*a, **kw))
+        return built[-len(a[1]):]
+
+    monkeypatch.setattr(evaluate, "eval_prompts", record)
+    cfg = MotConfig(student=student, teacher_data=[str(data)], output_dir=str(tmp_path / "run"), rounds=1,
+                    steps_per_round=1, batch_size=1, eval_data=str(evals), max_new_tokens=2, progress=False,
+                    eval_samples=samples, eval_temperature=1.0, chat_template="auto", system_prompt="Be brief.")
+    got = evaluate_round(cfg, tok, -1, torch.device("cpu"), [])
+    assert 0 <= got["accuracy"] <= 1
+    raw = [fill_prompt(DEFAULT_PROMPT, question=q["question"]) for q in QUESTIONS]
+    assert built == [f"<system>Be brief.<user>{r}<assistant>" for r in raw]
