@@ -16,7 +16,7 @@ from distillkit import InputError
 from distillkit.methods import vcrd
 from distillkit.methods.vcrd import VcrdConfig
 from distillkit.methods.vcrd import runner as vcrd_runner
-from distillkit.pipeline.runs import RUN_CONFIG_NAME, shard_of
+from distillkit.pipeline.runs import RUN_CONFIG_NAME, config_values, shard_of
 from distillkit.world.tiny import build_tokenizer, save_tiny_checkpoint
 
 NUM_PROMPTS, BATCH, SHARDS = 7, 2, 3  # 4 batches of the unsharded run (2, 2, 2, 1 prompts) over 3 shards
@@ -58,11 +58,22 @@ def _state(path):
 @pytest.fixture(scope="module")
 def shards(ckpts):
     """The shard runs' output_dirs (each drawn by run() with num_shards=3)."""
+    root, student, teacher, prompts = ckpts
     dirs = []
     for i in range(SHARDS):
         cfg = _cfg(ckpts, f"shard{i}", num_shards=SHARDS, shard_index=i)
-        summary = vcrd.run(cfg)
-        assert summary["shard"] == {"index": i, "of": SHARDS} and summary["sides"] == ["teacher", "student"]
+        if i == 0:  # the command line's flags
+            assert vcrd_runner.cli([
+                "--student", student, "--teacher", teacher, "--prompts", prompts, "--output-dir", cfg.output_dir,
+                "--max-steps", "2", "--batch-size", str(BATCH), "--lr", "1e-2", "--rollout-tokens", "6",
+                "--temperature", "1.0", "--top-k", "8", "--save-every", "0", "--seed", "5",
+                "--num-shards", str(SHARDS), "--shard-index", "0"]) == 0
+            with open(os.path.join(cfg.output_dir, RUN_CONFIG_NAME)) as f:
+                recorded = json.load(f)["config"]
+            assert {**recorded, "progress": False} == json.loads(json.dumps(config_values(cfg)))
+        else:
+            summary = vcrd.run(cfg)
+            assert summary["shard"] == {"index": i, "of": SHARDS} and summary["sides"] == ["teacher", "student"]
         assert not os.path.exists(os.path.join(cfg.output_dir, "final"))  # stopped before training
         dirs.append(cfg.output_dir)
     return dirs
