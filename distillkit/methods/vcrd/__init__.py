@@ -55,9 +55,11 @@ from distillkit.methods.vcrd.runner import (  # noqa: F401
     cli,
     load_models,
     load_prompts,
+    merge_rollout_shards,
     offline_rollouts,
     run,
     sft_stage,
+    shard_batches,
 )
 from distillkit.methods.vcrd.step import (  # noqa: F401
     IGNORE_INDEX,
