@@ -130,3 +130,31 @@ def test_without_prefixes_nothing_is_kept_and_bad_cap_is_refused(path):
     for bad in (-1, 1.5, True, "1GB"):
         with pytest.raises(InputError, match="kv_cache_bytes"):
             MetaProver.from_pretrained(path, kv_cache_bytes=bad)
+
+
+def test_decode_many_spends_fewer_meta_prover_tokens_for_the_same_traces(path):
+    """Through CoRD's own search on the world's teachers (several questions in flight, one scoring call per
+    round): the same traces, and each question's meta-prover tokens fall."""
+    from distillkit.methods.cord import CordConfig
+    from distillkit.methods.cord.decode import decode_many
+    from distillkit.teachers.hf import HFTeacher
+    from distillkit.world import models as M
+    from distillkit.world import problems as W
+
+    info = M.manifest()["eval"]
+    probs = W.generate_problems(4, seed=info["seed"], num_ops=info["num_ops"])
+    teachers = [HFTeacher.from_pretrained(M.asset_path(n), name=n, batch_size=7) for n in M.TEACHERS]
+    cfg = CordConfig(teachers=[M.asset_path(n) for n in M.TEACHERS], teacher_names=list(M.TEACHERS), meta_prover=path,
+                     input_path="unused.jsonl", output_path="unused.jsonl", method="cord", beam_size=3,
+                     max_steps=W.NUM_OPS + 1, token_budget=M.max_new_tokens(), max_step_tokens=16,
+                     max_answer_tokens=8, temperature=0.0, n_curation=1, scoring_backend="reference", progress=False)
+    items = [(p.question, p.answer, i) for i, p in enumerate(probs)]
+    got = {}
+    for cap in (1 << 30, 0):
+        prover = MetaProver.from_pretrained(path, backend="reference", batch_size=5, kv_cache_bytes=cap)
+        got[cap] = dict(decode_many(items, teachers, prover, cfg, in_flight=3))
+    kept, plain = got[1 << 30], got[0]
+    assert sorted(kept) == sorted(plain) == list(range(len(items)))
+    assert [kept[i].beam.text for i in kept] == [plain[i].beam.text for i in kept]
+    assert all(kept[i].meta_prover_tokens <= plain[i].meta_prover_tokens for i in kept)
+    assert sum(r.meta_prover_tokens for r in kept.values()) < sum(r.meta_prover_tokens for r in plain.values())
