@@ -103,3 +103,35 @@ def test_mot_evaluates_on_the_chat_template_it_trains_with(tok, tmp_path, monkey
     assert 0 <= got["accuracy"] <= 1
     raw = [fill_prompt(DEFAULT_PROMPT, question=q["question"]) for q in QUESTIONS]
     assert built == [f"<system>Be brief.<user>{r}<assistant>" for r in raw]
+
+
+def test_vcrd_evaluates_on_the_chat_template_it_trains_with(tok, tmp_path, monkeypatch):
+    """A VCRD run with chat_template auto evaluates its student on the templated prompt (system prompt first)."""
+    import json
+
+    import distillkit.pipeline.evaluate as evaluate
+    from distillkit.methods.vcrd import VcrdConfig, run
+    from distillkit.world.tiny import save_tiny_checkpoint
+
+    student = save_tiny_checkpoint(tmp_path / "student", tokenizer=tok, hidden_size=16, num_layers=1, num_heads=2,
+                                   seed=3)
+    teacher = save_tiny_checkpoint(tmp_path / "teacher", tokenizer=tok, hidden_size=16, num_layers=1, num_heads=2,
+                                   seed=4)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"id": f"q{i}", **q}) + "\n" for i, q in enumerate(QUESTIONS)))
+    built = []
+    real = evaluate.eval_prompts
+
+    def record(*a, **kw):
+        built.extend(real(*a, **kw))
+        return built[-len(a[1]):]
+
+    monkeypatch.setattr(evaluate, "eval_prompts", record)
+    cfg = VcrdConfig(student=str(student), teacher=str(teacher), prompts=str(prompts), output_dir=str(tmp_path / "run"),
+                     steps=1, batch_size=2, lr=1e-2, rollout_tokens=4, temperature=1.0, top_k=8,
+                     eval_data=str(prompts), max_new_tokens=2, progress=False, seed=5, chat_template="auto",
+                     system_prompt="Be brief.")
+    summary = run(cfg)
+    assert summary["eval"]["n"] == 2
+    raw = [fill_prompt(cfg.prompt_template, question=q["question"]) for q in QUESTIONS]
+    assert built == [f"<system>Be brief.<user>{r}<assistant>" for r in raw]
