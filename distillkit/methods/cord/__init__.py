@@ -4,9 +4,10 @@ Each step, K teachers propose the next reasoning step for each of B beams; the m
 the B x K candidates by the predictive perplexity of the ground-truth answer (see
 :mod:`distillkit.methods.cord.meta_prover`); the best B survive. A beam ends at ``"</think>"`` or when
 its token budget is spent (then ``"</think>"`` is appended); the teacher that wrote the chosen
-trace's last step then writes the final answer. Baselines at equal budget: ``greedy`` (B = 1),
-``curation`` (each teacher writes n complete traces, the best by the same score is kept) and
-``random`` (each step, one of the K proposals is picked at random).
+trace's last step then writes the final answer. Baselines at equal cost (``baseline_cost``): ``greedy``
+(B = 1, run as B independent trajectories, the best by the same score kept), ``curation`` (each teacher
+writes n complete traces, the best by the same score is kept) and ``random`` (one of those traces picked
+at random; ``random_selection: step`` picks one of the K proposals at random each step).
 
     distillkit cord --config configs/cord.yaml
 

@@ -20,6 +20,8 @@ from distillkit.pipeline.generation import TeacherOptions
 log = logging.getLogger(__name__)
 
 METHODS = ("cord", "greedy", "curation", "random", "integration", "mcts")
+BASELINE_COSTS = ("equal", "single")
+RANDOM_SELECTIONS = ("trajectory", "step")
 SCORING_BACKENDS = ("cuda", "triton", "cpu", "reference")
 SELECTORS = ("perplexity", "prm", "binary", "max_length")
 CHAT_TEMPLATES = ("none", "auto")
@@ -33,9 +35,20 @@ class CordConfig(TeacherOptions):
     meta_prover: str = _help("meta-prover checkpoint (local path or Hub id)", default="")
     input_path: str = _help("input JSONL, one {id, question, answer} per line", default="")
     output_path: str = _help("output JSONL, one record per question; rerunning resumes it", default="")
-    method: str = _help("cord | greedy (cord with beam_size 1) | curation | random | integration (a teacher merges "
+    method: str = _help("cord | greedy (one beam, run as beam_size trajectories: baseline_cost) | curation | "
+                        "random | integration (a teacher merges "
                         "the K traces) | mcts (UCT over the same step proposals)", default="cord")
-    beam_size: int = _help("beams B kept per step (greedy forces 1)", default=4)
+    beam_size: int = _help("beams B kept per step (greedy: one beam, and B trajectories at baseline_cost equal)",
+                           default=4)
+    baseline_cost: str = _help(
+        "equal (the paper's Section 5 / G.4.2): greedy decodes beam_size independent one-beam trajectories (own "
+        "seeds) and keeps the meta-prover's best, the trajectories CoRD's beam spends; at temperature 0 for every "
+        "teacher they would be identical, so one is decoded (records say trajectories: 1) | single: one greedy "
+        "trajectory", default="equal")
+    random_selection: str = _help(
+        "random baseline: trajectory (Table 5: each teacher writes n_curation complete traces, one is picked "
+        "uniformly at random) | step (every step all K teachers propose and one proposal is picked at random)",
+        default="trajectory")
     segmentation: str = _help("prompt-guided | line-break | prefix-based", default="prompt-guided")
     segmentation_prefixes: list[str] | None = _help(
         "prefix-based segmentation: phrases opening a new step (default: the paper's Appendix G.1 list, "
@@ -48,8 +61,10 @@ class CordConfig(TeacherOptions):
                                         "may take what is left of the budget", default=None)
     max_answer_tokens: int = _help("tokens the final answer after '</think>' may take", default=4096)
     answer_prompt: str = _help("text put after '</think>' before the teacher writes the final answer", default="")
-    n_curation: int = _help("curation: complete traces per teacher (the paper: 4, sampled; at temperature 0 "
-                            "they would be identical, so n_curation > 1 needs temperature > 0)", default=4)
+    n_curation: int = _help("curation (and random at random_selection trajectory): complete traces per teacher "
+                            "(the paper: 4, sampled; at temperature 0 they would be identical, so curation's "
+                            "n_curation > 1 needs temperature > 0, and random takes one from such a teacher)",
+                            default=4)
     temperature: list[float] | float = _help(
         "teacher sampling temperature (the paper: 0.6); 0 is greedy"
         "; one number, or a list of one per teacher (e.g. [0.5, 0.6, 0.7])", default=0.6)
@@ -110,8 +125,10 @@ class CordConfig(TeacherOptions):
                 raise ValueError(f"{name}: expected a file path")
         if self.method not in METHODS:
             raise ValueError(f"method={self.method!r}: expected one of {METHODS}")
-        if self.method == "greedy":
-            self.beam_size = 1  # greedy is CoRD with one beam
+        if self.baseline_cost not in BASELINE_COSTS:
+            raise InputError(f"baseline_cost={self.baseline_cost!r}: expected one of {BASELINE_COSTS}")
+        if self.random_selection not in RANDOM_SELECTIONS:
+            raise InputError(f"random_selection={self.random_selection!r}: expected one of {RANDOM_SELECTIONS}")
         if self.segmentation not in SEGMENTATIONS:
             raise ValueError(f"segmentation={self.segmentation!r}: expected one of {sorted(SEGMENTATIONS)}")
         if self.segmentation_prefixes is not None:

@@ -1,4 +1,19 @@
-"""CoRD's step-wise beam search over K teachers' proposals, and its baselines (greedy, random, curation)."""
+"""CoRD's step-wise beam search over K teachers' proposals, and its baselines (greedy, random, curation).
+
+Baselines at equal cost (the paper's Section 5 and Appendix G.4.2): with ``baseline_cost: equal`` (the
+default) greedy (B = 1) decodes ``beam_size`` independent trajectories, trajectory i with its own seeds, and
+keeps the one the meta-prover scores best, so it spends as many trajectories as CoRD's beam. Greedy decoding
+is deterministic at temperature 0: there the B trajectories would be one trajectory B times, so one is
+decoded, and its record says ``trajectories: 1`` (no tokens are spent on copies). ``baseline_cost: single``
+decodes one trajectory whatever the temperature. Random (``random_selection: trajectory``, the default,
+Table 5) is post-hoc selection among complete trajectories: each teacher writes ``n_curation`` traces, the
+pool curation ranks, and one is picked uniformly at random; ``random_selection: step`` keeps the per-step
+coin (all K teachers propose every step, one proposal is taken at random). Curation: each teacher writes
+``n_curation`` (the paper: 4) sampled traces, the best by the meta-prover's score (Eq. 3) is kept.
+
+Every search decoder records, per trajectory it ran, per expansion step, the teachers of the candidates
+that survived selection among all beams (``DecodeResult.selections``): the hit rates during expansion.
+"""
 from __future__ import annotations
 
 import dataclasses
@@ -45,6 +60,9 @@ class DecodeResult:
     answer_text: str
     tokens_generated: int
     meta_prover_tokens: int
+    # per trajectory searched, per expansion step: the teachers of the candidates that survived selection
+    selections: list[list[list[str]]] = field(default_factory=list)
+    trajectories: int = 1                       # complete trajectories the decoder generated
 
 
 @dataclass
@@ -266,13 +284,11 @@ def _prompt(cfg: CordConfig, seg: Segmentation, question: str) -> str:
 # ----------------------------------------------------------------------------------------------
 # Decoders (generators; decode_* run one on its own)
 # ----------------------------------------------------------------------------------------------
-def cord_steps(question: str, answer: str, num_teachers: int, cfg: CordConfig, *, seed: int = 0,
-               seg: Segmentation | None = None):
-    """Generator of CoRD's beam search for one question (``cfg.method`` "cord" or "greedy"; B =
-    cfg.beam_size): yields requests (see :func:`serve_one`), returns its DecodeResult."""
-    seg = seg or cfg.make_segmentation()
+def _beam_search(question: str, answer: str, num_teachers: int, cfg: CordConfig, beam_size: int, *, seed: int,
+                 seg: Segmentation, counters: _Counters, selections: list[list[str]]):
+    """Generator: CoRD's beam search with ``beam_size`` beams -> (prompt, the best closed beam). Appends,
+    per expansion step, the teachers of the new candidates that survived selection to ``selections``."""
     names = cfg.names()
-    counters = _Counters()
     prompt = _prompt(cfg, seg, question)
     beams = [Beam(text=prompt)]
     for step in _step_range(cfg):
@@ -283,49 +299,60 @@ def cord_steps(question: str, answer: str, num_teachers: int, cfg: CordConfig, *
                                                seed=seed + 31 * step, counters=counters)
         yield from _score_candidates(candidates, answer, end_marker=seg.end_marker, counters=counters)
         # Finished beams stay in the pool with their score; they compete with the new candidates.
-        beams = select_beams([b for b in beams if b.finished] + candidates, cfg.beam_size)
+        beams = select_beams([b for b in beams if b.finished] + candidates, beam_size)
+        new = {id(c) for c in candidates}
+        selections.append([b.steps[-1]["teacher"] for b in beams if id(b) in new])
     beams = [_close(b, seg.end_marker) for b in beams]
-    best = select_beams(beams, 1)[0]
+    return prompt, select_beams(beams, 1)[0]
+
+
+TRAJECTORY_SEED_STRIDE = 1_000_003  # trajectory i of equal-cost greedy draws with seed + i * this
+
+
+def _all_greedy(cfg: CordConfig, num_teachers: int) -> bool:
+    return all(_temperature(cfg, k) == 0 for k in range(num_teachers))
+
+
+def greedy_trajectories(cfg: CordConfig, num_teachers: int) -> int:
+    """How many trajectories the greedy baseline decodes: ``beam_size`` at equal cost (B = 1 per
+    trajectory), except at temperature 0 for every teacher, where they would all be the same one."""
+    if cfg.method != "greedy" or cfg.baseline_cost == "single" or _all_greedy(cfg, num_teachers):
+        return 1
+    return cfg.beam_size
+
+
+def cord_steps(question: str, answer: str, num_teachers: int, cfg: CordConfig, *, seed: int = 0,
+               seg: Segmentation | None = None):
+    """Generator of CoRD's beam search for one question (``cfg.method`` "cord": B = cfg.beam_size) or of
+    the greedy baseline (B = 1, run as :func:`greedy_trajectories` independent trajectories, the best by
+    the meta-prover's final score kept): yields requests (see :func:`serve_one`), returns its DecodeResult."""
+    seg = seg or cfg.make_segmentation()
+    counters = _Counters()
+    greedy = cfg.method == "greedy"
+    n = greedy_trajectories(cfg, num_teachers)
+    results, selections = [], []
+    for i in range(n):
+        rounds: list[list[str]] = []
+        prompt, beam = yield from _beam_search(question, answer, num_teachers, cfg, 1 if greedy else cfg.beam_size,
+                                               seed=seed + TRAJECTORY_SEED_STRIDE * i, seg=seg, counters=counters,
+                                               selections=rounds)
+        results.append(beam)
+        selections.append(rounds)
+    best = select_beams(results, 1)[0]  # the best final score; ties: the earliest trajectory
     answer_text = yield from _write_answer(best, cfg=cfg, seed=seed, counters=counters)
-    return DecodeResult(best, prompt, answer_text, counters.tokens_generated, counters.meta_prover_tokens)
+    return DecodeResult(best, prompt, answer_text, counters.tokens_generated, counters.meta_prover_tokens,
+                        selections=selections, trajectories=n)
 
 
-def random_steps(question: str, answer: str, num_teachers: int, cfg: CordConfig, *, seed: int = 0,
-                 seg: Segmentation | None = None):
-    """Generator of the random baseline: every step all K teachers propose (the same generation cost
-    as greedy CoRD) and one proposal is picked uniformly at random; the meta-prover scores only the
-    final trace (for the record)."""
-    seg = seg or cfg.make_segmentation()
-    names, counters, rng = cfg.names(), _Counters(), random.Random(seed)
-    prompt = _prompt(cfg, seg, question)
-    beam = Beam(text=prompt)
-    for step in _step_range(cfg):
-        if beam.finished:
-            break
-        candidates = yield from _propose_steps(num_teachers, [beam], seg=seg, names=names, cfg=cfg,
-                                               seed=seed + 31 * step, counters=counters)
-        beam = candidates[rng.randrange(len(candidates))]
-    beam = _close(beam, seg.end_marker)
-    (s,) = yield from _score_candidates([dataclasses.replace(beam, parent="")], answer, end_marker=seg.end_marker,
-                                        counters=counters)
-    beam.score = s
-    answer_text = yield from _write_answer(beam, cfg=cfg, seed=seed, counters=counters)
-    return DecodeResult(beam, prompt, answer_text, counters.tokens_generated, counters.meta_prover_tokens)
-
-
-def curation_steps(question: str, answer: str, num_teachers: int, cfg: CordConfig, *, seed: int = 0,
-                   seg: Segmentation | None = None):
-    """Generator of curation: each teacher writes n complete traces (up to the token budget); the
-    meta-prover keeps the best; its teacher writes the final answer."""
-    seg = seg or cfg.make_segmentation()
-    names, counters = cfg.names(), _Counters()
-    prompt = _prompt(cfg, seg, question)
+def _trace_pool(prompt: str, num_teachers: int, cfg: CordConfig, *, seed: int, seg: Segmentation,
+                counters: _Counters):
+    """Generator: each teacher writes ``n_curation`` complete traces (up to the token budget) -> the traces
+    (teacher-major), unscored. A teacher at temperature 0 writes one (its n traces would be the same one)."""
+    names = cfg.names()
     stop = StringStop([seg.end_marker])
-    requests = []
-    for k in range(num_teachers):
-        n = cfg.n_curation if _temperature(cfg, k) > 0 else 1
-        requests.append(ProposeRequest(k, [prompt], n, cfg.token_budget, stop, _temperature(cfg, k), seed + 7919 * k,
-                                       _top_p(cfg, k)))
+    requests = [ProposeRequest(k, [prompt], cfg.n_curation if _temperature(cfg, k) > 0 else 1, cfg.token_budget,
+                               stop, _temperature(cfg, k), seed + 7919 * k, _top_p(cfg, k))
+                for k in range(num_teachers)]
     replies = yield requests
     traces: list[Beam] = []
     for k, (row,) in enumerate(replies):
@@ -335,10 +362,52 @@ def curation_steps(question: str, answer: str, num_teachers: int, cfg: CordConfi
             steps = [{"text": s, "teacher": names[k], "score": None} for s in seg.split(prop.text)]
             traces.append(Beam(text=prompt + text, steps=steps, tokens=prop.num_tokens, finished=True,
                                teacher=k, parent=prompt))
+    return traces
+
+
+def random_steps(question: str, answer: str, num_teachers: int, cfg: CordConfig, *, seed: int = 0,
+                 seg: Segmentation | None = None):
+    """Generator of the random baseline. ``random_selection: trajectory`` (Table 5): each teacher writes
+    ``n_curation`` complete traces (curation's pool and cost) and one is picked uniformly at random.
+    ``step``: every step all K teachers propose (greedy CoRD's generation cost) and one proposal is
+    picked at random. The meta-prover scores only the chosen trace (for the record)."""
+    seg = seg or cfg.make_segmentation()
+    names, counters, rng = cfg.names(), _Counters(), random.Random(seed)
+    prompt = _prompt(cfg, seg, question)
+    if cfg.random_selection == "trajectory":
+        pool = yield from _trace_pool(prompt, num_teachers, cfg, seed=seed, seg=seg, counters=counters)
+        beam, trajectories, selections = pool[rng.randrange(len(pool))], len(pool), []
+    else:
+        beam, rounds = Beam(text=prompt), []
+        for step in _step_range(cfg):
+            if beam.finished:
+                break
+            candidates = yield from _propose_steps(num_teachers, [beam], seg=seg, names=names, cfg=cfg,
+                                                   seed=seed + 31 * step, counters=counters)
+            beam = candidates[rng.randrange(len(candidates))]
+            rounds.append([beam.steps[-1]["teacher"]])
+        beam, trajectories, selections = _close(beam, seg.end_marker), 1, [rounds]
+    (s,) = yield from _score_candidates([dataclasses.replace(beam, parent="")], answer, end_marker=seg.end_marker,
+                                        counters=counters)
+    beam.score = s
+    answer_text = yield from _write_answer(beam, cfg=cfg, seed=seed, counters=counters)
+    return DecodeResult(beam, prompt, answer_text, counters.tokens_generated, counters.meta_prover_tokens,
+                        selections=selections, trajectories=trajectories)
+
+
+def curation_steps(question: str, answer: str, num_teachers: int, cfg: CordConfig, *, seed: int = 0,
+                   seg: Segmentation | None = None):
+    """Generator of curation: each teacher writes n_curation complete traces (up to the token budget); the
+    meta-prover keeps the best (Eq. 3); its teacher writes the final answer."""
+    seg = seg or cfg.make_segmentation()
+    counters = _Counters()
+    prompt = _prompt(cfg, seg, question)
+    traces = yield from _trace_pool(prompt, num_teachers, cfg, seed=seed, seg=seg, counters=counters)
     yield from _score_candidates(traces, answer, end_marker=seg.end_marker, counters=counters)
     best = select_beams(traces, 1)[0]
     answer_text = yield from _write_answer(best, cfg=cfg, seed=seed, counters=counters)
-    return DecodeResult(best, prompt, answer_text, counters.tokens_generated, counters.meta_prover_tokens)
+    return DecodeResult(best, prompt, answer_text, counters.tokens_generated, counters.meta_prover_tokens,
+                        trajectories=len(traces))
 
 
 STEPS = {"cord": cord_steps, "greedy": cord_steps, "random": random_steps, "curation": curation_steps}

@@ -62,6 +62,9 @@ def make_record(q: dict, res: DecodeResult, end_marker: str = END_MARKER) -> dic
         "predictive_perplexity": res.beam.score,
         "tokens_generated": res.tokens_generated,
         "meta_prover_tokens": res.meta_prover_tokens,
+        "trajectories": res.trajectories,
+        # per trajectory searched, per expansion step: the teachers whose candidates survived selection
+        "selections": res.selections,
     }
 
 

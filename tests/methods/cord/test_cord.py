@@ -158,9 +158,12 @@ def test_max_steps_closes_the_beam():
 
 
 def test_greedy_is_beam_one_and_random_and_curation_baselines():
-    assert config(method="greedy", beam_size=8).beam_size == 1
+    # greedy searches one beam; at equal cost it runs beam_size trajectories (one when all are greedy-decoded,
+    # where they would be the same trajectory); tests/methods/cord/test_baselines_equal_cost.py has the rest
+    assert cord.decode.greedy_trajectories(config(method="greedy", beam_size=8, temperature=0.7), 3) == 8
+    assert cord.decode.greedy_trajectories(config(method="greedy", beam_size=8, temperature=0.0), 3) == 1
     teachers = [FakeTeacher("A", finish_at=2), FakeTeacher("B", finish_at=2)]
-    cfg = config(teachers=["A", "B"], method="random")
+    cfg = config(teachers=["A", "B"], method="random", random_selection="step")  # the per-step coin
     a = decode_random("Q?", "7", teachers, FakeScorer({}), cfg, seed=5)
     b = decode_random("Q?", "7", teachers, FakeScorer({}), cfg, seed=5)
     assert a.beam.text == b.beam.text and a.beam.finished and len(a.beam.steps) == 3
