@@ -92,7 +92,7 @@ class MetaProver:
     kv_cache_bytes: cap on the KV kept across calls for the next step's prefixes (bytes of K and V
         tensors; 0 keeps nothing, so every prefix runs at every step). Needs reuse_prefix_cache. Each
         kept entry holds its whole context's KV, 2 x layers x kv_heads x head_dim x dtype bytes per token
-        (the world's meta-prover: 4 KiB; a 32B model with 8 KV heads in bf16: 256 KiB); an entry larger
+        (the world's meta-prover: 2 KiB; a 32B model with 8 KV heads in bf16: 256 KiB); an entry larger
         than the cap is not kept. About B x K entries per question in flight are live at once.
     """
 
