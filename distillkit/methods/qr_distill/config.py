@@ -80,8 +80,9 @@ class QRDistillConfig(TeacherOptions):
                                           "files or Hugging Face dataset folders), e.g. {question: problem, answer: "
                                           "solution, response: trace}; None: the names as they are", default=None)
     split: str | None = _help("the split to read from a Hugging Face DatasetDict input", default=None)
-    chat_template: str = _help("none: the students train and are evaluated on the raw prompt | auto: on each "
-                               "student tokenizer's chat template around it (system_prompt first when set)",
+    chat_template: str = _help("none: teachers, students and evaluation see the raw prompt | auto: each model's "
+                               "tokenizer chat template around it (system_prompt first when set): the teachers' "
+                               "(hf backend) when they write the paths, each student's for training and evaluation",
                                default="none")
     system_prompt: str | None = _help("system turn of chat_template auto", default=None)
     num_shards: int = _help("path generation in shards: this run writes the paths of the questions whose stable id "

@@ -39,6 +39,25 @@ def make_path_record(q: dict, *, style: str, teacher: str, sample: int, prompt: 
             "response": response, "final_answer": final, "answer_correct": answers_match(final, q["answer"])}
 
 
+def teacher_prompts(teacher: Teacher, prompts: Sequence[str], cfg: QRDistillConfig) -> list[str]:
+    """The style prompts as ``teacher`` is given them: with ``chat_template`` auto each in the teacher's tokenizer
+    chat template (``system_prompt`` first; a BOS the template writes is left to the teacher's tokenizer, which adds
+    it when it encodes the prompt); a teacher without a ``tokenizer`` (a server applies its own template, a
+    scripted teacher) gets the raw prompt. The path records keep the raw prompt: each student puts it in its own
+    template."""
+    from distillkit.pipeline.data import render_prompt
+
+    tok = getattr(teacher, "tokenizer", None)
+    if cfg.chat_template == "none" or tok is None:
+        return list(prompts)
+    bos = tok.bos_token if getattr(tok, "bos_token_id", None) is not None else None
+    out = []
+    for p in prompts:
+        text = render_prompt(tok, p, cfg.chat_template, cfg.system_prompt)
+        out.append(text[len(bos):] if bos and text != p and text.startswith(bos) else text)
+    return out
+
+
 def propose_paths(q: dict, teachers: Sequence[Teacher], cfg: QRDistillConfig, pending: set[str]) -> list[dict]:
     """Every teacher writes ``paths_per_style`` paths of question ``q`` in every style; returns the
     records whose key is in ``pending`` (seeds depend only on the question and teacher, so a resumed
@@ -52,7 +71,8 @@ def propose_paths(q: dict, teachers: Sequence[Teacher], cfg: QRDistillConfig, pe
         if not styles:
             continue
         prompts = [fill_prompt(templates[s], question=q["question"]) for s in styles]
-        props = teacher.propose(prompts, n=cfg.paths_per_style, max_new_tokens=cfg.max_new_tokens, stop=cfg.stop,
+        props = teacher.propose(teacher_prompts(teacher, prompts, cfg), n=cfg.paths_per_style,
+                                max_new_tokens=cfg.max_new_tokens, stop=cfg.stop,
                                 seed=question_seed(cfg.train.seed, q["id"]) + 7919 * t, **cfg.teacher_sampling(t))
         for style, prompt, row in zip(styles, prompts, props):
             for j, prop in enumerate(row):

@@ -124,3 +124,33 @@ def test_a_run_trains_and_evaluates_on_the_templated_prompt(setup, tmp_path, mon
     assert len(asked) == 2 * 3  # every student on every eval question
     assert all(p.startswith("<system>Be brief.<user>") and p.endswith("<assistant>") for p in asked)
     assert summary["eval"] == {name: pytest.approx(1 / 3) for name in summary["eval"]}  # only "0 + 2" answers 2
+
+
+def test_teachers_with_a_tokenizer_write_paths_from_their_chat_template(setup, tmp_path):
+    """chat_template auto: a teacher with a tokenizer (the hf backend) is given each style prompt in its tokenizer's
+    template (system prompt first, no second BOS); the path records keep the raw prompt (each student templates it);
+    a teacher without a tokenizer gets the raw prompt, and so does every teacher with chat_template none."""
+    from distillkit.methods.qr_distill.paths import propose_paths, teacher_prompts
+    from distillkit.teachers.base import Proposal, Teacher
+
+    class Recording(Teacher):
+        def __init__(self, tokenizer=None):
+            self.tokenizer, self.seen = tokenizer, []
+
+        def propose(self, prefixes, *, n=1, **kw):
+            self.seen += list(prefixes)
+            return [[Proposal(" The final answer is 3.", 5, True, "eos")] * n for _ in prefixes]
+
+    tok = build_tokenizer()
+    tok.chat_template = TEMPLATE
+    q = {"id": "q0", "question": "1 + 2", "answer": "3"}
+    cfg = _cfg(setup, tmp_path / "t", input_path=_write(tmp_path / "q.jsonl", [q]), teachers=["a", "b"],
+               chat_template="auto", system_prompt="Be brief.", styles=["vanilla"])
+    templated, bare = Recording(tok), Recording()
+    keys = set(expected_path_ids(cfg))
+    records = propose_paths(q, [templated, bare], cfg, keys)
+    raw = [r["prompt"] for r in records]
+    assert len(records) == 2 and raw[0] == raw[1] and "<user>" not in raw[0]
+    assert templated.seen == [f"<system>Be brief.<user>{raw[0]}<assistant>"] and bare.seen == [raw[0]]
+    plain = _cfg(setup, tmp_path / "u", input_path=cfg.input_path, teachers=["a", "b"], styles=["vanilla"])
+    assert teacher_prompts(templated, raw[:1], plain) == raw[:1]
