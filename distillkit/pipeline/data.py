@@ -189,12 +189,23 @@ def check_reference_answer(rec: dict, where: str) -> None:
                          "or a number)")
 
 
+QUESTION_FIELDS = ("id", "question", "answer")
+
+
+def question_fields(fields: dict[str, str] | None) -> dict[str, str] | None:
+    """The entries of a method's ``fields`` mapping that the question readers use (id, question, answer): a
+    mapping of another column (``response: trace`` for training traces) is not required of a question set."""
+    if fields is None:
+        return None
+    return {k: v for k, v in check_fields(fields).items() if k in QUESTION_FIELDS} or None
+
+
 def read_questions_for_eval(path: str, limit: int | None = None, *, fields: dict[str, str] | None = None,
                             split: str | None = None) -> list[dict]:
-    """The first ``limit`` records of an evaluation JSONL or dataset folder (renamed through ``fields``), each
-    checked to hold a "question" (text) and a reference "answer" (InputError naming the line and id otherwise);
-    "id" is optional."""
-    rows = list(iter_rows(path, fields=fields, split=split))
+    """The first ``limit`` records of an evaluation JSONL or dataset folder (renamed through the id / question /
+    answer entries of ``fields``), each checked to hold a "question" (text) and a reference "answer" (InputError
+    naming the line and id otherwise); "id" is optional."""
+    rows = list(iter_rows(path, fields=question_fields(fields), split=split))
     rows = rows if limit is None else rows[:limit]
     for where, rec in rows:
         if not isinstance(rec.get("question"), str) or not rec["question"].strip():
@@ -302,7 +313,7 @@ def question_seed(base: int, qid: Any) -> int:
 def read_questions(path: str, limit: int | None = None, *, fields: dict[str, str] | None = None,
                    split: str | None = None) -> list[dict]:
     """The first ``limit`` (None: all) {id, question, answer} records of ``path`` (a JSONL file or a Hugging Face
-    dataset folder, records renamed through ``fields``); raises InputError
+    dataset folder, records renamed through the id / question / answer entries of ``fields``); raises InputError
     naming the line (and the id) of a record that is not valid JSON, not an object, lacks a field,
     has a null or empty id / question / answer, or repeats an id.
 
@@ -313,7 +324,7 @@ def read_questions(path: str, limit: int | None = None, *, fields: dict[str, str
         raise InputError(f"limit={limit!r}: expected an integer >= 0 or None")
     rows: list[dict] = []
     seen: dict[str, str] = {}
-    for where, rec in iter_rows(path, fields=fields, split=split, lenient_tail=False):
+    for where, rec in iter_rows(path, fields=question_fields(fields), split=split, lenient_tail=False):
         if limit is not None and len(rows) >= limit:
             break
         missing = [k for k in ("id", "question", "answer") if k not in rec]

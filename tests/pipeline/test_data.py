@@ -104,3 +104,17 @@ def test_chat_template(caplog):
     assert chat["input_ids"][0, 1:1 + len(rendered)].tolist() == rendered  # after bos: the rendered prompt
     kept = lambda b: b["labels"][b["labels"] != -100].tolist()  # noqa: E731
     assert kept(chat) == kept(raw) and n > raw["input_ids"].shape[1]  # the same response tokens learned
+
+
+def test_question_readers_use_only_the_question_entries_of_fields(tmp_path):
+    # a method's one `fields` mapping renames its training traces too (response: trace); its question and eval
+    # sets have no such column and must still read
+    import json
+
+    from distillkit.pipeline.data import read_questions, read_questions_for_eval
+
+    path = tmp_path / "eval.jsonl"
+    path.write_text(json.dumps({"uid": "a", "problem": "1+1?", "solution": "2"}) + "\n")
+    fields = {"id": "uid", "question": "problem", "answer": "solution", "response": "trace"}
+    assert read_questions_for_eval(str(path), fields=fields)[0]["question"] == "1+1?"
+    assert read_questions(str(path), fields=fields)[0]["id"] == "a"

@@ -330,9 +330,9 @@ class QRDistillConfig(TeacherOptions):
     def question_fields(self) -> dict[str, str] | None:
         """``fields`` for the question readers (input_path, eval_data): the names they read (id, question, answer);
         a mapping of ``response`` is for paths_input, whose column an eval set need not have."""
-        if self.fields is None:
-            return None
-        return {k: v for k, v in self.fields.items() if k in ("id", "question", "answer")} or None
+        from distillkit.pipeline.data import question_fields
+
+        return question_fields(self.fields)
 
     def canonical_routing(self) -> str:
         return canonical_routing(self.routing)
