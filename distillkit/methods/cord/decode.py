@@ -62,7 +62,9 @@ class DecodeResult:
     meta_prover_tokens: int
     # per trajectory searched, per expansion step: the teachers of the candidates that survived selection
     selections: list[list[list[str]]] = field(default_factory=list)
-    trajectories: int = 1                       # complete trajectories the decoder generated
+    # trajectories the decoder spent (CoRD: its B beams; greedy: its one-beam runs; curation / random: the
+    # complete traces written); None: not counted
+    trajectories: int | None = None
 
 
 @dataclass
@@ -341,7 +343,7 @@ def cord_steps(question: str, answer: str, num_teachers: int, cfg: CordConfig, *
     best = select_beams(results, 1)[0]  # the best final score; ties: the earliest trajectory
     answer_text = yield from _write_answer(best, cfg=cfg, seed=seed, counters=counters)
     return DecodeResult(best, prompt, answer_text, counters.tokens_generated, counters.meta_prover_tokens,
-                        selections=selections, trajectories=n)
+                        selections=selections, trajectories=n * (1 if greedy else cfg.beam_size))
 
 
 def _trace_pool(prompt: str, num_teachers: int, cfg: CordConfig, *, seed: int, seg: Segmentation,

@@ -58,6 +58,7 @@ def summarize(records: Sequence[dict], names: Sequence[str]) -> dict:
               and math.isfinite(r["predictive_perplexity"])]
     all_steps = [s for r in records for s in (r.get("steps") or [])]
     selected = [t for r in records for rounds in (r.get("selections") or []) for sv in rounds for t in sv]
+    counted = [r["trajectories"] for r in records if isinstance(r.get("trajectories"), int)]
     teacher_tokens = (sum(r["tokens_generated"] for r in records) / n) if n else None
     prover_tokens = (sum(r["meta_prover_tokens"] for r in records) / n) if n else None
     return {
@@ -70,7 +71,8 @@ def summarize(records: Sequence[dict], names: Sequence[str]) -> dict:
         "meta_prover_tokens_per_question": prover_tokens,
         "mean_tokens_generated": teacher_tokens,
         "mean_meta_prover_tokens": prover_tokens,
-        "trajectories_per_question": (sum(r.get("trajectories", 1) for r in records) / n) if n else None,
+        # complete trajectories generated per question, over the records whose decoder counts them
+        "trajectories_per_question": (sum(counted) / len(counted)) if counted else None,
         "mean_steps": (len(all_steps) / n) if n else None,
         "teacher_share": {name: (sum(s.get("teacher") == name for s in all_steps) / len(all_steps))
                           if all_steps else None for name in names},

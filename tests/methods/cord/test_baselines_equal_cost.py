@@ -201,7 +201,7 @@ def test_every_summary_reports_tokens_per_question(tmp_path, method):
     assert summary["teacher_tokens_per_question"] == sum(r["tokens_generated"] for r in records) / 3
     assert summary["meta_prover_tokens_per_question"] == sum(r["meta_prover_tokens"] for r in records) / 3
     assert summary["meta_prover_tokens_per_question"] > 0
-    want = {"cord": 1, "greedy": 4, "curation": 8, "random": 8}[method]
+    want = {"cord": 4, "greedy": 4, "curation": 8, "random": 8}[method]  # CoRD: its B beams; greedy: B runs
     assert summary["trajectories_per_question"] == want and all(r["trajectories"] == want for r in records)
     saved = json.loads((tmp_path / "o.jsonl.summary.json").read_text())
     assert saved["teacher_tokens_per_question"] == summary["teacher_tokens_per_question"]

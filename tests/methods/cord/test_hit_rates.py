@@ -83,6 +83,7 @@ def test_expansion_hit_rates_bin_each_trajectory_by_its_own_length():
     assert expansion_hit_rates([{"selections": []}], ["A"], bins=2) == {"A": [None, None]}
     s = summarize([{**r, "tokens_generated": 1, "meta_prover_tokens": 1} for r in recs], ["A", "B", "C"])
     assert s["expansion_teacher_share"] == {"A": 2 / 8, "B": 4 / 8, "C": 2 / 8}
+    assert s["trajectories_per_question"] is None  # no record counted its trajectories
 
 
 def test_run_writes_both_hit_rates_to_the_summary_and_the_plot(tmp_path):
