@@ -587,8 +587,10 @@ def plan_jobs(cfg: DemoConfig, distill, evals, q_distill: str) -> list[Job]:
     return jobs
 
 
-CORD_ROW_WHAT = {"cord": "trace accuracy", "greedy": "trace accuracy, B = 1", "curation": "trace accuracy",
-                 "random": "trace accuracy, a random proposal each step",
+CORD_ROW_WHAT = {"cord": "trace accuracy",
+                 "greedy": "trace accuracy; B one-beam searches at equal cost, which at temperature 0 are one",
+                 "curation": "trace accuracy",
+                 "random": "trace accuracy; one of the teachers' complete traces, picked at random",
                  "integration": "trace accuracy; the first teacher merges the K greedy traces",
                  "mcts": "trace accuracy; UCT search with CoRD's mean teacher tokens per question as budget"}
 
