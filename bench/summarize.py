@@ -13,11 +13,21 @@ import os
 import sys
 
 
+def _is_table_run(run) -> bool:
+    # bench/_util.report's schema: {"environment": {...}, "rows": [{"suite", "case", "provider", ...}, ...]}; some
+    # suites also keep a record of their own shape (meta_prover_across_steps, teachers, integrations): not rows here
+    rows = run.get("rows") if isinstance(run, dict) else None
+    return isinstance(rows, list) and all(isinstance(r, dict) and {"suite", "case", "time_s"} <= r.keys() for r in rows)
+
+
 def load(results_dir: str, device: str | None = None) -> list[dict]:
+    """The runs in ``results_dir`` written by bench/_util.report (other JSON records there are left out)."""
     runs = []
     for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
         with open(path, encoding="utf-8") as f:
             run = json.load(f)
+        if not _is_table_run(run):
+            continue
         env = run.get("environment", {})
         name = env.get("device") or env.get("gpu") or f"CPU {env.get('machine', '?')}"
         if device and device.lower() not in name.lower():
