@@ -94,6 +94,9 @@ class CordConfig(TeacherOptions):
                                         "(default: automatic)", default=None)
     reuse_prefix_cache: bool = _help("meta-prover: run each beam prefix once and reuse its KV cache",
                                      default=True)
+    meta_prover_kv_cache_bytes: int = _help("meta-prover: bytes of KV kept across steps, so that the next step "
+                                            "runs only a surviving beam's new tokens (0: none kept)",
+                                            default=1 << 30)
     dtype: str = _help("model dtype: float32 | bfloat16 | float16 | auto", default="float32")
     device: str = _help("device for the Hugging Face models: cpu | cuda | cuda:N", default="cpu")
     batch_size: int = _help("rows per generate / scoring forward", default=16)
@@ -120,6 +123,8 @@ class CordConfig(TeacherOptions):
             raise ValueError(f"teachers: expected a non-empty list of checkpoint paths, got {self.teachers!r}")
         if not isinstance(self.meta_prover, str) or not self.meta_prover:
             raise ValueError("meta_prover: expected a checkpoint path")
+        if self.meta_prover_kv_cache_bytes < 0:
+            raise ValueError(f"meta_prover_kv_cache_bytes={self.meta_prover_kv_cache_bytes}: expected >= 0")
         for name in ("input_path", "output_path"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise ValueError(f"{name}: expected a file path")

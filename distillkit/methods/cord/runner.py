@@ -84,7 +84,7 @@ def load_meta_prover(cfg: CordConfig):
 
     return MetaProver.from_pretrained(cfg.meta_prover, dtype=cfg.dtype, device=cfg.device, template=cfg.template,
                                       backend=cfg.scoring_backend, reuse_prefix_cache=cfg.reuse_prefix_cache,
-                                      batch_size=cfg.batch_size)
+                                      batch_size=cfg.batch_size, kv_cache_bytes=cfg.meta_prover_kv_cache_bytes)
 
 
 def run_config_file(cfg: CordConfig) -> str:
@@ -100,12 +100,14 @@ def _limit_grows(old, new) -> bool:
 def begin_cord_run(cfg: CordConfig) -> list[str]:
     """Refuses a config that differs from the one ``output_path``'s records were made with (unless
     ``overwrite``: then the records, their summary and plot are moved aside) and records it. May
-    change: overwrite, progress, summary_path, plot_path, questions_in_flight, and limit upwards."""
+    change: overwrite, progress, summary_path, plot_path, questions_in_flight, meta_prover_kv_cache_bytes, and
+    limit upwards."""
     out = cfg.output_path
     return begin_run(cfg, run_config_file(cfg),
                      run_exists=os.path.exists(out) and os.path.getsize(out) > 0,
                      outputs=[out, out + ".torn", cfg.summary_file(), cfg.plot_file()],
-                     what=f"output_path={out!r}", free=("summary_path", "plot_path", "questions_in_flight"),
+                     what=f"output_path={out!r}", free=("summary_path", "plot_path", "questions_in_flight",
+                                                                "meta_prover_kv_cache_bytes"),
                      extendable={"limit": _limit_grows})
 
 

@@ -158,3 +158,14 @@ def test_decode_many_spends_fewer_meta_prover_tokens_for_the_same_traces(path):
     assert [kept[i].beam.text for i in kept] == [plain[i].beam.text for i in kept]
     assert all(kept[i].meta_prover_tokens <= plain[i].meta_prover_tokens for i in kept)
     assert sum(r.meta_prover_tokens for r in kept.values()) < sum(r.meta_prover_tokens for r in plain.values())
+
+
+def test_cord_config_sets_the_kept_kv_cap(path):
+    from distillkit.methods.cord.config import CordConfig
+    from distillkit.methods.cord.runner import load_meta_prover
+
+    cfg = dict(teachers=[path], meta_prover=path, input_path="in.jsonl", output_path="out.jsonl")
+    assert load_meta_prover(CordConfig(**cfg)).kv_cache_bytes == 1 << 30
+    assert load_meta_prover(CordConfig(**cfg, meta_prover_kv_cache_bytes=0)).kv_cache_bytes == 0
+    with pytest.raises(ValueError, match="meta_prover_kv_cache_bytes"):
+        CordConfig(**cfg, meta_prover_kv_cache_bytes=-1)
