@@ -157,8 +157,8 @@ def cord_shard(cfg: DemoConfig, method: str, questions: list[dict], shard: int, 
 
     CoRD decodes every question on its own, under a seed of its id (cord.question_seed), so the slices'
     records concatenated in order are those of one run over all the questions. Integration and MCTS run
-    through :func:`decode_in_flight` with the same settings (MCTS: at most CoRD's bound of B x K x the
-    per-trace budget teacher tokens per question; Integration: the first teacher merges the K traces).
+    through the same runner (MCTS: at most ``mcts_budget`` teacher tokens per question, CoRD's mean in the
+    demo; Integration: the first teacher merges the K traces).
     """
     from distillkit.methods import cord
     from distillkit.methods.cord.meta_prover import MetaProver
@@ -175,88 +175,11 @@ def cord_shard(cfg: DemoConfig, method: str, questions: list[dict], shard: int, 
         if os.path.exists(old):
             os.remove(old)  # every number comes from this run
     c = cord.CordConfig(input_path=_write_jsonl(stem + ".questions.jsonl", questions), output_path=stem + ".jsonl",
-                        method=method if method in CORD_METHODS else "cord", mcts_token_budget=mcts_budget,
+                        method=method, mcts_token_budget=mcts_budget,
                         **cord_settings(cfg))
     t0 = time.perf_counter()
-    if method in CORD_METHODS:
-        cord.run(c, teachers=teachers, meta_prover=prover)
-    else:
-        from distillkit.methods.cord.integration import integration_steps
-        from distillkit.methods.cord.mcts import mcts_steps
-
-        steps = {"integration": integration_steps, "mcts": mcts_steps}[method]
-        seg = c.make_segmentation()
-        gens = [steps(q["question"], q["answer"], len(teachers), c, seed=cord.question_seed(c.seed, q["id"]), seg=seg)
-                for q in questions]
-        results = decode_in_flight(gens, teachers, prover, cfg.cord_in_flight)
-        _write_jsonl(c.output_path, [cord.make_record(q, r, seg.end_marker) for q, r in zip(questions, results)])
+    cord.run(c, teachers=teachers, meta_prover=prover)
     return {"path": c.output_path, "elapsed_s": time.perf_counter() - t0}
-
-
-def decode_in_flight(gens: list, teachers, scorer, in_flight: int) -> list:
-    """Runs CoRD decoder generators (the decode loop's request protocol: :class:`~distillkit.methods.cord.decode.
-    ProposeRequest` lists and :class:`~distillkit.methods.cord.decode.ScoreRequest`) ``in_flight`` at a time ->
-    their DecodeResults, in order. Each round the requests of all questions in flight that ask one teacher for
-    the same kind of greedy proposal go to it as one batched ``propose`` call, and all scoring requests to the
-    scorer as one call, each question charged its own pairs' tokens (``scorer.last_pair_tokens``)."""
-    from distillkit.methods.cord.decode import ScoreRequest
-    from distillkit.teachers.base import StringStop
-
-    if not isinstance(in_flight, int) or isinstance(in_flight, bool) or in_flight < 1:
-        raise ValueError(f"in_flight={in_flight!r}: expected an integer >= 1")
-    results: list = [None] * len(gens)
-    queue, active = iter(enumerate(gens)), {}  # index -> [generator, its pending request]
-
-    def admit() -> None:
-        for i, gen in queue:
-            active[i] = [gen, next(gen)]
-            if len(active) == in_flight:
-                return
-
-    admit()
-    while active:
-        replies: dict[int, object] = {}
-        scoring = [i for i, (_, req) in active.items() if isinstance(req, ScoreRequest)]
-        if scoring and not hasattr(scorer, "last_pair_tokens"):  # no per-pair costs: one call per question
-            for i in scoring:
-                before, req = scorer.tokens_processed, active[i][1]
-                scores = [float(x) for x in scorer.score(req.pairs, prefixes=req.prefixes)]
-                replies[i] = (scores, scorer.tokens_processed - before)
-        elif scoring:
-            reqs = [active[i][1] for i in scoring]
-            scores = [float(x) for x in scorer.score([p for r in reqs for p in r.pairs],
-                                                     prefixes=[p for r in reqs for p in r.prefixes])]
-            tokens, at = list(scorer.last_pair_tokens), 0
-            for i, r in zip(scoring, reqs):
-                replies[i] = (scores[at:at + len(r.pairs)], sum(tokens[at:at + len(r.pairs)]))
-                at += len(r.pairs)
-        groups: dict[tuple, list[tuple[int, int]]] = {}
-        for i, (_, reqs) in active.items():
-            if i in replies:
-                continue
-            replies[i] = [None] * len(reqs)
-            for j, r in enumerate(reqs):
-                if r.temperature > 0:
-                    raise ValueError("decode_in_flight: greedy proposals only (the demo's teachers are greedy)")
-                stop = (None if r.stop is None else tuple(r.stop.strings) if isinstance(r.stop, StringStop)
-                        else id(r.stop))
-                groups.setdefault((r.teacher, r.n, r.max_new_tokens, stop), []).append((i, j))
-        for (k, n, max_new, _), members in groups.items():
-            first = active[members[0][0]][1][members[0][1]]
-            got = teachers[k].propose([p for i, j in members for p in active[i][1][j].prefixes], n=n,
-                                      max_new_tokens=max_new, stop=first.stop, temperature=0.0, seed=first.seed)
-            at = 0
-            for i, j in members:
-                size = len(active[i][1][j].prefixes)
-                replies[i][j], at = got[at:at + size], at + size
-        for i in sorted(active):
-            try:
-                active[i][1] = active[i][0].send(replies[i])
-            except StopIteration as stop:
-                results[i] = stop.value
-                del active[i]
-        admit()
-    return results
 
 
 def cord_merge(cfg: DemoConfig, method: str, shards: list[dict]) -> dict:

@@ -219,10 +219,10 @@ def test_score_by_outcome_separates_right_and_wrong_traces():
 
 @pytest.mark.parametrize("method", ["integration", "mcts"])
 def test_integration_and_mcts_in_flight_give_the_results_of_one_question_at_a_time(method):
-    """The demo's in-flight driver of CoRD's request protocol: the world models' Integration and MCTS results
-    for several questions at once equal serve_one's, question by question (the batched calls are greedy)."""
+    """The demo runs Integration and MCTS through CoRD's runner: on the world models, decode_many's results for
+    several questions at once equal serve_one's, question by question (the batched calls are greedy)."""
     from distillkit.methods.cord import CordConfig, question_seed
-    from distillkit.methods.cord.decode import serve_one
+    from distillkit.methods.cord.decode import decode_many, serve_one
     from distillkit.methods.cord.integration import integration_steps
     from distillkit.methods.cord.mcts import mcts_steps
     from distillkit.methods.cord.meta_prover import MetaProver
@@ -236,7 +236,8 @@ def test_integration_and_mcts_in_flight_give_the_results_of_one_question_at_a_ti
         questions = demo.question_rows(demo.split_questions(cfg)[0][:5])
         teachers = [HFTeacher.from_pretrained(M.asset_path(n), name=n, batch_size=16) for n in M.TEACHERS]
         prover = MetaProver.from_pretrained(M.asset_path(M.META_PROVER), backend="reference")
-        c = CordConfig(input_path="q", output_path="o", method="cord", mcts_token_budget=60, **demo.cord_settings(cfg))
+        c = CordConfig(input_path="q", output_path="o", method=method, mcts_token_budget=60,
+                       **demo.cord_settings(cfg))
         steps = {"integration": integration_steps, "mcts": mcts_steps}[method]
         seg = c.make_segmentation()
 
@@ -244,7 +245,9 @@ def test_integration_and_mcts_in_flight_give_the_results_of_one_question_at_a_ti
             return [steps(q["question"], q["answer"], 3, c, seed=question_seed(c.seed, q["id"]), seg=seg)
                     for q in questions]
 
-        together = demo.decode_in_flight(gens(), teachers, prover, 3)
+        items = [(q["question"], q["answer"], question_seed(c.seed, q["id"])) for q in questions]
+        together = [r for _, r in sorted(decode_many(items, teachers, prover, c, seg=seg, in_flight=3),
+                                         key=lambda x: x[0])]
         alone = [serve_one(g, teachers, prover) for g in gens()]
     finally:
         torch.set_num_threads(threads)
@@ -257,4 +260,4 @@ def test_integration_and_mcts_in_flight_give_the_results_of_one_question_at_a_ti
     if method == "mcts":  # the budget bounds the search: at most one expansion (K steps) past it, plus the answer
         assert all(r.tokens_generated <= 60 + 3 * 16 + 8 for r in together)
     with pytest.raises(ValueError, match="in_flight"):
-        demo.decode_in_flight(gens(), teachers, prover, 0)
+        list(decode_many(items, teachers, prover, c, seg=seg, in_flight=0))
