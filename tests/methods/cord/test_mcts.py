@@ -123,6 +123,7 @@ def test_mcts_on_the_world_models():
         res = decode_mcts(problem.question, problem.answer, teachers, prover, cfg, exploration=0.5)
         assert res.beam.finished and res.beam.text.startswith(problem.prompt)
         reasoning = res.beam.text[:-len("</think>")]
+        # the same float32 score, rescored alone (another batch and padding): rounding only
         assert res.beam.score == pytest.approx(float(prover.score([(reasoning, problem.answer)])[0]), rel=1e-5)
         assert res.tokens_generated <= cfg.beam_size * 3 * cfg.token_budget + 3 * 16 + cfg.max_answer_tokens
         check = W.check_trace(problem.question, res.beam.text[len(problem.prompt):] + res.answer_text)

@@ -168,6 +168,7 @@ def test_records_keep_the_meta_provers_score_under_another_selector(prover):
     score_for_record(_cfg(selector="max_length"), prover, res, "0", "</think>")
     spent = prover.tokens_processed - before
     want = float(prover.score([(PARENT + RIGHT, "0")])[0])
+    # the same float32 score, rescored without the kept prefix: rounding only
     assert res.beam.score == pytest.approx(want, rel=1e-6) and res.meta_prover_tokens == spent > 0
 
 
