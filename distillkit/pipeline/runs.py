@@ -160,12 +160,17 @@ def append_record(f, record: dict) -> None:
 def write_json_atomic(path: str, obj: Any) -> None:
     """``obj`` as JSON at ``path``: a temporary file in the same folder, fsynced, then renamed over
     ``path`` (a reader sees the old file or the new one, never half of one)."""
+    _write_atomic(path, ".json", lambda f: json.dump(obj, f, indent=1))
+
+
+def _write_atomic(path: str, suffix: str, write: Callable[[Any], None]) -> None:
+    # a temporary file in the same folder, written by ``write(f)``, fsynced, renamed over ``path``
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".json")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -425,17 +430,47 @@ def check_shard_configs(configs: Sequence[tuple[str, Mapping[str, Any]]], *, fre
 
 def write_records_atomic(path: str, records: Iterable[dict]) -> None:
     """``records`` as a JSONL file at ``path`` (temporary file, fsynced, renamed over ``path``)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".jsonl")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    _fsync_dir(path)
+
+    def write(f) -> None:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+    _write_atomic(path, ".jsonl", write)
+
+
+def read_shard_configs(shards: Sequence[tuple[str, str]], *, command: str, what: str) -> dict[str, Any]:
+    """The config common to a sharded run's shards, each given as (its output, its run-config record): a missing
+    record is an InputError naming the ``what`` (output_path / output_dir) of a ``distillkit <command>`` shard run;
+    differing configs are refused by :func:`check_shard_configs`."""
+    configs = []
+    for where, record in shards:
+        if not os.path.isfile(record):
+            raise InputError(f"{where}: no run config ({record}); expected the {what} of a `distillkit {command}` "
+                             "shard run")
+        with open(record, encoding="utf-8") as f:
+            configs.append((where, json.load(f)["config"]))
+    return check_shard_configs(configs)
+
+
+def config_from_record(cls, values: Mapping[str, Any], **overrides):
+    """``cls`` built from a recorded flat config (the trainer's options beside the method's), keeping the names
+    the class accepts, with ``overrides`` on top."""
+    accepted = {f.name for f in dataclasses.fields(cls)} - {"train"}
+    accepted |= set(getattr(cls, "__train_options__", {}))
+    return cls(**{**{k: v for k, v in values.items() if k in accepted}, **overrides})
+
+
+def parse_merge_shards(argv: Sequence[str], *, prog: str, description: str, what: str) -> tuple[str, list[str]]:
+    """``prog --merge-shards OUT SHARD [SHARD ...]`` -> (OUT, [SHARD, ...]); ``what`` names the outputs
+    (output_path / output_dir). Sets up INFO logging for the merge."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--merge-shards", nargs="+", required=True, metavar="PATH",
+                        help=f"the merged {what}, then every shard's {what}")
+    args = parser.parse_args(list(argv))
+    if len(args.merge_shards) < 2:
+        parser.error(f"--merge-shards: expected the merged {what} and at least one shard {what}")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    out, *shards = args.merge_shards
+    return out, shards

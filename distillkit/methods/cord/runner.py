@@ -1,7 +1,6 @@
 """CoRD's run (JSONL in, JSONL out, resumable) and its command line."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -21,10 +20,12 @@ from distillkit.pipeline.data import question_seed, read_questions
 from distillkit.pipeline.runs import (
     append_record,
     begin_run,
-    check_shard_configs,
+    config_from_record,
     config_values,
     merge_shard_records,
+    parse_merge_shards,
     read_records,
+    read_shard_configs,
     select_shard,
     write_json_atomic,
     write_records_atomic,
@@ -156,20 +157,12 @@ def merge_shards(output_path: str, shard_paths: Sequence[str]) -> dict:
     two shards, an input question in none (a shard not finished) and an existing ``output_path``. The
     merged output records the config with num_shards 1, so the unsharded command resumes it (nothing
     left to do). Returns the summary."""
-    configs = []
-    for path in shard_paths:
-        record = path + ".run_config.json"
-        if not os.path.isfile(record):
-            raise InputError(f"{path}: no run config ({record}); expected the output_path of a `distillkit cord` "
-                             "shard run")
-        with open(record, encoding="utf-8") as f:
-            configs.append((path, json.load(f)["config"]))
-    common = check_shard_configs(configs)
+    common = read_shard_configs([(p, p + ".run_config.json") for p in shard_paths], command="cord",
+                                what="output_path")
     if os.path.exists(output_path):
         raise InputError(f"--merge-shards {output_path}: exists; choose a new path for the merged output")
-    fields = {f.name for f in dataclasses.fields(CordConfig)}
-    cfg = CordConfig(**{**{k: v for k, v in common.items() if k in fields}, "output_path": output_path,
-                        "num_shards": 1, "shard_index": 0, "summary_path": None, "plot_path": None})
+    cfg = config_from_record(CordConfig, common, output_path=output_path, num_shards=1, shard_index=0,
+                             summary_path=None, plot_path=None)
     expected = [q["id"] for q in read_questions(cfg.input_path, cfg.limit)]
     records = merge_shard_records(list(shard_paths), expected)
     write_records_atomic(output_path, records)
@@ -188,19 +181,10 @@ def _print_summary(summary: dict, cfg: CordConfig) -> None:
 
 def merge_cli(argv: Sequence[str]) -> int:
     """`distillkit cord --merge-shards OUT SHARD [SHARD ...]`."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="distillkit cord --merge-shards",
+    out, shards = parse_merge_shards(
+        argv, prog="distillkit cord --merge-shards", what="output_path",
         description="Concatenate the outputs of a sharded CoRD run (--num-shards N --shard-index i) in input order "
                     "and write their summary and hit-rate plot.")
-    parser.add_argument("--merge-shards", nargs="+", required=True, metavar="PATH",
-                        help="the merged output path, then every shard's output_path")
-    args = parser.parse_args(list(argv))
-    if len(args.merge_shards) < 2:
-        parser.error("--merge-shards: expected the merged output path and at least one shard output")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    out, *shards = args.merge_shards
     summary = merge_shards(out, shards)
     print(json.dumps({k: v for k, v in summary.items() if k != "hit_rates"}, indent=1))
     print(f"records: {out}\nsummary: {out}.summary.json\nplot: {out}.hit_rates.png")

@@ -1,8 +1,6 @@
 """QR-Distill steps 1-2: reasoning paths from the teachers (or a file), judged and filtered; resumable."""
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 import re
@@ -260,30 +258,20 @@ def merge_path_shards(output_dir: str, shard_dirs: Sequence[str]) -> dict:
     shards or in none, and an ``output_dir`` that already holds anything. Returns the path counts."""
     from distillkit.pipeline.runs import (
         RUN_CONFIG_NAME,
-        check_shard_configs,
+        config_from_record,
         config_values,
         dir_has_outputs,
         merge_shard_records,
+        read_shard_configs,
         write_json_atomic,
         write_records_atomic,
     )
 
-    configs = []
-    for d in shard_dirs:
-        record = os.path.join(d, RUN_CONFIG_NAME)
-        if not os.path.isfile(record):
-            raise InputError(f"{d}: no run config ({record}); expected the output_dir of a `distillkit qr-distill` "
-                             "shard run")
-        with open(record, encoding="utf-8") as f:
-            configs.append((d, json.load(f)["config"]))
-    common = check_shard_configs(configs)
+    common = read_shard_configs([(d, os.path.join(d, RUN_CONFIG_NAME)) for d in shard_dirs], command="qr-distill",
+                                what="output_dir")
     if dir_has_outputs(output_dir, ignore=()):
         raise InputError(f"--merge-shards {output_dir}: not empty; choose a new directory for the merged paths")
-    # the recorded config is flat (the trainer's options beside the method's); keep what the class accepts
-    accepted = {f.name for f in dataclasses.fields(QRDistillConfig)} - {"train"}
-    accepted |= set(getattr(QRDistillConfig, "__train_options__", {}))
-    cfg = QRDistillConfig(**{**{k: v for k, v in common.items() if k in accepted}, "output_dir": output_dir,
-                             "num_shards": 1, "shard_index": 0})
+    cfg = config_from_record(QRDistillConfig, common, output_dir=output_dir, num_shards=1, shard_index=0)
     records = merge_shard_records([os.path.join(d, os.path.basename(cfg.paths_file())) for d in shard_dirs],
                                   expected_path_ids(cfg))
     os.makedirs(output_dir, exist_ok=True)

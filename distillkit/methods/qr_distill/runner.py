@@ -29,7 +29,7 @@ from distillkit.methods.qr_distill.training import (
     save_students,
 )
 from distillkit.pipeline.config import parse_config
-from distillkit.pipeline.runs import begin_dir_run, config_values, write_json_atomic
+from distillkit.pipeline.runs import begin_dir_run, config_values, parse_merge_shards, write_json_atomic
 from distillkit.pipeline.train import torch_device
 from distillkit.teachers.base import Teacher
 
@@ -149,21 +149,12 @@ def _on_rank0(info, fn):
 
 def merge_cli(argv: Sequence[str]) -> int:
     """`distillkit qr-distill --merge-shards OUT_DIR SHARD_DIR [SHARD_DIR ...]`."""
-    import argparse
-
     from distillkit.methods.qr_distill.paths import merge_path_shards
 
-    parser = argparse.ArgumentParser(
-        prog="distillkit qr-distill --merge-shards",
+    out, shards = parse_merge_shards(
+        argv, prog="distillkit qr-distill --merge-shards", what="output_dir",
         description="Merge the paths of a sharded path generation (--num-shards N --shard-index i, one output_dir "
                     "each) into a new output_dir; then run distillkit qr-distill on it unsharded to train.")
-    parser.add_argument("--merge-shards", nargs="+", required=True, metavar="DIR",
-                        help="the merged output_dir, then every shard's output_dir")
-    args = parser.parse_args(list(argv))
-    if len(args.merge_shards) < 2:
-        parser.error("--merge-shards: expected the merged output_dir and at least one shard output_dir")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    out, *shards = args.merge_shards
     print(json.dumps(merge_path_shards(out, shards), indent=1))
     print(f"paths: {os.path.join(out, 'paths.jsonl')}")
     return 0

@@ -22,7 +22,7 @@ from distillkit.methods.vcrd.step import (
     vcrd_step,
 )
 from distillkit.pipeline.config import parse_config
-from distillkit.pipeline.runs import config_values, write_json_atomic
+from distillkit.pipeline.runs import config_values, parse_merge_shards, write_json_atomic
 from distillkit.pipeline.train import (
     torch_device,
 )
@@ -463,28 +463,19 @@ def merge_rollout_shards(output_dir: str, shard_dirs: Sequence[str]) -> dict:
     Returns what was merged."""
     from distillkit.pipeline.runs import (
         RUN_CONFIG_NAME,
-        check_shard_configs,
+        config_from_record,
         dir_has_outputs,
         merge_shard_records,
+        read_shard_configs,
         write_records_atomic,
     )
     from distillkit.teachers.hf import load_tokenizer
 
-    configs = []
-    for d in shard_dirs:
-        record = os.path.join(d, RUN_CONFIG_NAME)
-        if not os.path.isfile(record):
-            raise InputError(f"{d}: no run config ({record}); expected the output_dir of a `distillkit vcrd` shard run")
-        with open(record, encoding="utf-8") as f:
-            configs.append((d, json.load(f)["config"]))
-    common = check_shard_configs(configs)
+    common = read_shard_configs([(d, os.path.join(d, RUN_CONFIG_NAME)) for d in shard_dirs], command="vcrd",
+                                what="output_dir")
     if dir_has_outputs(output_dir, ignore=()):
         raise InputError(f"--merge-shards {output_dir}: not empty; choose a new directory for the merged rollouts")
-    # the recorded config is flat (the trainer's options beside the method's); keep what the class accepts
-    accepted = {f.name for f in dataclasses.fields(VcrdConfig)} - {"train"}
-    accepted |= set(getattr(VcrdConfig, "__train_options__", {}))
-    cfg = VcrdConfig(**{**{k: v for k, v in common.items() if k in accepted}, "output_dir": output_dir,
-                        "num_shards": 1, "shard_index": 0})
+    cfg = config_from_record(VcrdConfig, common, output_dir=output_dir, num_shards=1, shard_index=0)
     tokenizer = load_tokenizer(cfg.student)
     prompts = cap_prompts(render_prompts(load_prompts(cfg), tokenizer, cfg), tokenizer, cfg.max_prompt_tokens)
     records = merge_shard_records([os.path.join(d, ROLLOUTS_NAME) for d in shard_dirs],
@@ -510,19 +501,10 @@ def merge_rollout_shards(output_dir: str, shard_dirs: Sequence[str]) -> dict:
 
 def merge_cli(argv: Sequence[str]) -> int:
     """`distillkit vcrd --merge-shards OUT_DIR SHARD_DIR [SHARD_DIR ...]`."""
-    import argparse
-
-    parser = argparse.ArgumentParser(
-        prog="distillkit vcrd --merge-shards",
+    out, shards = parse_merge_shards(
+        argv, prog="distillkit vcrd --merge-shards", what="output_dir",
         description="Merge the offline rollouts of a sharded run (--num-shards N --shard-index i, one output_dir "
                     "each) into a new output_dir; then run distillkit vcrd on it unsharded to train.")
-    parser.add_argument("--merge-shards", nargs="+", required=True, metavar="DIR",
-                        help="the merged output_dir, then every shard's output_dir")
-    args = parser.parse_args(list(argv))
-    if len(args.merge_shards) < 2:
-        parser.error("--merge-shards: expected the merged output_dir and at least one shard output_dir")
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    out, *shards = args.merge_shards
     print(json.dumps(merge_rollout_shards(out, shards)))
     return 0
 
