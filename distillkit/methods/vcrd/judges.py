@@ -139,6 +139,10 @@ class HFProcessRewardJudge:
         self.bad_id = _single_token(tokenizer, bad_token, "bad_token")
         if self.good_id == self.bad_id:
             raise ValueError(f"good_token={good_token!r} and bad_token={bad_token!r} are the same token")
+        self._set_sequence_options(tokenizer, step_tag, policy_tokenizer, batch_size, reuse_prefix_cache)
+
+    def _set_sequence_options(self, tokenizer, step_tag, policy_tokenizer, batch_size, reuse_prefix_cache) -> None:
+        # what both judges' sequence building reads: the step separator's ids, the routes, batching, padding
         self.tag_ids = tokenizer.encode(step_tag, add_special_tokens=False) if step_tag else []
         if step_tag and not self.tag_ids:
             raise ValueError(f"step_tag={step_tag!r} encodes to no token")
@@ -318,12 +322,7 @@ class HFValueHeadJudge(HFProcessRewardJudge):
         self.model, self.tokenizer = model.eval(), tokenizer
         self.value_head = value_head.to(device=self.device, dtype=torch.float32).eval()
         self.good_id = self.bad_id = None
-        self.tag_ids = tokenizer.encode(step_tag, add_special_tokens=False) if step_tag else []
-        if step_tag and not self.tag_ids:
-            raise ValueError(f"step_tag={step_tag!r} encodes to no token")
-        self.policy_tokenizer, self.batch_size = policy_tokenizer, batch_size
-        self.reuse_prefix_cache = reuse_prefix_cache
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._set_sequence_options(tokenizer, step_tag, policy_tokenizer, batch_size, reuse_prefix_cache)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, policy_tokenizer=None, dtype="float32", device="cpu",
